@@ -1,0 +1,1 @@
+"""Leakage and watermark-removal attacks against fedguard configurations; each returns a result dataclass."""

@@ -1,0 +1,215 @@
+"""Fixed-point encoding of float updates into the integer ring Z_{2^k} (pure functions).
+
+Secure aggregation works on integers: masks are uniform in a ring, Paillier plaintexts are integers,
+and MPC shares live in Z_{2^64}. Every aggregator in fedguard therefore sums the *same* integers, so a
+contract test can demand exact equality with the plaintext reference.
+
+The math. With clipping range ``c`` and ``b`` value bits, let ``M = 2^(b-1) - 1`` and ``s = M / c``.
+A float ``x`` is clipped to ``[-c, c]`` and mapped to the integer
+
+    q = floor(s·x + u),   u ~ U[0, 1)        (stochastic rounding, E[q] = s·x)
+
+or ``q = round(s·x)`` (nearest). So ``|q| <= M`` and the dequantisation error ``|q/s - x|`` is below
+``1/s`` (stochastic) or at most ``1/(2s)`` (nearest) for every ``x`` inside the clipping range.
+
+Weighted FedAvg in the ring. Client ``i`` with integer weight ``w_i`` (its sample count) contributes
+the ring vector ``[w_i·q_i (mod 2^k), w_i]``: the weight rides in the last slot, so it is protected
+exactly like the update. The sum over clients is ``[Σ w_i q_i, W]`` with ``W = Σ w_i`` and the weighted
+mean is ``Σ w_i q_i / (s·W)``. The sum cannot wrap around as long as
+
+    W_max · M  <=  2^(k-1) - 1,
+
+where ``W_max`` bounds the total weight (``n_clients · max_weight``). :meth:`FixedPointSpec.check_capacity`
+raises :class:`RingOverflowError` before anything is encoded when that bound fails.
+
+>>> spec = FixedPointSpec(clip=1.0, value_bits=16, ring_bits=32, max_weight=10)
+>>> ring = encode_weighted(np.array([0.5, -0.25], dtype=np.float32), 3, spec, rounding="nearest")
+>>> mean, total = decode_weighted_mean(ring_sum([ring, ring], spec.ring_bits), spec)
+>>> mean.round(4).tolist(), total
+([0.5, -0.25], 6)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from fedguard.errors import ConfigError, InvalidUpdateError, RingOverflowError
+from fedguard.rng import SecureRNG
+
+Rounding = Literal["stochastic", "nearest"]
+
+MAX_VALUE_BITS = 53  # float64 represents every integer up to 2^53 exactly
+
+
+def _ring_mask(ring_bits: int) -> np.uint64:
+    return np.uint64((1 << ring_bits) - 1) if ring_bits < 64 else np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def max_abs_int(value_bits: int) -> int:
+    """``M = 2^(b-1) - 1``: the largest magnitude of a quantised value."""
+    return (1 << (value_bits - 1)) - 1
+
+
+def required_ring_bits(value_bits: int, max_total_weight: int) -> int:
+    """Smallest ``k`` with ``max_total_weight · M <= 2^(k-1) - 1`` (signed sums never wrap)."""
+    if max_total_weight < 1:
+        raise ConfigError(f"max_total_weight must be >= 1, got {max_total_weight}")
+    return (max_total_weight * max_abs_int(value_bits)).bit_length() + 1
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FixedPointSpec:
+    """How float updates become ring elements.
+
+    Attributes:
+        clip: values are clipped to ``[-clip, clip]`` before quantisation (> 0).
+        value_bits: signed bits per quantised value, ``b`` in ``[2, 53]``.
+        ring_bits: ``k`` in ``[2, 64]``; arithmetic is modulo ``2^k``.
+        max_weight: the largest integer weight (sample count) one client may carry.
+    """
+
+    clip: float = 1.0
+    value_bits: int = 24
+    ring_bits: int = 64
+    max_weight: int = 1 << 16
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not (isinstance(self.clip, (int, float)) and np.isfinite(self.clip) and self.clip > 0):
+            problems.append(f"clip must be a finite float > 0, got {self.clip!r}")
+        if not (isinstance(self.value_bits, int) and 2 <= self.value_bits <= MAX_VALUE_BITS):
+            problems.append(f"value_bits must be an int in [2, {MAX_VALUE_BITS}], got {self.value_bits!r}")
+        if not (isinstance(self.ring_bits, int) and 2 <= self.ring_bits <= 64):
+            problems.append(f"ring_bits must be an int in [2, 64], got {self.ring_bits!r}")
+        if not (isinstance(self.max_weight, int) and self.max_weight >= 1):
+            problems.append(f"max_weight must be an int >= 1, got {self.max_weight!r}")
+        if problems:
+            raise ConfigError.collect(problems)
+        if required_ring_bits(self.value_bits, self.max_weight) > self.ring_bits:
+            raise RingOverflowError(
+                f"one client at max_weight={self.max_weight} with value_bits={self.value_bits} needs "
+                f"{required_ring_bits(self.value_bits, self.max_weight)} ring bits, got ring_bits={self.ring_bits}"
+            )
+
+    @property
+    def max_int(self) -> int:
+        return max_abs_int(self.value_bits)
+
+    @property
+    def scale(self) -> float:
+        """``s = M / clip``: integer steps per unit."""
+        return self.max_int / self.clip
+
+    def error_bound(self, rounding: Rounding = "stochastic") -> float:
+        """Bound on ``|dequantize(quantize(x)) - x|`` for ``x`` inside the clipping range."""
+        return (1.0 if rounding == "stochastic" else 0.5) / self.scale
+
+    def max_clients(self) -> int:
+        """How many clients at ``max_weight`` each the ring holds without wrap-around."""
+        limit = (1 << (self.ring_bits - 1)) - 1
+        return limit // (self.max_weight * self.max_int)
+
+    def check_capacity(self, n_clients: int) -> None:
+        """Raise :class:`RingOverflowError` if ``n_clients`` at ``max_weight`` could wrap the ring."""
+        if n_clients < 1:
+            raise ConfigError(f"n_clients must be >= 1, got {n_clients}")
+        if n_clients > self.max_clients():
+            need = required_ring_bits(self.value_bits, n_clients * self.max_weight)
+            raise RingOverflowError(
+                f"{n_clients} clients with max_weight={self.max_weight} and value_bits={self.value_bits} "
+                f"need ring_bits >= {need}, got {self.ring_bits} (at most {self.max_clients()} clients fit)"
+            )
+
+
+def quantize(
+    x: np.ndarray, spec: FixedPointSpec, *, rng: SecureRNG | None = None, rounding: Rounding = "stochastic"
+) -> np.ndarray:
+    """Clip to ``[-clip, clip]`` and map to integers in ``[-M, M]`` (int64).
+
+    Stochastic rounding needs an ``rng`` (a fresh :class:`SecureRNG` when none is given): it is unbiased,
+    which keeps FedAvg unbiased; nearest rounding is deterministic.
+    """
+    values = np.asarray(x, dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        bad = int(np.flatnonzero(~np.isfinite(values))[0])
+        raise InvalidUpdateError(f"cannot quantise a non-finite value (index {bad}: {values.flat[bad]})")
+    y = np.clip(values, -spec.clip, spec.clip) * spec.scale
+    if rounding == "nearest":
+        q = np.rint(y)
+    elif rounding == "stochastic":
+        rng = rng if rng is not None else SecureRNG()
+        floor = np.floor(y)
+        q = floor + (rng.uniform01(y.size).reshape(y.shape) < (y - floor))
+    else:
+        raise ConfigError(f"rounding must be 'stochastic' or 'nearest', got {rounding!r}")
+    return np.clip(q, -spec.max_int, spec.max_int).astype(np.int64)
+
+
+def dequantize(q: np.ndarray, spec: FixedPointSpec, *, divisor: float = 1.0) -> np.ndarray:
+    """``q / (s · divisor)`` as float32: the inverse of :func:`quantize` for a sum divided by ``divisor``."""
+    return (np.asarray(q, dtype=np.float64) / (spec.scale * divisor)).astype(np.float32)
+
+
+def to_ring(q: np.ndarray, ring_bits: int) -> np.ndarray:
+    """Signed integers -> Z_{2^k} as uint64 (two's complement, reduced mod 2^k)."""
+    return np.asarray(q, dtype=np.int64).astype(np.uint64) & _ring_mask(ring_bits)
+
+
+def from_ring(r: np.ndarray, ring_bits: int) -> np.ndarray:
+    """Z_{2^k} -> signed integers in ``[-2^(k-1), 2^(k-1))`` (the centred lift), int64."""
+    r = np.asarray(r, dtype=np.uint64) & _ring_mask(ring_bits)
+    if ring_bits == 64:
+        return r.view(np.int64).copy()
+    signed = r.astype(np.int64)
+    return np.where(signed >= (1 << (ring_bits - 1)), signed - (1 << ring_bits), signed)
+
+
+def ring_add(a: np.ndarray, b: np.ndarray, ring_bits: int) -> np.ndarray:
+    """``a + b mod 2^k`` (uint64 arithmetic wraps modulo 2^64, then the mask reduces further)."""
+    return (np.asarray(a, dtype=np.uint64) + np.asarray(b, dtype=np.uint64)) & _ring_mask(ring_bits)
+
+
+def ring_sub(a: np.ndarray, b: np.ndarray, ring_bits: int) -> np.ndarray:
+    """``a - b mod 2^k``."""
+    return (np.asarray(a, dtype=np.uint64) - np.asarray(b, dtype=np.uint64)) & _ring_mask(ring_bits)
+
+
+def ring_sum(vectors: Sequence[np.ndarray], ring_bits: int) -> np.ndarray:
+    """Sum of ring vectors mod ``2^k``."""
+    if not vectors:
+        raise ConfigError("ring_sum needs at least one vector")
+    total = np.zeros_like(np.asarray(vectors[0], dtype=np.uint64))
+    for v in vectors:
+        total += np.asarray(v, dtype=np.uint64)
+    return total & _ring_mask(ring_bits)
+
+
+def encode_weighted(
+    vector: np.ndarray,
+    weight: int,
+    spec: FixedPointSpec,
+    *,
+    rng: SecureRNG | None = None,
+    rounding: Rounding = "stochastic",
+) -> np.ndarray:
+    """One client's ring input ``[w·q (mod 2^k), w]`` (length ``len(vector) + 1``, uint64)."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, np.integer)) or not 1 <= weight <= spec.max_weight:
+        raise InvalidUpdateError(f"weight must be an int in [1, max_weight={spec.max_weight}], got {weight!r}")
+    q = quantize(vector, spec, rng=rng, rounding=rounding).reshape(-1)
+    out = np.empty(q.size + 1, dtype=np.uint64)
+    out[:-1] = to_ring(q * np.int64(weight), spec.ring_bits)
+    out[-1] = np.uint64(int(weight))
+    return out
+
+
+def decode_weighted_mean(ring_total: np.ndarray, spec: FixedPointSpec) -> tuple[np.ndarray, int]:
+    """From ``[Σ w_i q_i, W]`` to the weighted mean update (float32) and the total weight ``W``."""
+    signed = from_ring(ring_total, spec.ring_bits)
+    total_weight = int(signed[-1])
+    if total_weight < 1:
+        raise RingOverflowError(f"decoded total weight must be >= 1, got {total_weight} (ring wrapped?)")
+    return dequantize(signed[:-1], spec, divisor=total_weight), total_weight

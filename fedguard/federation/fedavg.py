@@ -1,0 +1,84 @@
+"""Weighted FedAvg through any :class:`~fedguard.federation.protocol.Aggregator`.
+
+The glue between float updates and the integer protocols: each client's update is clipped, quantised
+with stochastic rounding and scaled by its weight into the ring (:func:`fedguard.encoding.encode_weighted`),
+the aggregator computes the ring sum over the clients that survive, and the server decodes the weighted
+mean ``Σ w_i Δ_i / Σ w_i`` of exactly those clients. The server never needs the individual weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedguard.encoding import FixedPointSpec, Rounding, decode_weighted_mean, encode_weighted
+from fedguard.errors import ConfigError, InvalidUpdateError
+from fedguard.federation.protocol import Aggregator, RoundSpec
+from fedguard.federation.transport import InProcessTransport, TrafficLog
+from fedguard.rng import SecureRNG
+from fedguard.updates import ClientUpdate
+
+
+@dataclass(frozen=True, slots=True)
+class FedAvgOutcome:
+    """The aggregated update and what the round cost."""
+
+    round_id: int
+    mean: np.ndarray
+    total_weight: int
+    contributors: tuple[int, ...]
+    dropped: Mapping[str, tuple[int, ...]]
+    traffic: TrafficLog
+    seconds: float
+
+
+def aggregate_updates(
+    updates: Sequence[ClientUpdate],
+    aggregator: Aggregator,
+    spec: FixedPointSpec,
+    *,
+    round_id: int,
+    rng: SecureRNG | None = None,
+    drop_at: Mapping[int, str] | None = None,
+    rounding: Rounding = "stochastic",
+    transport: InProcessTransport | None = None,
+) -> FedAvgOutcome:
+    """Run one round of weighted FedAvg over ``aggregator``.
+
+    All checks (rounds, lengths, ids, ring capacity, weights, finiteness) run before anything is encoded.
+    Raises :class:`~fedguard.errors.ProtocolAbort` when too many clients drop.
+    """
+    if not updates:
+        raise ConfigError("aggregate_updates needs at least one update")
+    ids = [u.client_id for u in updates]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"client ids must be distinct, got {ids}")
+    for u in updates:
+        if u.round != round_id:
+            raise InvalidUpdateError(f"client {u.client_id} sent an update for round {u.round}, expected {round_id}")
+        if u.vector.shape != updates[0].vector.shape:
+            raise InvalidUpdateError(
+                f"client {u.client_id} update has length {u.vector.size}, client {ids[0]} has {updates[0].vector.size}"
+            )
+        if u.weight > spec.max_weight:
+            raise InvalidUpdateError(f"client {u.client_id} weight {u.weight} exceeds max_weight={spec.max_weight}")
+    spec.check_capacity(len(updates))
+    rng = rng if rng is not None else SecureRNG()
+    round_spec = RoundSpec(round_id, tuple(ids), updates[0].vector.size + 1, spec.ring_bits)
+    clients = {
+        u.client_id: aggregator.client(
+            round_spec,
+            u.client_id,
+            encode_weighted(u.vector, int(u.weight), spec, rng=rng.spawn(f"quantise/{u.client_id}"), rounding=rounding),
+            rng=rng.spawn(f"protocol/{u.client_id}"),
+        )
+        for u in updates
+    }
+    server = aggregator.server(round_spec, rng=rng.spawn("protocol/server"))
+    outcome = (transport or InProcessTransport()).run(server, clients, drop_at=drop_at)
+    mean, total = decode_weighted_mean(outcome.result.ring_sum, spec)
+    return FedAvgOutcome(
+        round_id, mean, total, outcome.result.contributors, outcome.result.dropped, outcome.traffic, outcome.seconds
+    )

@@ -1,0 +1,92 @@
+"""The plaintext aggregator: the reference every secure aggregator must match exactly.
+
+One stage. The server asks each participant for its input; each client sends its ring vector in the
+clear; the server sums the vectors it received modulo ``2^k``. The server sees every individual update,
+so this protocol protects nothing: it exists as the reference implementation for the contract test and
+for runs where secure aggregation is switched off.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+
+from fedguard.encoding import ring_sum
+from fedguard.errors import ConfigError, InvalidUpdateError
+from fedguard.federation.registry import register_aggregator
+from fedguard.federation.protocol import (
+    AggregateResult,
+    Aggregator,
+    ClientSide,
+    Outbox,
+    RoundSpec,
+    ServerSide,
+    check_ring_vector,
+    ring_input_schema,
+)
+from fedguard.rng import SecureRNG
+from fedguard.wire import Message, MessageSchema
+
+_INPUT = "input"
+_REQUEST = MessageSchema(kind="plaintext/request", meta={"vector_length": int, "ring_bits": int})
+_REPLY = ring_input_schema("plaintext/input")
+
+
+class _PlaintextServer(ServerSide):
+    stages = (_INPUT,)
+
+    def _open(self) -> Outbox:
+        meta = {"vector_length": self.spec.vector_length, "ring_bits": self.spec.ring_bits}
+        return {c: self._message(_INPUT, c, kind=_REQUEST.kind, meta=meta) for c in self.spec.participants}
+
+    def _schema(self, stage: str) -> MessageSchema:
+        return _REPLY
+
+    def _check_reply(self, stage: str, msg: Message) -> None:
+        check_ring_vector(msg.arrays["x"], self.spec, f"input of client {msg.sender}")
+
+    def _close(self, stage: str, replies: dict[int, Message]) -> AggregateResult:
+        total = ring_sum([replies[c].arrays["x"] for c in sorted(replies)], self.spec.ring_bits)
+        return self._result(total, set(replies))
+
+
+class _PlaintextClient(ClientSide):
+    stages = (_INPUT,)
+
+    def __init__(self, spec: RoundSpec, client_id: int, ring_input: np.ndarray) -> None:
+        super().__init__(spec, client_id)
+        self._x = check_ring_vector(ring_input, spec, f"ring input of client {client_id}", error=InvalidUpdateError)
+
+    def _respond(self, stage: str, msg: Message) -> bytes:
+        _REQUEST.validate(msg)
+        return self._reply(kind=_REPLY.kind, arrays={"x": self._x})
+
+
+class PlaintextAggregator(Aggregator):
+    """Sum in the clear (no privacy). ``min_clients``: the fewest inputs the server will aggregate."""
+
+    name: ClassVar[str] = "plaintext"
+    stages: ClassVar[tuple[str, ...]] = (_INPUT,)
+    input_stage: ClassVar[str] = _INPUT
+
+    def __init__(self, *, min_clients: int = 1) -> None:
+        if isinstance(min_clients, bool) or not isinstance(min_clients, int) or min_clients < 1:
+            raise ConfigError(f"min_clients must be an int >= 1, got {min_clients!r}")
+        self.min_clients = min_clients
+
+    def threshold(self, n_clients: int) -> int:
+        return min(self.min_clients, n_clients)
+
+    def server(self, spec: RoundSpec, *, rng: SecureRNG | None = None) -> ServerSide:
+        if self.min_clients > spec.n_clients:
+            raise ConfigError(f"min_clients={self.min_clients} exceeds the {spec.n_clients} participants")
+        return _PlaintextServer(spec, self.threshold(spec.n_clients))
+
+    def client(
+        self, spec: RoundSpec, client_id: int, ring_input: np.ndarray, *, rng: SecureRNG | None = None
+    ) -> ClientSide:
+        return _PlaintextClient(spec, client_id, ring_input)
+
+
+register_aggregator("plaintext", PlaintextAggregator)

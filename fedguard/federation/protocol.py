@@ -1,0 +1,315 @@
+"""The aggregation protocol as an explicit stage machine.
+
+An :class:`Aggregator` is not a function but a *message-passing protocol*: a :class:`ServerSide` and one
+:class:`ClientSide` per client exchange serialised :mod:`fedguard.wire` messages, stage by stage
+(e.g. setup -> keys -> masked input -> unmask). Every stage is opened by the server: it sends each
+surviving client one message for the stage, collects the replies that arrive, and closes the stage,
+which either produces the messages of the next stage or the final :class:`AggregateResult`.
+
+The same protocol objects run under the in-process transport (simulation and tests) and under a network
+transport, so simulation and deployment share one code path.
+
+What every aggregator computes: the sum, in the ring Z_{2^k}, of the ring vectors of the clients that
+completed the protocol's *input stage* (see :mod:`fedguard.encoding` for how a weighted update becomes a
+ring vector). A contract test (:mod:`fedguard.testing.aggregator_contract`) demands exact equality
+with :class:`~fedguard.federation.plaintext.PlaintextAggregator` on the same inputs.
+
+Guards (DESIGN.md §4.5, after Flower's SecAgg+ ``check_stage``): a message from a foreign round, for
+another stage, replayed within a stage, addressed to someone else, or from a party that is not expected
+raises :class:`ProtocolViolation` and leaves the receiver's state untouched; a stage that closes with
+fewer survivors than the protocol's threshold raises :class:`ProtocolAbort`, after which the server
+refuses every further call.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from fedguard import wire
+from fedguard.errors import ConfigError, MessageError, ProtocolAbort, ProtocolViolation
+from fedguard.rng import SecureRNG
+from fedguard.wire import SERVER, Message, MessageSchema
+
+Outbox = dict[int, bytes]
+"""Serialised messages of one stage, by recipient client id."""
+
+
+@dataclass(frozen=True, slots=True)
+class RoundSpec:
+    """What every party of one aggregation round agrees on in public.
+
+    Attributes:
+        round_id: the federated round (>= 0); every message carries it.
+        participants: the client ids selected for the round (distinct, >= 0).
+        vector_length: length of each client's ring vector (update length + 1 weight slot).
+        ring_bits: the ring Z_{2^k} the sum lives in.
+    """
+
+    round_id: int
+    participants: tuple[int, ...]
+    vector_length: int
+    ring_bits: int = 64
+
+    def __post_init__(self) -> None:
+        problems = []
+        if isinstance(self.round_id, bool) or not isinstance(self.round_id, int) or self.round_id < 0:
+            problems.append(f"round_id must be an int >= 0, got {self.round_id!r}")
+        ids = self.participants
+        if not ids:
+            problems.append("participants must not be empty")
+        if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in ids):
+            problems.append(f"participant ids must be ints >= 0, got {ids!r}")
+        elif len(set(ids)) != len(ids):
+            problems.append(f"participant ids must be distinct, got {ids!r}")
+        if not isinstance(self.vector_length, int) or self.vector_length < 1:
+            problems.append(f"vector_length must be an int >= 1, got {self.vector_length!r}")
+        if not isinstance(self.ring_bits, int) or not 2 <= self.ring_bits <= 64:
+            problems.append(f"ring_bits must be an int in [2, 64], got {self.ring_bits!r}")
+        if problems:
+            raise ConfigError.collect(problems)
+
+    @property
+    def n_clients(self) -> int:
+        return len(self.participants)
+
+
+@dataclass(frozen=True, slots=True)
+class AggregateResult:
+    """What the server learns: the ring sum over ``contributors`` and who dropped where."""
+
+    round_id: int
+    ring_sum: np.ndarray
+    ring_bits: int
+    contributors: tuple[int, ...]
+    dropped: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+def ring_input_schema(kind: str, *, extra_meta: Mapping[str, type] | None = None) -> MessageSchema:
+    """Schema of a message carrying one uint64 ring vector named ``x``."""
+    return MessageSchema(kind=kind, meta=dict(extra_meta or {}), arrays={"x": ("<u8", 1)})
+
+
+def check_ring_vector(
+    x: np.ndarray, spec: RoundSpec, what: str, *, error: type[Exception] = MessageError
+) -> np.ndarray:
+    """Validate a ring vector's dtype, length and range (raising ``error``); returns it as uint64."""
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint64:
+        raise error(f"{what} must be a uint64 numpy array, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.shape != (spec.vector_length,):
+        raise error(f"{what} must have shape ({spec.vector_length},), got {x.shape}")
+    if spec.ring_bits < 64 and x.size and int(x.max()) >> spec.ring_bits:
+        raise error(f"{what} has an element outside Z_2^{spec.ring_bits}")
+    return x
+
+
+class ServerSide(ABC):
+    """The server's side of one round: a stage machine over :attr:`stages`.
+
+    Subclasses implement :meth:`_open` (messages of the first stage), :meth:`_schema` (what replies of a
+    stage look like), :meth:`_check_reply` (content checks) and :meth:`_close` (from the replies of a
+    stage to the next stage's messages or the result).
+    """
+
+    stages: ClassVar[tuple[str, ...]]
+
+    def __init__(self, spec: RoundSpec, threshold: int) -> None:
+        if not 1 <= threshold <= spec.n_clients:
+            raise ConfigError(f"threshold must be in [1, {spec.n_clients}] for {spec.n_clients} clients, got {threshold}")
+        self.spec = spec
+        self.threshold = threshold
+        self._index = -1
+        self._expected: set[int] = set(spec.participants)
+        self._inbox: dict[int, Message] = {}
+        self._dropped: dict[str, tuple[int, ...]] = {}
+        self._state = "new"  # new -> running -> done | aborted
+
+    @property
+    def stage(self) -> str:
+        if self._index < 0:
+            return "not-started"
+        return self.stages[self._index] if self._index < len(self.stages) else "done"
+
+    @property
+    def expected(self) -> frozenset[int]:
+        """Clients from which a reply is awaited in the current stage."""
+        return frozenset(self._expected)
+
+    @property
+    def received(self) -> frozenset[int]:
+        return frozenset(self._inbox)
+
+    def open(self) -> Outbox:
+        """Start the round: the messages of the first stage."""
+        if self._state != "new":
+            raise ProtocolViolation(f"round {self.spec.round_id} was already opened", round_id=self.spec.round_id)
+        outbox = self._open()
+        self._state, self._index = "running", 0
+        return outbox
+
+    def accept(self, sender: int, payload: bytes) -> None:
+        """Take one client's reply for the current stage. Raises :class:`ProtocolViolation` (or
+        :class:`MessageError` for a malformed payload) and changes nothing when the reply is refused."""
+        self._require_running()
+        stage = self.stage
+        msg = wire.decode(payload)
+        where = dict(sender=sender, round_id=self.spec.round_id, stage=stage)
+        if msg.round != self.spec.round_id:
+            raise ProtocolViolation(f"message from round {msg.round} refused in round {self.spec.round_id}", **where)
+        if msg.sender != sender:
+            raise ProtocolViolation(f"message claims sender {msg.sender} but arrived from {sender}", **where)
+        if msg.recipient != SERVER:
+            raise ProtocolViolation(f"message addressed to {msg.recipient}, not to the server", **where)
+        if msg.stage != stage:
+            raise ProtocolViolation(f"message for stage {msg.stage!r} refused in stage {stage!r}", **where)
+        if sender in self._inbox:
+            raise ProtocolViolation(f"client {sender} already replied in stage {stage!r} (replay)", **where)
+        if sender not in self._expected:
+            raise ProtocolViolation(f"client {sender} is not expected in stage {stage!r}", **where)
+        self._schema(stage).validate(msg)
+        self._check_reply(stage, msg)
+        self._inbox[sender] = msg
+
+    def close_stage(self) -> Outbox | AggregateResult:
+        """End the current stage with the replies received so far."""
+        self._require_running()
+        stage = self.stage
+        responders = set(self._inbox)
+        dropped = tuple(sorted(self._expected - responders))
+        if dropped:
+            self._dropped[stage] = dropped
+        needed = self.min_replies(stage)
+        if len(responders) < needed:
+            self._state = "aborted"
+            raise ProtocolAbort(
+                f"only {len(responders)} of {len(self._expected)} clients replied in stage {stage!r}; "
+                f"{needed} are needed: round {self.spec.round_id} aborted, nothing revealed",
+                round_id=self.spec.round_id,
+                stage=stage,
+            )
+        try:
+            out = self._close(stage, dict(self._inbox))
+        except ProtocolAbort:
+            self._state = "aborted"
+            raise
+        self._inbox = {}
+        self._index += 1
+        if isinstance(out, AggregateResult):
+            self._state = "done"
+        else:
+            self._expected = set(out)
+        return out
+
+    def min_replies(self, stage: str) -> int:
+        """Fewest replies that let ``stage`` close; the protocol's threshold unless a subclass says
+        otherwise (e.g. a decryption stage addressed to one key holder needs exactly that one)."""
+        return self.threshold
+
+    def _require_running(self) -> None:
+        if self._state == "aborted":
+            raise ProtocolAbort(f"round {self.spec.round_id} was aborted", round_id=self.spec.round_id)
+        if self._state != "running":
+            raise ProtocolViolation(f"round {self.spec.round_id} is {self._state}", round_id=self.spec.round_id)
+
+    def _message(self, stage: str, recipient: int, *, kind: str, meta: dict | None = None,
+                 arrays: dict[str, np.ndarray] | None = None) -> bytes:
+        return wire.encode(Message(kind=kind, round=self.spec.round_id, stage=stage, sender=SERVER,
+                                   recipient=recipient, meta=meta or {}, arrays=arrays or {}))
+
+    def _result(self, ring_sum: np.ndarray, contributors: set[int]) -> AggregateResult:
+        return AggregateResult(self.spec.round_id, ring_sum, self.spec.ring_bits,
+                               tuple(sorted(contributors)), dict(self._dropped))
+
+    @abstractmethod
+    def _open(self) -> Outbox: ...
+
+    @abstractmethod
+    def _schema(self, stage: str) -> MessageSchema: ...
+
+    def _check_reply(self, stage: str, msg: Message) -> None:
+        """Content checks beyond the schema (shapes, ranges); raise :class:`MessageError`."""
+
+    @abstractmethod
+    def _close(self, stage: str, replies: dict[int, Message]) -> Outbox | AggregateResult: ...
+
+
+class ClientSide(ABC):
+    """One client's side of one round: answers each server message of a stage with one reply."""
+
+    stages: ClassVar[tuple[str, ...]]
+
+    def __init__(self, spec: RoundSpec, client_id: int) -> None:
+        if client_id not in spec.participants:
+            raise ConfigError(f"client {client_id} is not a participant of round {spec.round_id}")
+        self.spec = spec
+        self.client_id = client_id
+        self._index = 0
+
+    @property
+    def stage(self) -> str:
+        return self.stages[self._index] if self._index < len(self.stages) else "done"
+
+    def handle(self, payload: bytes) -> bytes:
+        """Answer the server's message for the current stage. Out-of-order, foreign-round or misaddressed
+        messages raise :class:`ProtocolViolation` and leave the client unchanged."""
+        msg = wire.decode(payload)
+        where = dict(sender=msg.sender, round_id=self.spec.round_id, stage=self.stage)
+        if self._index >= len(self.stages):
+            raise ProtocolViolation(f"client {self.client_id} has finished round {self.spec.round_id}", **where)
+        if msg.round != self.spec.round_id:
+            raise ProtocolViolation(f"message from round {msg.round} refused in round {self.spec.round_id}", **where)
+        if msg.sender != SERVER or msg.recipient != self.client_id:
+            raise ProtocolViolation(
+                f"client {self.client_id} refuses a message from {msg.sender} to {msg.recipient}", **where
+            )
+        if msg.stage != self.stage:
+            raise ProtocolViolation(f"message for stage {msg.stage!r} refused in stage {self.stage!r}", **where)
+        reply = self._respond(self.stage, msg)
+        self._index += 1
+        return reply
+
+    def _reply(self, *, kind: str, meta: dict | None = None, arrays: dict[str, np.ndarray] | None = None) -> bytes:
+        return wire.encode(Message(kind=kind, round=self.spec.round_id, stage=self.stage, sender=self.client_id,
+                                   recipient=SERVER, meta=meta or {}, arrays=arrays or {}))
+
+    @abstractmethod
+    def _respond(self, stage: str, msg: Message) -> bytes: ...
+
+
+class Aggregator(ABC):
+    """A secure (or plaintext) aggregation protocol: a factory of server and client sides.
+
+    Class attributes every implementation declares:
+
+    * ``name``: how configs select it (``aggregator: plaintext``);
+    * ``stages``: the client-reply stages, in order;
+    * ``input_stage``: the stage whose reply carries the client's input; exactly the clients that replied
+      in it are summed.
+    """
+
+    name: ClassVar[str]
+    stages: ClassVar[tuple[str, ...]]
+    input_stage: ClassVar[str]
+
+    @abstractmethod
+    def threshold(self, n_clients: int) -> int:
+        """Fewest clients that must reply at every stage for the round to complete."""
+
+    @abstractmethod
+    def server(self, spec: RoundSpec, *, rng: SecureRNG | None = None) -> ServerSide: ...
+
+    @abstractmethod
+    def client(
+        self, spec: RoundSpec, client_id: int, ring_input: np.ndarray, *, rng: SecureRNG | None = None
+    ) -> ClientSide: ...
+
+    def survives(self, spec: RoundSpec, alive_per_stage: list[set[int]]) -> bool:
+        """Whether the protocol completes when the clients in ``alive_per_stage[i]`` reply in stage ``i``
+        (a client silent from stage ``i`` on is absent from every later set). Protocols with
+        stage-specific requirements override this; the contract test relies on it."""
+        t = self.threshold(spec.n_clients)
+        return all(len(alive) >= t for alive in alive_per_stage)

@@ -1,0 +1,222 @@
+"""The contract every :class:`~fedguard.federation.protocol.Aggregator` must pass.
+
+Inherit it in a pytest class and implement :meth:`AggregatorContract.make_aggregator`::
+
+    class TestMyAggregator(AggregatorContract):
+        def make_aggregator(self, n_clients: int) -> Aggregator:
+            return MyAggregator(threshold=max(1, n_clients // 2))
+
+What it proves, on the same quantised inputs (uniform ring vectors: the hardest case for wrap-around):
+
+* the ring sum equals the plaintext reference **exactly**, with no dropouts and under random dropout
+  patterns at every stage (hypothesis), over exactly the clients that completed the input stage;
+* a round in which too many clients drop raises :class:`ProtocolAbort`, and the server refuses to go on;
+* a foreign-round, out-of-order, replayed, misattributed or corrupted message raises
+  :class:`ProtocolViolation` / :class:`MessageError`, changes nothing, and the round still completes
+  with the exact sum;
+* bytes on the wire are recorded for every stage.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedguard import wire
+from fedguard.encoding import ring_sum
+from fedguard.errors import MessageError, ProtocolAbort, ProtocolViolation
+from fedguard.federation.protocol import AggregateResult, Aggregator, ClientSide, RoundSpec, ServerSide
+from fedguard.federation.transport import InProcessTransport
+from fedguard.rng import SecureRNG
+
+
+def _reencode(payload: bytes, **changes: object) -> bytes:
+    msg = wire.decode(payload)
+    fields = {f: getattr(msg, f) for f in ("kind", "round", "stage", "sender", "recipient", "meta", "arrays")}
+    fields.update(changes)
+    return wire.encode(wire.Message(**fields))  # type: ignore[arg-type]
+
+
+class AggregatorContract(ABC):
+    """Abstract contract test; see the module docstring."""
+
+    ring_bits: ClassVar[int] = 64
+    vector_length: ClassVar[int] = 17
+    min_clients: ClassVar[int] = 3
+    max_clients: ClassVar[int] = 6
+    dropout_examples: ClassVar[int] = 25
+
+    @abstractmethod
+    def make_aggregator(self, n_clients: int) -> Aggregator:
+        """The aggregator under test, configured for ``n_clients`` participants."""
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def make_round(self, n_clients: int, round_id: int = 7) -> RoundSpec:
+        return RoundSpec(round_id, tuple(range(10, 10 + n_clients)), self.vector_length, self.ring_bits)
+
+    def make_inputs(self, spec: RoundSpec, seed: int) -> dict[int, np.ndarray]:
+        rng = SecureRNG.for_testing(f"contract-inputs/{seed}")
+        return {c: rng.ring_elements(spec.vector_length, spec.ring_bits) for c in spec.participants}
+
+    def build(self, agg: Aggregator, spec: RoundSpec, inputs: dict[int, np.ndarray], seed: int = 0
+              ) -> tuple[ServerSide, dict[int, ClientSide]]:
+        rng = SecureRNG.for_testing(f"contract-protocol/{seed}")
+        server = agg.server(spec, rng=rng.spawn("server"))
+        clients = {c: agg.client(spec, c, inputs[c], rng=rng.spawn(f"client/{c}")) for c in spec.participants}
+        return server, clients
+
+    def expected_sum(self, spec: RoundSpec, inputs: dict[int, np.ndarray], contributors: set[int]) -> np.ndarray:
+        return ring_sum([inputs[c] for c in sorted(contributors)], spec.ring_bits)
+
+    def assert_exact(self, result: AggregateResult, spec: RoundSpec, inputs: dict[int, np.ndarray],
+                     contributors: set[int]) -> None:
+        assert result.contributors == tuple(sorted(contributors))
+        expected = self.expected_sum(spec, inputs, contributors)
+        assert result.ring_sum.dtype == np.uint64
+        np.testing.assert_array_equal(result.ring_sum, expected)
+
+    # -- exact equality --------------------------------------------------------------------------------
+    def test_sum_equals_plaintext_without_dropouts(self) -> None:
+        for n in (self.min_clients, self.max_clients):
+            spec = self.make_round(n)
+            agg = self.make_aggregator(n)
+            inputs = self.make_inputs(spec, seed=n)
+            server, clients = self.build(agg, spec, inputs)
+            outcome = InProcessTransport().run(server, clients)
+            self.assert_exact(outcome.result, spec, inputs, set(spec.participants))
+            assert not outcome.rejected
+
+    def test_traffic_is_recorded_for_every_stage(self) -> None:
+        n = self.min_clients
+        spec = self.make_round(n)
+        agg = self.make_aggregator(n)
+        server, clients = self.build(agg, spec, self.make_inputs(spec, 1))
+        outcome = InProcessTransport().run(server, clients)
+        for stage in agg.stages:
+            for c in spec.participants:
+                assert outcome.traffic.bytes_up(client=c, stage=stage) > 0
+                assert outcome.traffic.bytes_down(client=c, stage=stage) > 0
+        # the input stage carries at least the ring vector itself
+        assert outcome.traffic.bytes_up(stage=agg.input_stage) >= n * spec.vector_length * 8
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors])
+    @given(data=st.data())
+    def test_sum_is_exact_under_random_dropouts(self, data: st.DataObject) -> None:
+        n = data.draw(st.integers(self.min_clients, self.max_clients), label="n_clients")
+        agg = self.make_aggregator(n)
+        spec = self.make_round(n)
+        stages = list(agg.stages)
+        # for each client: the stage index from which it is silent (len(stages) = never drops)
+        silent_from = data.draw(
+            st.lists(st.integers(0, len(stages)), min_size=n, max_size=n), label="silent_from"
+        )
+        seed = data.draw(st.integers(0, 2**16), label="seed")
+        drop_at = {c: stages[i] for c, i in zip(spec.participants, silent_from) if i < len(stages)}
+        alive = [
+            {c for c, i in zip(spec.participants, silent_from) if i > s} for s in range(len(stages))
+        ]
+        inputs = self.make_inputs(spec, seed)
+        server, clients = self.build(agg, spec, inputs, seed)
+        if agg.survives(spec, alive):
+            outcome = InProcessTransport().run(server, clients, drop_at=drop_at)
+            self.assert_exact(outcome.result, spec, inputs, alive[stages.index(agg.input_stage)])
+        else:
+            with pytest.raises(ProtocolAbort):
+                InProcessTransport().run(server, clients, drop_at=drop_at)
+
+    # -- too many dropouts -----------------------------------------------------------------------------
+    def test_too_many_dropouts_abort_cleanly(self) -> None:
+        n = self.max_clients
+        agg = self.make_aggregator(n)
+        spec = self.make_round(n)
+        t = agg.threshold(n)
+        silent = set(spec.participants[: n - t + 1])  # only t - 1 remain
+        checked = 0
+        for s, stage in enumerate(agg.stages):
+            alive = [set(spec.participants) - (silent if i >= s else set()) for i in range(len(agg.stages))]
+            if agg.survives(spec, alive):
+                continue  # this protocol does not need the silent clients from this stage on
+            server, clients = self.build(agg, spec, self.make_inputs(spec, 3))
+            with pytest.raises(ProtocolAbort) as info:
+                InProcessTransport().run(server, clients, drop_at={c: stage for c in silent})
+            assert info.value.round_id == spec.round_id
+            # an aborted round refuses to continue: no partial result can be extracted afterwards
+            with pytest.raises(ProtocolAbort):
+                server.close_stage()
+            checked += 1
+        assert checked >= 1, "the protocol claims to survive every loss of n - t + 1 clients"
+
+    # -- refused messages --------------------------------------------------------------------------------
+    def _drive(self, n: int, attack_stage: int, attack: str) -> None:
+        """Run a round by hand; at stage ``attack_stage`` inject a bad message, check it is refused with
+        nothing changed, then finish the round and check the exact sum."""
+        agg = self.make_aggregator(n)
+        spec = self.make_round(n)
+        inputs = self.make_inputs(spec, 5)
+        server, clients = self.build(agg, spec, inputs)
+        outbox = server.open()
+        history: dict[int, list[bytes]] = {c: [] for c in spec.participants}
+        index = 0
+        while True:
+            stage = server.stage
+            victim = sorted(outbox)[0]
+            for cid in sorted(outbox):
+                if index == attack_stage and cid == victim and attack == "client-foreign-round":
+                    bad = _reencode(outbox[cid], round=spec.round_id + 1)
+                    with pytest.raises(ProtocolViolation):
+                        clients[cid].handle(bad)
+                if index == attack_stage and cid == victim and attack == "client-misaddressed":
+                    other = sorted(outbox)[1]
+                    with pytest.raises(ProtocolViolation):
+                        clients[cid].handle(outbox[other])
+                reply = clients[cid].handle(outbox[cid])
+                history[cid].append(reply)
+                if index == attack_stage and cid == victim:
+                    before = server.received
+                    if attack == "foreign-round":
+                        with pytest.raises(ProtocolViolation):
+                            server.accept(cid, _reencode(reply, round=spec.round_id + 1))
+                    elif attack == "stage":
+                        with pytest.raises(ProtocolViolation):
+                            server.accept(cid, _reencode(reply, stage=stage + "-other"))
+                    elif attack == "impersonation":
+                        other = sorted(outbox)[1]
+                        with pytest.raises(ProtocolViolation):
+                            server.accept(other, reply)
+                    elif attack == "bitflip":
+                        flipped = bytearray(reply)
+                        flipped[len(flipped) // 2] ^= 0x10
+                        with pytest.raises(MessageError):
+                            server.accept(cid, bytes(flipped))
+                    elif attack == "earlier-stage" and index > 0:
+                        with pytest.raises(ProtocolViolation):
+                            server.accept(cid, history[cid][0])
+                    assert server.received == before
+                server.accept(cid, reply)
+                if index == attack_stage and cid == victim and attack == "replay":
+                    with pytest.raises(ProtocolViolation):
+                        server.accept(cid, reply)
+            step = server.close_stage()
+            index += 1
+            if isinstance(step, AggregateResult):
+                self.assert_exact(step, spec, inputs, set(spec.participants))
+                # after the round is over, even a valid-looking message is refused
+                with pytest.raises(ProtocolViolation):
+                    server.accept(victim, history[victim][-1])
+                return
+            outbox = step
+
+    @pytest.mark.parametrize(
+        "attack",
+        ["foreign-round", "stage", "impersonation", "bitflip", "replay", "earlier-stage",
+         "client-foreign-round", "client-misaddressed"],
+    )
+    def test_bad_messages_are_refused_and_change_nothing(self, attack: str) -> None:
+        n = self.min_clients
+        for stage_index in range(len(self.make_aggregator(n).stages)):
+            self._drive(n, stage_index, attack)

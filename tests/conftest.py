@@ -1,0 +1,22 @@
+"""Shared test configuration: hypothesis profiles and the offline switch for Hugging Face libraries."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+# Tests never touch the network: tiny models are built from configs, nothing is downloaded.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+settings.register_profile(
+    "default", deadline=None, max_examples=50, suppress_health_check=[HealthCheck.too_slow]
+)
+# CI: no example database, derandomised so a red run replays identically.
+settings.register_profile(
+    "ci", deadline=None, max_examples=50, derandomize=True, database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "default"))
