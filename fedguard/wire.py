@@ -139,7 +139,7 @@ def _header(msg: Message) -> tuple[bytes, list[np.ndarray]]:
         dt = _canonical_dtype(a.dtype)
         if dt not in ALLOWED_DTYPES:
             raise MessageError(f"array {name!r} has dtype {a.dtype}, allowed: {sorted(ALLOWED_DTYPES)}")
-        a = np.ascontiguousarray(a, dtype=np.dtype(dt))
+        a = np.asarray(a, dtype=np.dtype(dt), order="C")  # keeps 0-d arrays 0-d
         specs.append([str(name), dt, list(a.shape)])
         arrays.append(a)
     header = {
