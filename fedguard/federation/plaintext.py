@@ -14,7 +14,6 @@ import numpy as np
 
 from fedguard.encoding import ring_sum
 from fedguard.errors import ConfigError, InvalidUpdateError
-from fedguard.federation.registry import register_aggregator
 from fedguard.federation.protocol import (
     AggregateResult,
     Aggregator,
@@ -25,6 +24,7 @@ from fedguard.federation.protocol import (
     check_ring_vector,
     ring_input_schema,
 )
+from fedguard.federation.registry import register_aggregator
 from fedguard.rng import SecureRNG
 from fedguard.wire import Message, MessageSchema
 

@@ -157,19 +157,22 @@ class ServerSide(ABC):
         self._require_running()
         stage = self.stage
         msg = wire.decode(payload)
-        where = dict(sender=sender, round_id=self.spec.round_id, stage=stage)
+
+        def refuse(reason: str) -> ProtocolViolation:
+            return ProtocolViolation(reason, sender=sender, round_id=self.spec.round_id, stage=stage)
+
         if msg.round != self.spec.round_id:
-            raise ProtocolViolation(f"message from round {msg.round} refused in round {self.spec.round_id}", **where)
+            raise refuse(f"message from round {msg.round} refused in round {self.spec.round_id}")
         if msg.sender != sender:
-            raise ProtocolViolation(f"message claims sender {msg.sender} but arrived from {sender}", **where)
+            raise refuse(f"message claims sender {msg.sender} but arrived from {sender}")
         if msg.recipient != SERVER:
-            raise ProtocolViolation(f"message addressed to {msg.recipient}, not to the server", **where)
+            raise refuse(f"message addressed to {msg.recipient}, not to the server")
         if msg.stage != stage:
-            raise ProtocolViolation(f"message for stage {msg.stage!r} refused in stage {stage!r}", **where)
+            raise refuse(f"message for stage {msg.stage!r} refused in stage {stage!r}")
         if sender in self._inbox:
-            raise ProtocolViolation(f"client {sender} already replied in stage {stage!r} (replay)", **where)
+            raise refuse(f"client {sender} already replied in stage {stage!r} (replay)")
         if sender not in self._expected:
-            raise ProtocolViolation(f"client {sender} is not expected in stage {stage!r}", **where)
+            raise refuse(f"client {sender} is not expected in stage {stage!r}")
         self._schema(stage).validate(msg)
         self._check_reply(stage, msg)
         self._inbox[sender] = msg
@@ -257,17 +260,20 @@ class ClientSide(ABC):
         """Answer the server's message for the current stage. Out-of-order, foreign-round or misaddressed
         messages raise :class:`ProtocolViolation` and leave the client unchanged."""
         msg = wire.decode(payload)
-        where = dict(sender=msg.sender, round_id=self.spec.round_id, stage=self.stage)
+
+        def refuse(reason: str) -> ProtocolViolation:
+            return ProtocolViolation(reason, sender=msg.sender, round_id=self.spec.round_id, stage=self.stage)
+
         if self._index >= len(self.stages):
-            raise ProtocolViolation(f"client {self.client_id} has finished round {self.spec.round_id}", **where)
+            raise refuse(f"client {self.client_id} has finished round {self.spec.round_id}")
         if msg.round != self.spec.round_id:
-            raise ProtocolViolation(f"message from round {msg.round} refused in round {self.spec.round_id}", **where)
+            raise refuse(f"message from round {msg.round} refused in round {self.spec.round_id}")
         if msg.sender != SERVER or msg.recipient != self.client_id:
-            raise ProtocolViolation(
-                f"client {self.client_id} refuses a message from {msg.sender} to {msg.recipient}", **where
+            raise refuse(
+                f"client {self.client_id} refuses a message from {msg.sender} to {msg.recipient}"
             )
         if msg.stage != self.stage:
-            raise ProtocolViolation(f"message for stage {msg.stage!r} refused in stage {self.stage!r}", **where)
+            raise refuse(f"message for stage {msg.stage!r} refused in stage {self.stage!r}")
         reply = self._respond(self.stage, msg)
         self._index += 1
         return reply

@@ -39,7 +39,7 @@ def _reencode(payload: bytes, **changes: object) -> bytes:
     msg = wire.decode(payload)
     fields = {f: getattr(msg, f) for f in ("kind", "round", "stage", "sender", "recipient", "meta", "arrays")}
     fields.update(changes)
-    return wire.encode(wire.Message(**fields))  # type: ignore[arg-type]
+    return wire.encode(wire.Message(**fields))
 
 
 class AggregatorContract(ABC):
