@@ -1,0 +1,78 @@
+"""Checkpoints of a federated run, written atomically, and resume.
+
+Layout under ``<run_dir>/checkpoints/``::
+
+    round-0003/adapter/        peft ``save_pretrained`` output: load it with
+                               ``PeftModel.from_pretrained(base_model, ".../adapter")``
+    round-0003/global.npy      the exact global adapter vector (bit-exact resume)
+    round-0003/state.json      round, config, layout, hook state (e.g. the privacy ledger), metrics
+    latest.json                {"round": 3, "path": "round-0003"}
+
+A checkpoint directory is written under a temporary name and renamed into place, and ``latest.json``
+is replaced atomically last, so a run killed at any point resumes from the last complete round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedguard.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    round: int
+    vector: np.ndarray
+    state: dict[str, Any]
+    path: Path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: Path, round_id: int, model: Any, vector: np.ndarray, state: dict[str, Any]) -> Path:
+    """Write round ``round_id`` (adapter, exact vector, state) and point ``latest.json`` at it."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"round-{round_id:04d}"
+    final = root / name
+    tmp = root / f".{name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    model.save_pretrained(tmp / "adapter")
+    np.save(tmp / "global.npy", vector.astype(np.float32, copy=False))
+    (tmp / "state.json").write_text(json.dumps({"round": round_id, **state}, indent=2, sort_keys=True))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _atomic_write(root / "latest.json", json.dumps({"round": round_id, "path": name}))
+    return final
+
+
+def load_latest(run_dir: Path) -> Checkpoint | None:
+    """The last complete checkpoint, or None when the run has none."""
+    pointer = run_dir / "checkpoints" / "latest.json"
+    if not pointer.is_file():
+        return None
+    try:
+        latest = json.loads(pointer.read_text())
+        path = run_dir / "checkpoints" / latest["path"]
+        state = json.loads((path / "state.json").read_text())
+        vector = np.load(path / "global.npy", allow_pickle=False)
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"checkpoint in {run_dir} is unreadable: {err}") from err
+    return Checkpoint(int(latest["round"]), vector, state, path)

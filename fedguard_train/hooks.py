@@ -1,0 +1,122 @@
+"""Where privacy components attach to the round loop, without editing its body.
+
+A :class:`TrainerHook` sees every seam of a FedHomoLLM round (DESIGN.md §3):
+
+==========================  ================================================================
+``on_round_start``          before any client trains; e.g. an accountant refusing a round that
+                            would overspend (raise ``BudgetExceededError``)
+``local_loss``              wraps each local loss; e.g. a FedIPR watermark regulariser
+``local_batch``             rewrites each local micro-batch; e.g. backdoor-watermark triggers
+``client_update``           transforms a client's update before aggregation; e.g. DP clipping and
+                            the client's share of distributed noise
+``aggregate``               transforms the aggregated mean; e.g. central DP noise
+``on_round_end``            after the global model is updated; adds metrics (epsilon, watermark
+                            bits) to the round's row
+``state_dict`` / ``load``   hook state saved with every checkpoint and restored on ``--resume``
+                            (e.g. the privacy ledger)
+==========================  ================================================================
+
+Every method has a do-nothing default, so a hook overrides only what it needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedguard.updates import ClientUpdate
+
+Items = list[dict[str, list[int]]]
+
+
+class TrainerHook:
+    """Base class with no-op defaults. ``name`` keys the hook's state in checkpoints."""
+
+    name = "hook"
+
+    def on_round_start(self, round_id: int, participants: Sequence[int]) -> None:
+        """Called before local training; raise to refuse the round."""
+
+    def local_loss(self, client_id: int, model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """A function ``loss -> loss'`` applied to every local loss of ``client_id``, or None."""
+        return None
+
+    def local_batch(self, client_id: int) -> Callable[[Items], Items] | None:
+        """A function rewriting the client's micro-batches, or None."""
+        return None
+
+    def client_update(self, update: ClientUpdate) -> ClientUpdate:
+        return update
+
+    def aggregate(self, round_id: int, mean: np.ndarray, contributors: Sequence[int]) -> np.ndarray:
+        return mean
+
+    def on_round_end(self, round_id: int, model: torch.nn.Module, metrics: dict[str, Any]) -> None:
+        """May add entries to ``metrics`` (they appear in metrics.jsonl and the report)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
+class HookList(TrainerHook):
+    """Applies several hooks in order (loss and batch functions compose left to right)."""
+
+    name = "hooks"
+
+    def __init__(self, hooks: Sequence[TrainerHook] = ()) -> None:
+        self.hooks = list(hooks)
+
+    def on_round_start(self, round_id: int, participants: Sequence[int]) -> None:
+        for h in self.hooks:
+            h.on_round_start(round_id, participants)
+
+    def local_loss(self, client_id: int, model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        fns = [f for h in self.hooks if (f := h.local_loss(client_id, model)) is not None]
+        if not fns:
+            return None
+
+        def apply(loss: torch.Tensor) -> torch.Tensor:
+            for f in fns:
+                loss = f(loss)
+            return loss
+
+        return apply
+
+    def local_batch(self, client_id: int) -> Callable[[Items], Items] | None:
+        fns = [f for h in self.hooks if (f := h.local_batch(client_id)) is not None]
+        if not fns:
+            return None
+
+        def apply(items: Items) -> Items:
+            for f in fns:
+                items = f(items)
+            return items
+
+        return apply
+
+    def client_update(self, update: ClientUpdate) -> ClientUpdate:
+        for h in self.hooks:
+            update = h.client_update(update)
+        return update
+
+    def aggregate(self, round_id: int, mean: np.ndarray, contributors: Sequence[int]) -> np.ndarray:
+        for h in self.hooks:
+            mean = h.aggregate(round_id, mean, contributors)
+        return mean
+
+    def on_round_end(self, round_id: int, model: torch.nn.Module, metrics: dict[str, Any]) -> None:
+        for h in self.hooks:
+            h.on_round_end(round_id, model, metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {h.name: h.state_dict() for h in self.hooks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for h in self.hooks:
+            h.load_state_dict(state.get(h.name, {}))

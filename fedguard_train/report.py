@@ -1,0 +1,87 @@
+"""A run's human-readable report: ``report.md`` with a loss / ROUGE-L plot (``curves.png``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+_METRICS = (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"), ("bleu4", "BLEU-4"),
+            ("perplexity", "perplexity"))
+
+
+def plot_curves(history: Sequence[dict[str, Any]], baseline: dict[str, Any], path: Path) -> Path:
+    """Training loss and ROUGE-L per round (round 0: the base model before federated training)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_rouge) = plt.subplots(1, 2, figsize=(9, 3.4))
+    rounds = [r["round"] for r in history]
+    ax_loss.plot(rounds, [r["train_loss"] for r in history], marker="o")
+    ax_loss.set(title="mean local training loss", xlabel="round", ylabel="loss")
+    scored = [baseline] + [r for r in history if "rougeL" in r]
+    ax_rouge.plot([r["round"] for r in scored], [r["rougeL"] for r in scored], marker="o", color="tab:green")
+    ax_rouge.set(title="ROUGE-L on the held-out split", xlabel="round (0 = base model)", ylabel="ROUGE-L")
+    for ax in (ax_loss, ax_rouge):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(run_dir: Path, *, config: dict[str, Any], history: Sequence[dict[str, Any]],
+                 baseline: dict[str, Any], partition: Sequence[dict[str, Any]], counts: dict[str, Any]) -> Path:
+    """Write ``report.md`` (and ``curves.png``) into ``run_dir``."""
+    plot_curves(history, baseline, run_dir / "curves.png")
+    fed = config["federation"]
+    lines = [
+        f"# FedHomoLLM run: {run_dir.name}",
+        "",
+        f"- model: `{config['model']['name_or_path']}`, adapter: **{config['adapter']['method']}**, "
+        f"mode: {config['mode']}, aggregator: `{fed['aggregator']}`",
+        f"- {fed['clients']} clients, {fed['rounds']} rounds, {config['training']['local_steps']} local steps "
+        f"of {config['training']['batch_size']}x{config['training']['grad_accum']} examples, "
+        f"DeepSpeed ZeRO-{config['training']['zero_stage']}",
+        f"- trainable (travelling) parameters: {counts['trainable']:,} of {counts['total']:,} "
+        f"({100 * counts['share']:.3f}%)",
+        "",
+        "## Data partition (non-IID)",
+        "",
+        "| client | examples | attributes | most common |",
+        "|---:|---:|---:|---|",
+        *[f"| {p['client']} | {p['examples']} | {p['attributes']} | {p['top']} |" for p in partition],
+        "",
+        "## Rounds",
+        "",
+        "| round | train loss | " + " | ".join(t for _, t in _METRICS) + " | KiB up | KiB down | seconds |",
+        "|---:|---:|" + "---:|" * len(_METRICS) + "---:|---:|---:|",
+        _row(baseline),
+        *[_row(r) for r in history],
+        "",
+        "![loss and ROUGE-L per round](curves.png)",
+        "",
+        "## Sample generations",
+        "",
+    ]
+    final = next((r for r in reversed(history) if "samples" in r), None)
+    for i, before in enumerate(baseline.get("samples", [])):
+        after = final["samples"][i]["generated"] if final else "-"
+        lines += [f"- **{before['prompt']}**", f"  - reference: {before['reference']}",
+                  f"  - base model: {before['generated']}", f"  - after federated training: {after}"]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _row(r: dict[str, Any]) -> str:
+    def num(key: str, fmt: str) -> str:
+        return fmt.format(r[key]) if key in r else "-"
+
+    cells = [str(r.get("round", "-")), num("train_loss", "{:.4f}")]
+    cells += [num(k, "{:.2f}") for k, _ in _METRICS]
+    cells += [num("bytes_up", "{}") if "bytes_up" not in r else f"{r['bytes_up'] / 1024:.1f}",
+              "-" if "bytes_down" not in r else f"{r['bytes_down'] / 1024:.1f}", num("seconds", "{:.1f}")]
+    return "| " + " | ".join(cells) + " |"
