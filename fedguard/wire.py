@@ -125,7 +125,12 @@ def bytes_array(data: bytes) -> np.ndarray:
     return np.frombuffer(bytes(data), dtype=np.uint8)
 
 
-def _header(msg: Message) -> tuple[bytes, list[np.ndarray]]:
+def _header(msg: Message, *, materialize: bool = True) -> tuple[bytes, list[np.ndarray], int]:
+    """Header bytes, the arrays to send (little-endian, C order) and the payload length.
+
+    With ``materialize=False`` no array is converted or copied: only dtypes and shapes are read, so the
+    size of a message over a huge (e.g. broadcast, zero-stride) array can be computed exactly.
+    """
     if not isinstance(msg.kind, str) or not msg.kind or not isinstance(msg.stage, str):
         raise MessageError(f"kind and stage must be non-empty strings, got {msg.kind!r}, {msg.stage!r}")
     for fname in ("round", "sender", "recipient"):
@@ -133,15 +138,20 @@ def _header(msg: Message) -> tuple[bytes, list[np.ndarray]]:
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise MessageError(f"{fname} must be an int, got {v!r}")
     _check_meta(dict(msg.meta), "meta")
-    specs, arrays = [], []
+    specs, arrays, payload = [], [], 0
     for name, arr in msg.arrays.items():
-        a = np.asarray(arr)
-        dt = _canonical_dtype(a.dtype)
+        dtype = getattr(arr, "dtype", None)
+        if dtype is None:
+            arr = np.asarray(arr)
+            dtype = arr.dtype
+        dt = _canonical_dtype(dtype)
         if dt not in ALLOWED_DTYPES:
-            raise MessageError(f"array {name!r} has dtype {a.dtype}, allowed: {sorted(ALLOWED_DTYPES)}")
-        a = np.asarray(a, dtype=np.dtype(dt), order="C")  # keeps 0-d arrays 0-d
-        specs.append([str(name), dt, list(a.shape)])
-        arrays.append(a)
+            raise MessageError(f"array {name!r} has dtype {dtype}, allowed: {sorted(ALLOWED_DTYPES)}")
+        shape = [int(d) for d in np.shape(arr)]
+        specs.append([str(name), dt, shape])
+        payload += math.prod(shape) * np.dtype(dt).itemsize
+        if materialize:
+            arrays.append(np.asarray(arr, dtype=np.dtype(dt), order="C"))  # keeps 0-d arrays 0-d
     header = {
         "kind": msg.kind,
         "round": int(msg.round),
@@ -154,19 +164,18 @@ def _header(msg: Message) -> tuple[bytes, list[np.ndarray]]:
     raw = json.dumps(header, separators=(",", ":"), allow_nan=False, sort_keys=True).encode()
     if len(raw) > MAX_HEADER_BYTES:
         raise MessageError(f"header is {len(raw)} bytes, the limit is {MAX_HEADER_BYTES}")
-    return raw, arrays
+    return raw, arrays, payload
 
 
 def encoded_size(msg: Message) -> int:
-    """The exact length of ``encode(msg)`` without building the payload."""
-    raw, arrays = _header(msg)
-    return _PREFIX.size + len(raw) + sum(a.nbytes for a in arrays) + _DIGEST_BYTES
+    """The exact length of ``encode(msg)``, computed from dtypes and shapes alone (nothing is copied)."""
+    raw, _, payload = _header(msg, materialize=False)
+    return _PREFIX.size + len(raw) + payload + _DIGEST_BYTES
 
 
 def encode(msg: Message) -> bytes:
     """Serialise ``msg`` (see the module docstring for the format)."""
-    raw, arrays = _header(msg)
-    payload_len = sum(a.nbytes for a in arrays)
+    raw, arrays, payload_len = _header(msg)
     digest = hashlib.blake2b(digest_size=_DIGEST_BYTES)
     parts = [_PREFIX.pack(MAGIC, VERSION, 0, len(raw), payload_len), raw]
     parts.extend(a.tobytes() for a in arrays)

@@ -76,3 +76,12 @@ def load_latest(run_dir: Path) -> Checkpoint | None:
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(f"checkpoint in {run_dir} is unreadable: {err}") from err
     return Checkpoint(int(latest["round"]), vector, state, path)
+
+
+def load_round_metrics(run_dir: Path, round_id: int) -> dict[str, Any]:
+    """The metrics row stored with round ``round_id``'s checkpoint."""
+    path = run_dir / "checkpoints" / f"round-{round_id:04d}" / "state.json"
+    try:
+        return dict(json.loads(path.read_text())["metrics"])
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"checkpoint of round {round_id} in {run_dir} is unreadable: {err}") from err

@@ -136,6 +136,7 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     zero_stage: Literal[0, 2, 3] = 0
     precision: Precision = "fp32"
+    nproc_per_node: int = 1  # > 1: each client trains as a `torchrun --nproc-per-node N` job
 
     def __post_init__(self) -> None:
         _problems_of(self, [
@@ -144,6 +145,7 @@ class TrainingConfig:
             (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm}"),
+            (self.nproc_per_node >= 1, f"nproc_per_node must be >= 1, got {self.nproc_per_node}"),
         ])
 
 

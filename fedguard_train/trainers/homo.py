@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from fedguard.federation.registry import make_aggregator
 from fedguard.params import flatten, layout_of, load_vector, parameter_counts
 from fedguard.rng import SecureRNG
 from fedguard.updates import ClientUpdate
-from fedguard_train.checkpoint import load_latest, save_checkpoint
+from fedguard_train.checkpoint import load_latest, load_round_metrics, save_checkpoint
 from fedguard_train.config import TrainConfig
 from fedguard_train.data import (
     load_examples,
@@ -119,6 +120,33 @@ class FedHomoLLM:
         with gathered(self._params(), modify=True):
             load_vector(self.model, self.layout, vector)
 
+    def _train_in_torchrun(self, client: int, round_id: int, global_vec: np.ndarray) -> tuple[float, np.ndarray]:
+        """Train ``client`` as a ``torchrun --nproc-per-node N`` DeepSpeed job (separate processes; the
+        loss and batch hooks of in-process training are not available there)."""
+        import subprocess
+        import sys
+        import tempfile
+
+        if self.hooks.local_loss(client, self.model) is not None or self.hooks.local_batch(client) is not None:
+            raise ConfigError("nproc_per_node > 1 does not support hooks that change the local loss or batches")
+        with tempfile.TemporaryDirectory(prefix="fedguard-client-") as tmp:
+            work = Path(tmp)
+            (work / "config.json").write_text(self.config.to_json())
+            np.save(work / "global.npy", global_vec)
+            env = {k: v for k, v in os.environ.items()
+                   if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+            env.setdefault("OMP_NUM_THREADS", "1")
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc-per-node={self.config.training.nproc_per_node}",
+                   "-m", "fedguard_train.client_worker", "--config", str(work / "config.json"),
+                   "--client", str(client), "--round", str(round_id), "--global", str(work / "global.npy"),
+                   "--out", str(work / "update.npz")]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise TrainingDiverged(f"torchrun client {client} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+            with np.load(work / "update.npz") as data:
+                return float(data["loss"]), data["delta"].astype(np.float32)
+
     def _evaluate(self) -> dict[str, Any]:
         with gathered(self._params()):
             return evaluate(self.model, self.tokenizer, self.test_examples, self.test_items,
@@ -144,9 +172,10 @@ class FedHomoLLM:
                 raise ConfigError(f"cannot resume {self.run_dir}: the config differs from the checkpoint's in {diff}")
             self._load(checkpoint.vector)
             self.hooks.load_state_dict(checkpoint.state.get("hooks", {}))
-            result.history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-            result.history = [row for row in result.history if row.get("round", 0) <= checkpoint.round]
             result.baseline = checkpoint.state.get("baseline", {})
+            # rebuild the history from the checkpoints themselves (metrics.jsonl may lag a killed run)
+            result.history = [load_round_metrics(self.run_dir, r) for r in range(1, checkpoint.round + 1)]
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in [result.baseline, *result.history]))
             start_round = checkpoint.round + 1
             self._log(f"resuming {self.run_dir} after round {checkpoint.round}")
         else:
@@ -156,6 +185,7 @@ class FedHomoLLM:
             result.baseline["round"] = 0
             with metrics_path.open("a") as out:
                 out.write(json.dumps(result.baseline) + "\n")
+        self._baseline = result.baseline
         if table is not None and start_round == 1:
             table.row(result.baseline)
         for round_id in range(start_round, cfg.federation.rounds + 1):
@@ -180,17 +210,21 @@ class FedHomoLLM:
         for client in participants:
             self._load(global_vec)
             try:
-                local = self.local.train(self.model, self.client_items[client], seed=_seed_of(cfg.seed, round_id, client),
-                                         loss_hook=self.hooks.local_loss(client, self.model),
-                                         batch_hook=self.hooks.local_batch(client), progress=self.on_step)
-                delta = self._vector() - global_vec
+                if cfg.training.nproc_per_node > 1:
+                    loss, delta = self._train_in_torchrun(client, round_id, global_vec)
+                else:
+                    local = self.local.train(self.model, self.client_items[client],
+                                             seed=_seed_of(cfg.seed, round_id, client),
+                                             loss_hook=self.hooks.local_loss(client, self.model),
+                                             batch_hook=self.hooks.local_batch(client), progress=self.on_step)
+                    loss, delta = local.mean_loss, self._vector() - global_vec
                 if not np.all(np.isfinite(delta)):
                     raise TrainingDiverged(f"client {client}'s update has non-finite values")
             except TrainingDiverged as err:
                 self._load(global_vec)
                 raise TrainingDiverged(f"round {round_id} aborted: client {client}: {err}; the last good "
                                        f"checkpoint in {self.run_dir / 'checkpoints'} is kept") from err
-            losses.append(local.mean_loss)
+            losses.append(loss)
             updates.append(self.hooks.client_update(ClientUpdate(client, round_id, delta, len(self.client_items[client]))))
         outcome = aggregate_updates(updates, self.aggregator, self.spec, round_id=round_id,
                                     rng=SecureRNG.for_testing(f"{cfg.seed}/aggregate/{round_id}"))
@@ -210,7 +244,7 @@ class FedHomoLLM:
         row["seconds"] = time.perf_counter() - start
         with gathered(self._params()):
             save_checkpoint(self.run_dir, round_id, self.model, new_global,
-                            {"config": cfg.to_dict(), "hooks": self.hooks.state_dict(),
+                            {"config": cfg.to_dict(), "hooks": self.hooks.state_dict(), "baseline": self._baseline,
                              "layout": json.loads(self.layout.to_json()), "metrics": row})
         return row
 
@@ -226,7 +260,7 @@ def run_local(config: TrainConfig, *, quiet: bool = True) -> list[dict[str, Any]
         losses = []
         for round_id in range(1, config.federation.rounds + 1):
             local = trainer.local.train(trainer.model, items, seed=_seed_of(config.seed, round_id, client))
-            losses.append(local.mean_loss)
+            losses.append(loss)
         row = {"client": client, "train_loss": float(np.mean(losses))}
         row.update(trainer._evaluate())
         rows.append(row)

@@ -1,0 +1,52 @@
+"""One client's local training as its own (possibly multi-rank) DeepSpeed job.
+
+Run by the FedHomoLLM loop when ``training.nproc_per_node > 1``::
+
+    torchrun --nproc-per-node N -m fedguard_train.client_worker \\
+        --config resolved.json --client K --round R --global global.npy --out update.npz
+
+Every rank loads the base model and the global adapter, DeepSpeed trains data-parallel across the ranks
+(each rank draws micro-batches from its own shard of the client's data, gradients are averaged), and
+rank 0 writes ``delta = local - global`` and the mean loss. CrypTen must never run in these processes
+(it takes over the default process group).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--client", type=int, required=True)
+    parser.add_argument("--round", type=int, required=True)
+    parser.add_argument("--global", dest="global_path", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+
+    from fedguard_train.config import TrainConfig
+    from fedguard_train.trainers.homo import FedHomoLLM, _seed_of
+
+    config = TrainConfig.from_dict(json.loads(Path(args.config).read_text()))
+    trainer = FedHomoLLM(config, quiet=True)
+    global_vec = np.load(args.global_path, allow_pickle=False)
+    trainer._load(global_vec)
+    local = trainer.local.train(trainer.model, trainer.client_items[args.client],
+                                seed=_seed_of(config.seed, args.round, args.client))
+    delta = trainer._vector() - global_vec
+    if int(os.environ.get("RANK", "0")) == 0:
+        tmp = Path(args.out + ".tmp.npz")
+        np.savez(tmp, delta=delta, loss=np.float64(local.mean_loss),
+                 world_size=np.int64(int(os.environ.get("WORLD_SIZE", "1"))))
+        os.replace(tmp, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""fedguard_train.config: typed sections, unknown keys named with the nearest valid one, YAML round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedguard.errors import ConfigError
+from fedguard_train.config import TrainConfig
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"federation": {"clinets": 3}}, "unknown key 'federation.clinets'; did you mean 'clients'?"),
+        ({"trainig": {}}, "unknown key 'trainig'; did you mean 'training'?"),
+        ({"training": {"zero_stage": 1}}, "training.zero_stage must be one of [0, 2, 3], got 1"),
+        ({"adapter": {"r": "8"}}, "adapter.r must be an integer, got '8'"),
+        ({"adapter": {"method": "qlora"}}, "adapter.method must be one of ['lora', 'p-tuning-v2', 'prompt-tuning']"),
+        ({"data": {"source": "jsonl"}}, "source 'jsonl' needs a path"),
+        ({"federation": {"rounds": 0, "clients": 0}}, "2 problems"),
+        ({"adapter": {"target_modules": "q_proj"}}, "adapter.target_modules must be a list of strings"),
+    ],
+)
+def test_bad_configs_name_the_problem(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        TrainConfig.from_dict(raw)
+    assert message in str(info.value)
+
+
+def test_yaml_round_trip_and_differences(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("federation:\n  clients: 4\nadapter:\n  target_modules: [q_proj, v_proj]\n")
+    config = TrainConfig.from_yaml(path)
+    assert config.federation.clients == 4 and config.adapter.target_modules == ("q_proj", "v_proj")
+    again = TrainConfig.from_dict(config.to_dict())
+    assert again == config
+    more_rounds = TrainConfig.from_dict({**config.to_dict(), "federation": {**config.to_dict()["federation"], "rounds": 9}})
+    assert config.differences(more_rounds) == []  # more rounds may be resumed
+    other = TrainConfig.from_dict({**config.to_dict(), "seed": 5})
+    assert config.differences(other) == ["seed"]
+
+
+def test_yaml_problems_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        TrainConfig.from_yaml(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("federation: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        TrainConfig.from_yaml(bad)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        TrainConfig.from_yaml(listed)
+
+
+def test_shipped_example_configs_load() -> None:
+    root = Path(__file__).resolve().parents[2] / "examples"
+    for path in sorted(root.glob("*.yaml")):
+        TrainConfig.from_yaml(path)
