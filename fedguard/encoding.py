@@ -133,20 +133,24 @@ def quantize(
     Stochastic rounding needs an ``rng`` (a fresh :class:`SecureRNG` when none is given): it is unbiased,
     which keeps FedAvg unbiased; nearest rounding is deterministic.
     """
-    values = np.asarray(x, dtype=np.float64)
-    if not np.all(np.isfinite(values)):
-        bad = int(np.flatnonzero(~np.isfinite(values))[0])
+    values = np.array(x, dtype=np.float64)  # a private copy: the steps below work in place
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad = int(np.flatnonzero(~finite)[0])
         raise InvalidUpdateError(f"cannot quantise a non-finite value (index {bad}: {values.flat[bad]})")
-    y = np.clip(values, -spec.clip, spec.clip) * spec.scale
+    y = np.clip(values, -spec.clip, spec.clip, out=values)
+    y *= spec.scale
     if rounding == "nearest":
-        q = np.rint(y)
+        q = np.rint(y, out=y)
     elif rounding == "stochastic":
         rng = rng if rng is not None else SecureRNG()
         floor = np.floor(y)
-        q = floor + (rng.uniform01(y.size).reshape(y.shape) < (y - floor))
+        y -= floor  # the fractional part: round up with exactly this probability
+        q = floor
+        q += rng.uniform01(y.size).reshape(y.shape) < y
     else:
         raise ConfigError(f"rounding must be 'stochastic' or 'nearest', got {rounding!r}")
-    return np.clip(q, -spec.max_int, spec.max_int).astype(np.int64)
+    return np.clip(q, -spec.max_int, spec.max_int, out=q).astype(np.int64)
 
 
 def dequantize(q: np.ndarray, spec: FixedPointSpec, *, divisor: float = 1.0) -> np.ndarray:

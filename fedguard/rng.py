@@ -38,7 +38,8 @@ from fedguard.errors import ConfigError
 SEED_BYTES: Final[int] = 32
 """Seed length: a 256-bit ChaCha20 key."""
 
-_ZEROS_CHUNK: Final[int] = 1 << 20
+_ZEROS_CHUNK: Final[int] = 1 << 22
+_ZEROS: Final[memoryview] = memoryview(bytes(_ZEROS_CHUNK))
 
 
 def random_seed() -> bytes:
@@ -92,24 +93,26 @@ class SecureRNG:
         return SecureRNG(hmac.new(self._seed, b"fedguard/spawn/" + raw, hashlib.sha256).digest())
 
     # -- raw draws ---------------------------------------------------------------------------------
-    def bytes(self, n: int) -> bytes:
-        """``n`` keystream bytes."""
+    def _fill(self, n: int) -> memoryview:
+        """``n`` keystream bytes written straight into a fresh buffer (no intermediate copies)."""
         if n < 0:
             raise ConfigError(f"n must be >= 0, got {n}")
-        if n <= _ZEROS_CHUNK:
-            return self._encryptor.update(bytes(n))
-        parts = []
-        zeros = bytes(_ZEROS_CHUNK)
-        remaining = n
-        while remaining > 0:
-            take = min(remaining, _ZEROS_CHUNK)
-            parts.append(self._encryptor.update(zeros[:take]))
-            remaining -= take
-        return b"".join(parts)
+        out = bytearray(n + 64)  # update_into wants room for one extra block
+        view = memoryview(out)
+        offset = 0
+        while offset < n:
+            take = min(n - offset, _ZEROS_CHUNK)
+            self._encryptor.update_into(_ZEROS[:take], view[offset : offset + take + 64])
+            offset += take
+        return view[:n]
+
+    def bytes(self, n: int) -> bytes:
+        """``n`` keystream bytes."""
+        return self._fill(n).tobytes()
 
     def uint64(self, n: int) -> np.ndarray:
         """``n`` independent uniform 64-bit words (little-endian keystream)."""
-        return np.frombuffer(self.bytes(8 * n), dtype="<u8").astype(np.uint64, copy=True)
+        return np.frombuffer(self._fill(8 * n), dtype="<u8").astype(np.uint64, copy=False)
 
     def ring_elements(self, n: int, ring_bits: int) -> np.ndarray:
         """``n`` uniform elements of Z_{2^ring_bits} as uint64 (``1 <= ring_bits <= 64``)."""

@@ -148,7 +148,11 @@ class ServerSide(ABC):
         if self._state != "new":
             raise ProtocolViolation(f"round {self.spec.round_id} was already opened", round_id=self.spec.round_id)
         outbox = self._open()
+        unknown = set(outbox) - set(self.spec.participants)
+        if unknown:
+            raise ConfigError(f"the first stage addresses non-participants {sorted(unknown)}")
         self._state, self._index = "running", 0
+        self._expected = set(outbox)  # a first stage may address only some clients
         return outbox
 
     def accept(self, sender: int, payload: bytes) -> None:

@@ -7,7 +7,9 @@ a lost connection), and it records bytes up and down per stage and per client.
 
 A reply the server refuses (:class:`~fedguard.errors.ProtocolViolation` or
 :class:`~fedguard.errors.MessageError`) is recorded in :attr:`RoundOutcome.rejected`, and its sender
-counts as dropped for that stage; the round goes on with everybody else.
+counts as dropped for that stage; the round goes on with everybody else. Likewise a client that refuses
+the server's message (e.g. a malformed or foreign-round message) stays silent, and the refusal is
+recorded the same way: one party's error never ends the round for the others.
 """
 
 from __future__ import annotations
@@ -115,7 +117,11 @@ class InProcessTransport:
                 traffic.add(stage, cid, "down", len(payload))
                 if cid in drop_at and stages.index(drop_at[cid]) <= index:
                     continue
-                reply = clients[cid].handle(payload)
+                try:
+                    reply = clients[cid].handle(payload)
+                except (ProtocolViolation, MessageError) as err:
+                    rejected.append((cid, stage, err))
+                    continue
                 if tamper is not None:
                     reply = tamper(stage, cid, reply)
                 traffic.add(stage, cid, "up", len(reply))

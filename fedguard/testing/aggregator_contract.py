@@ -49,7 +49,6 @@ class AggregatorContract(ABC):
     vector_length: ClassVar[int] = 17
     min_clients: ClassVar[int] = 3
     max_clients: ClassVar[int] = 6
-    dropout_examples: ClassVar[int] = 25
 
     @abstractmethod
     def make_aggregator(self, n_clients: int) -> Aggregator:
@@ -98,13 +97,16 @@ class AggregatorContract(ABC):
         server, clients = self.build(agg, spec, self.make_inputs(spec, 1))
         outcome = InProcessTransport().run(server, clients)
         for stage in agg.stages:
-            for c in spec.participants:
-                assert outcome.traffic.bytes_up(client=c, stage=stage) > 0
+            addressed = {r.client for r in outcome.traffic.records if r.stage == stage and r.direction == "down"}
+            assert addressed, f"no client was addressed in stage {stage!r}"
+            for c in addressed:  # every client the server wrote to in a stage answered with bytes
                 assert outcome.traffic.bytes_down(client=c, stage=stage) > 0
+                assert outcome.traffic.bytes_up(client=c, stage=stage) > 0
         # the input stage carries at least the ring vector itself
         assert outcome.traffic.bytes_up(stage=agg.input_stage) >= n * spec.vector_length * 8
 
-    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors])
+    @settings(max_examples=25, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors])
     @given(data=st.data())
     def test_sum_is_exact_under_random_dropouts(self, data: st.DataObject) -> None:
         n = data.draw(st.integers(self.min_clients, self.max_clients), label="n_clients")

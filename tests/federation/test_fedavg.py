@@ -122,3 +122,14 @@ def test_client_input_is_validated_at_construction() -> None:
         PlaintextAggregator().client(spec, 0, np.array([1, 2, 3], np.int64))
     with pytest.raises(ConfigError, match="not a participant"):
         PlaintextAggregator().client(spec, 5, np.zeros(3, np.uint64))
+
+
+def test_a_client_refusing_the_servers_message_counts_as_dropped() -> None:
+    spec = RoundSpec(0, (0, 1, 2), 2, 64)
+    agg = PlaintextAggregator()
+    clients = {c: agg.client(spec, c, np.full(2, c + 1, np.uint64)) for c in spec.participants}
+    server = agg.server(spec)
+    clients[1].handle(agg.server(spec).open()[1])  # client 1 has already answered: it is finished
+    out = InProcessTransport().run(server, clients)
+    assert [(cid, stage, type(err).__name__) for cid, stage, err in out.rejected] == [(1, "input", "ProtocolViolation")]
+    assert out.result.contributors == (0, 2) and out.result.ring_sum.tolist() == [4, 4]
