@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from fedguard.console import Column, RoundTable
 from fedguard_train.config import TrainConfig
+from fedguard_train.privacy import hooks_from_config
 from fedguard_train.report import write_report
 from fedguard_train.trainers.homo import FedHomoLLM, RunResult, run_local
 
@@ -20,6 +21,7 @@ ROUND_COLUMNS = [
     Column("rougeL", "ROUGE-L", "{:.2f}", 8),
     Column("bleu4", "BLEU-4", "{:.2f}", 7),
     Column("perplexity", "ppl", "{:.2f}", 8),
+    Column("epsilon", "epsilon", "{:.3f}", 8),
     Column("kib_up", "KiB up", "{:.1f}", 9),
     Column("kib_down", "KiB down", "{:.1f}", 9),
     Column("seconds", "seconds", "{:.1f}", 8),
@@ -55,7 +57,7 @@ def run_training(config: TrainConfig, *, resume: bool = False, quiet: bool = Fal
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
 
-    trainer = FedHomoLLM(config, quiet=quiet, on_step=step)
+    trainer = FedHomoLLM(config, hooks=hooks_from_config(config), quiet=quiet, on_step=step)
     if not quiet:
         tqdm.write(f"{config.federation.clients} clients, adapter {config.adapter.method}: "
                    f"{trainer.counts['trainable']:,} travelling parameters of {trainer.counts['total']:,} "

@@ -36,7 +36,7 @@ import torch
 
 from fedguard import wire
 from fedguard.encoding import FixedPointSpec
-from fedguard.errors import ConfigError
+from fedguard.errors import BudgetExceededError, ConfigError
 from fedguard.federation.fedavg import aggregate_updates
 from fedguard.federation.registry import make_aggregator
 from fedguard.params import flatten, layout_of, load_vector, parameter_counts
@@ -63,6 +63,7 @@ class RunResult:
     baseline: dict[str, Any] = field(default_factory=dict)
     run_dir: Path = Path(".")
     trainable_share: float = 0.0
+    stopped: str | None = None
 
 
 def _seed_of(*parts: object) -> int:
@@ -189,7 +190,12 @@ class FedHomoLLM:
         if table is not None and start_round == 1:
             table.row(result.baseline)
         for round_id in range(start_round, cfg.federation.rounds + 1):
-            row = self._round(round_id)
+            try:
+                row = self._round(round_id)
+            except BudgetExceededError as err:
+                result.stopped = f"stopped before round {round_id}: {err}"
+                self._log(result.stopped + f" (last checkpoint kept in {self.run_dir / 'checkpoints'})")
+                break
             result.history.append(row)
             with metrics_path.open("a") as out:
                 out.write(json.dumps(row) + "\n")

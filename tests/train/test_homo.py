@@ -11,7 +11,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedguard.errors import BudgetExceededError, ConfigError
+from fedguard.errors import BudgetExceededError, ConfigError  # noqa: F401
 from fedguard.params import AdapterLayout, flatten
 from fedguard_train.checkpoint import load_latest
 from fedguard_train.config import ModelConfig, TrainConfig
@@ -126,10 +126,11 @@ def test_nan_loss_aborts_the_round_and_keeps_the_last_checkpoint(tmp_path: Path,
     np.testing.assert_array_equal(trainer._vector(), ckpt.vector)  # the model is back at the last good state
 
 
-def test_a_hook_can_refuse_a_round_before_training(tmp_path: Path, task: Path) -> None:
+def test_an_exhausted_budget_stops_the_run_before_the_round_and_keeps_the_checkpoint(tmp_path: Path, task: Path) -> None:
     config = tiny_config(tmp_path, task)
-    with pytest.raises(BudgetExceededError, match="round 2 would exceed"):
-        FedHomoLLM(config, hooks=[_Recorder(refuse_round=2)], quiet=True).run()
+    result = FedHomoLLM(config, hooks=[_Recorder(refuse_round=2)], quiet=True).run()
+    assert result.stopped is not None and "stopped before round 2: round 2 would exceed" in result.stopped
+    assert [r["round"] for r in result.history] == [1]
     assert load_latest(Path(config.run_dir)).round == 1  # type: ignore[union-attr]
 
 
