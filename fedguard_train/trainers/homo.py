@@ -266,7 +266,7 @@ def run_local(config: TrainConfig, *, quiet: bool = True) -> list[dict[str, Any]
         losses = []
         for round_id in range(1, config.federation.rounds + 1):
             local = trainer.local.train(trainer.model, items, seed=_seed_of(config.seed, round_id, client))
-            losses.append(loss)
+            losses.append(local.mean_loss)
         row = {"client": client, "train_loss": float(np.mean(losses))}
         row.update(trainer._evaluate())
         rows.append(row)

@@ -150,3 +150,14 @@ def test_centralized_mode_trains_one_party_on_the_union(tmp_path: Path, task: Pa
     assert len(trainer.client_items) == 1
     assert len(trainer.client_items[0]) == 48 - 6
     assert trainer.run().history[0]["clients"] == 1
+
+
+def test_compare_modes_writes_the_tables_1_2_layout(tmp_path: Path, task: Path) -> None:
+    from fedguard_train.runner import compare_modes
+
+    config = tiny_config(tmp_path, task, federation={"clients": 2, "rounds": 1})
+    table = compare_modes(config, tmp_path / "cmp.md")
+    assert list(table) == ["Federated", "Centralized", "Client-1", "Client-2", "Base model"]
+    assert all(set(v) == {"rouge1", "rouge2", "rougeL", "bleu4", "perplexity"} for v in table.values())
+    text = (tmp_path / "cmp.md").read_text()
+    assert "| rougeL |" in text and "FATE-LLM (lora, ChatGLM-6B)" in text
