@@ -91,7 +91,7 @@ def peak_rss_of_simulation(model_name: str) -> dict[str, float]:
         " 'training': {'local_steps': 2, 'batch_size': 4}, 'eval': {'examples': 4, 'max_new_tokens': 4}})\n"
         "    FedHomoLLM(cfg, quiet=True).run()\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
-    ) % (str(ROOT), model_name, model_name)
+    ) % (str(ROOT), model_name, model_name)  # noqa: UP031
     out = {}
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}

@@ -128,6 +128,11 @@ def load_crypten() -> ModuleType:
             "the default torch.distributed group; run MPC compute parties in their own processes"
         )
     install_onnx_registration_alias()
+    if "crypten" not in sys.modules:
+        # a failed bare `import crypten` leaves its already-imported submodules behind, bound to a
+        # package object that no longer exists; drop them so the package imports whole
+        for name in [m for m in sys.modules if m.startswith("crypten.")]:
+            del sys.modules[name]
     try:
         crypten = importlib.import_module("crypten")
     except ModuleNotFoundError as err:

@@ -1,0 +1,70 @@
+"""The integer form of the norm bound (pure math, no processes): the parties' algorithm decides exactly
+like the plaintext norm, and configuration limits are enforced."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedguard.encoding import FixedPointSpec
+from fedguard.errors import ConfigError
+from fedguard.secagg.mpc_norm import NormCheck
+
+
+def test_threshold_is_the_floor_of_the_exact_rational_bound() -> None:
+    spec = FixedPointSpec(clip=0.1, value_bits=12, max_weight=4)
+    check = NormCheck.for_bound(0.3, spec, 10)
+    # B·s = 0.3 · 2047 / 0.1 (as the float values 0.3 and 0.1 really are)
+    from fractions import Fraction
+    assert check.threshold == math.floor((Fraction(0.3) * 2047 / Fraction(0.1)) ** 2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    value_bits=st.integers(16, 31),
+    length=st.integers(1, 5000),
+    bound_fraction=st.floats(0.01, 1.0),
+    seed=st.integers(0, 2**32 - 1),
+    scale=st.floats(0.0, 1.0),
+)
+def test_chunked_clamped_sum_decides_like_the_plain_norm(value_bits: int, length: int, bound_fraction: float,
+                                                          seed: int, scale: float) -> None:
+    spec = FixedPointSpec(clip=1.0, value_bits=value_bits, max_weight=1)
+    max_bound = 2**29 / spec.scale  # keeps T < 2^60
+    check = NormCheck.for_bound(max(bound_fraction * max_bound, 1e-3), spec, length)
+    rng = np.random.default_rng(seed)
+    q = (rng.integers(-spec.max_int, spec.max_int + 1, length) * scale).astype(np.int64)
+    assert check.decide_like_parties(q) == check.decide(q)
+
+
+def _with_sum_of_squares(target: int, length: int, limit: int) -> np.ndarray:
+    q = np.zeros(length, dtype=np.int64)
+    for j in range(length):
+        q[j] = min(math.isqrt(target), limit)
+        target -= int(q[j]) ** 2
+    assert target == 0
+    return q
+
+
+@pytest.mark.parametrize("offset, accepted", [(0, True), (1, False), (-1, True)])
+def test_clamped_sum_is_exact_at_the_boundary_with_many_chunks(offset: int, accepted: bool) -> None:
+    spec = FixedPointSpec(clip=1.0, value_bits=31, max_weight=1)
+    check = NormCheck.for_bound(2**29 / spec.scale, spec, 100)
+    assert check.chunks == 50 and check.levels == 6  # M^2 ~ 2^60: two coordinates per chunk
+    q = _with_sum_of_squares(check.threshold + offset, 100, spec.max_int)
+    q = np.random.default_rng(7).permutation(q)  # spread over the chunks
+    assert check.decide(q) is accepted
+    assert check.decide_like_parties(q) is accepted
+
+
+def test_bounds_the_exact_check_cannot_hold_are_refused_by_name() -> None:
+    with pytest.raises(ConfigError, match="norm_bound=200.0 is too large"):
+        NormCheck.for_bound(200.0, FixedPointSpec(value_bits=24), 10)
+    with pytest.raises(ConfigError, match="value_bits <= 31, got 40"):
+        NormCheck.for_bound(1.0, FixedPointSpec(value_bits=40, max_weight=4), 10)
+    with pytest.raises(ConfigError, match="norm_bound must be a finite float > 0, got nan"):
+        NormCheck.for_bound(float("nan"), FixedPointSpec(), 10)
