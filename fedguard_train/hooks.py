@@ -3,6 +3,8 @@
 A :class:`TrainerHook` sees every seam of a FedHomoLLM round (DESIGN.md §3):
 
 ==========================  ================================================================
+``prepare_model``           once, after the adapter is attached and before the travelling layout
+                            is fixed; e.g. marking norm scales trainable to carry a watermark
 ``on_round_start``          before any client trains; e.g. an accountant refusing a round that
                             would overspend (raise ``BudgetExceededError``)
 ``local_loss``              wraps each local loss; e.g. a FedIPR watermark regulariser
@@ -36,6 +38,9 @@ class TrainerHook:
     """Base class with no-op defaults. ``name`` keys the hook's state in checkpoints."""
 
     name = "hook"
+
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        """Called once before the travelling layout is computed."""
 
     def on_round_start(self, round_id: int, participants: Sequence[int]) -> None:
         """Called before local training; raise to refuse the round."""
@@ -71,6 +76,10 @@ class HookList(TrainerHook):
 
     def __init__(self, hooks: Sequence[TrainerHook] = ()) -> None:
         self.hooks = list(hooks)
+
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        for h in self.hooks:
+            h.prepare_model(model)
 
     def on_round_start(self, round_id: int, participants: Sequence[int]) -> None:
         for h in self.hooks:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ class _Table(RoundTable):
         tqdm.write(self.header()) if not self._printed_header else None
         self._printed_header = True
         tqdm.write(self.format_row(shown))
+        sys.stdout.flush()  # rows appear as they happen, also when stdout is a file
         self.rows.append(dict(values))
 
 

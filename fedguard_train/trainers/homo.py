@@ -93,6 +93,7 @@ class FedHomoLLM:
         base, self.tokenizer = load_base_model(cfg.model, seed=cfg.seed)
         self.family = family_of(base, cfg.model.family)
         self.model = attach_adapter(base, self.family, cfg.adapter)
+        self.hooks.prepare_model(self.model)
         self.layout = layout_of(self.model)
         self.counts = parameter_counts(self.model, self.layout)
         examples = load_examples(cfg.data, seed=cfg.seed)

@@ -1,0 +1,117 @@
+"""`fedguard keygen watermark` and `fedguard audit ownership` on a tiny saved model: JSON, Markdown, PNG."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from audits.ownership import audit_ownership, render_markdown
+from audits.ownership import register_cli as register_audit
+from fedguard.cli import Commands
+from fedguard.watermark import SignWatermark, load_key
+from fedguard.watermark.cli import register_cli as register_keygen
+from fedguard.watermark.simulation import SimulationConfig, tiny_gpt2_lora
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread (and do not fight xdist's other worker for the 2 cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run(argv: list[str]) -> int:
+    """Parse and dispatch like ``fedguard.cli.main`` with the two watermark plug-ins registered."""
+    parser = argparse.ArgumentParser(prog="fedguard")
+    commands = Commands(parser.add_subparsers(metavar="COMMAND"))
+    register_keygen(commands)
+    register_audit(commands)
+    args = parser.parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("audit")
+    model = tiny_gpt2_lora(SimulationConfig(n_layer=2), 0).merge_and_unload()
+    model.save_pretrained(root / "start")
+    keys = root / "keys"
+    keys.mkdir()
+    for name in ("alice", "bob"):
+        assert run(["keygen", "watermark", "--model", str(root / "start"), "--bits", "32", "--clients", "2",
+                    "--owner", name, "--out", str(keys / f"{name}.key")]) == 0
+    # Alice embeds her watermark (regulariser only, alpha raised to embed in a few steps); Bob does not.
+    alice = load_key(keys / "alice.key")
+    wm = SignWatermark(dataclasses.replace(alice, alpha=1.0), model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in alice.blocks:
+        model.get_submodule(block.module).weight.requires_grad_(True)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(300):  # the keys come from os.urandom: embed until every margin holds, whatever the key
+        loss = wm.loss()
+        if float(loss.detach()) == 0.0:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(root / "final")
+    return {"root": root, "keys": keys, "final": root / "final"}
+
+
+def test_keygen_writes_a_0600_key_bound_to_the_model(workspace) -> None:
+    path = workspace["keys"] / "alice.key"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    key = load_key(path)
+    assert key.n_bits == 32 and key.owner == "alice" and key.mode == "invariant"
+
+
+def test_keygen_refuses_an_over_capacity_plan(workspace) -> None:
+    from fedguard.watermark import CapacityError
+
+    with pytest.raises(CapacityError, match="over capacity"):
+        run(["keygen", "watermark", "--model", str(workspace["root"] / "start"), "--bits", "64", "--clients", "8",
+             "--out", str(workspace["keys"] / "greedy.key")])
+    assert not (workspace["keys"] / "greedy.key").exists()
+
+
+def test_audit_reports_the_owner_and_rejects_the_other_claimant(workspace, tmp_path, capsys) -> None:
+    keys = workspace["keys"]
+    code = run(["audit", "ownership", "--model", str(workspace["final"]), "--key", str(keys / "alice.key"),
+                "--key", str(keys / "bob.key"), "--json", "--out", str(tmp_path / "report")])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    on_disk = json.loads((tmp_path / "report" / "ownership.json").read_text())
+    assert printed == on_disk
+    alice, bob = on_disk["claimants"]
+    assert alice["owner"] == "alice" and alice["verdict"] and alice["matched"] == 32
+    assert alice["p_value"] == pytest.approx(2.0**-32)
+    assert bob["owner"] == "bob" and not bob["verdict"] and bob["p_value"] > 1e-6
+    assert len(alice["blocks"]) == 4
+    md = (tmp_path / "report" / "ownership.md").read_text()
+    assert "| alice |" in md and "ownership claimed" in md and "ownership_agreement.png" in md
+    png = (tmp_path / "report" / "ownership_agreement.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_audit_with_a_key_for_another_model_raises_key_mismatch(workspace, tmp_path) -> None:
+    from fedguard.errors import KeyMismatchError
+
+    other = tiny_gpt2_lora(SimulationConfig(n_layer=2, n_embd=32), 0).merge_and_unload()
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(KeyMismatchError, match="shape"):
+        audit_ownership(tmp_path / "other", [workspace["keys"] / "alice.key"])
+
+
+def test_markdown_states_the_decision_rule(workspace) -> None:
+    report = audit_ownership(workspace["final"], [workspace["keys"] / "alice.key"])
+    md = render_markdown(report)
+    assert "P[X >= matched]" in md and "Significance: 1e-06" in md
