@@ -51,6 +51,22 @@ test: $(STAMP)
 test-all: $(STAMP) $(MODEL_STAMP) $(WORDNET)
 	$(PY) -m pytest
 
+# Benchmarks (not tests): each runs its anchor side by side and writes benchmarks/results/*.json.
+# Flower's SecAgg+ primitives are the masking anchor; flwr pins older protobuf/rich/typer than the
+# training stack, so it goes into its own target directory that only benchmarks/secagg_masking.py reads.
+FLWR_DIR := .bench/flwr
+$(FLWR_DIR)/.installed:
+	$(PIP) install --quiet --target $(FLWR_DIR) flwr==1.42.0
+	touch $@
+
+bench: $(STAMP) $(MODEL_STAMP) $(WORDNET) $(FLWR_DIR)/.installed
+	FEDGUARD_FLWR_PATH=$(FLWR_DIR) $(PY) benchmarks/secagg_masking.py
+	$(PY) benchmarks/paillier.py
+	$(PY) benchmarks/mpc.py
+	$(PY) benchmarks/dp.py
+	$(PY) benchmarks/watermark.py
+	$(PY) benchmarks/train_step.py
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fedguard fedguard_train attacks audits tests benchmarks
 
