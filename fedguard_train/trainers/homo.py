@@ -147,6 +147,10 @@ class FedHomoLLM:
             if proc.returncode != 0:
                 raise TrainingDiverged(f"torchrun client {client} failed ({proc.returncode}): {proc.stderr[-2000:]}")
             with np.load(work / "update.npz") as data:
+                ranks = int(data["world_size"])
+                if ranks != self.config.training.nproc_per_node:
+                    raise TrainingDiverged(f"torchrun client {client} ran {ranks} ranks, expected "
+                                           f"{self.config.training.nproc_per_node}")
                 return float(data["loss"]), data["delta"].astype(np.float32)
 
     def _evaluate(self) -> dict[str, Any]:

@@ -161,3 +161,26 @@ def test_compare_modes_writes_the_tables_1_2_layout(tmp_path: Path, task: Path) 
     assert all(set(v) == {"rouge1", "rouge2", "rougeL", "bleu4", "perplexity"} for v in table.values())
     text = (tmp_path / "cmp.md").read_text()
     assert "| rougeL |" in text and "FATE-LLM (lora, ChatGLM-6B)" in text
+
+
+def test_zero_stage_three_partitions_the_shared_model_and_still_aggregates(tmp_path: Path, task: Path) -> None:
+    config = tiny_config(tmp_path, task, federation={"clients": 2, "rounds": 1},
+                         training={"local_steps": 2, "batch_size": 4, "lr": 0.01, "zero_stage": 3})
+    trainer = FedHomoLLM(config, quiet=True)
+    before = trainer._vector()
+    result = trainer.run()
+    after = trainer._vector()
+    assert result.history[0]["clients"] == 2 and "rougeL" in result.history[0]
+    assert after.shape == before.shape and not np.array_equal(after, before)
+
+
+@pytest.mark.multiprocess
+def test_a_client_can_train_as_a_two_process_deepspeed_job(tmp_path: Path, task: Path) -> None:
+    config = tiny_config(tmp_path, task, federation={"clients": 2, "rounds": 1},
+                         training={"local_steps": 2, "batch_size": 2, "lr": 0.01, "nproc_per_node": 2})
+    trainer = FedHomoLLM(config, quiet=True)
+    global_vec = trainer._vector()
+    loss, delta = trainer._train_in_torchrun(0, 1, global_vec)
+    assert np.isfinite(loss) and delta.shape == global_vec.shape and np.abs(delta).max() > 0
+    result = trainer.run()  # the whole round with torchrun clients
+    assert result.history[0]["clients"] == 2
