@@ -77,7 +77,7 @@ def deepspeed_steps(model, batch, steps: int, warmup: int, stage: int) -> tuple[
 
 def peak_rss_of_simulation(model_name: str) -> dict[str, float]:
     """Peak RSS (MiB) of loading the base model alone vs a 3-client, 1-round simulation, in fresh processes."""
-    probe = (
+    probe = (  # noqa: UP031
         "import resource, sys; sys.path.insert(0, %r)\n"
         "from fedguard_train.config import ModelConfig, TrainConfig\n"
         "from fedguard_train.models import load_base_model\n"
@@ -91,7 +91,7 @@ def peak_rss_of_simulation(model_name: str) -> dict[str, float]:
         " 'training': {'local_steps': 2, 'batch_size': 4}, 'eval': {'examples': 4, 'max_new_tokens': 4}})\n"
         "    FedHomoLLM(cfg, quiet=True).run()\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
-    ) % (str(ROOT), model_name, model_name)  # noqa: UP031
+    ) % (str(ROOT), model_name, model_name)
     out = {}
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}

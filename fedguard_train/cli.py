@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from fedguard.cli import Commands
+    from fedguard_train.config import TrainConfig
 
 
 def register(commands: Commands) -> None:
@@ -23,7 +24,7 @@ def register(commands: Commands) -> None:
     c.set_defaults(handler=_compare)
 
 
-def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _load(args: argparse.Namespace) -> TrainConfig:
     from fedguard_train.config import TrainConfig
 
     config = TrainConfig.from_yaml(args.config)

@@ -15,7 +15,7 @@ r·(4096 + 3·4096) per layer) and LLaMA-7B's.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -55,7 +55,8 @@ def communication_table() -> list[dict[str, Any]]:
     rows = []
     for model_name, (family_name, config) in _configs().items():
         family = FAMILIES[family_name]
-        for method in ("lora", "p-tuning-v2", "full"):
+        methods: tuple[Literal["lora", "p-tuning-v2"] | Literal["full"], ...] = ("lora", "p-tuning-v2", "full")
+        for method in methods:
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(config)
             total = sum(p.numel() for p in model.parameters())

@@ -250,7 +250,7 @@ def _build(cls: type[T], raw: Any, path: str) -> T:
     kwargs: dict[str, Any] = {}
     for name, value in raw.items():
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value if value is not None else {}, f"{path}{name}.")
         else:
             kwargs[name] = _coerce(value, hint, path + name)

@@ -82,7 +82,7 @@ def evaluate(model: Any, tokenizer: Any, examples: Sequence[Example], items: Seq
              *, max_new_tokens: int) -> dict[str, Any]:
     """All metrics on a test split, plus a few sample generations for the report."""
     predictions = generate_responses(model, tokenizer, examples, max_new_tokens=max_new_tokens)
-    scores = text_scores(predictions, [ex.response for ex in examples])
+    scores: dict[str, Any] = dict(text_scores(predictions, [ex.response for ex in examples]))
     scores["perplexity"] = perplexity(model, items, tokenizer.pad_token_id)
     scores["samples"] = [{"prompt": ex.prompt, "reference": ex.response, "generated": pred}
                          for ex, pred in list(zip(examples, predictions))[:3]]

@@ -48,40 +48,40 @@ class ModelFamily:
     tiny_config: Callable[..., Any]
 
 
-def _tiny_gpt2(vocab: int, **ids: int) -> Any:
+def _tiny_gpt2(vocab: int, **ids: Any) -> Any:
     from transformers import GPT2Config
 
     return GPT2Config(vocab_size=vocab, n_positions=128, n_embd=32, n_layer=2, n_head=2, **ids)
 
 
-def _tiny_llama(vocab: int, **ids: int) -> Any:
+def _tiny_llama(vocab: int, **ids: Any) -> Any:
     from transformers import LlamaConfig
 
     return LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **ids)
 
 
-def _tiny_bloom(vocab: int, **ids: int) -> Any:
+def _tiny_bloom(vocab: int, **ids: Any) -> Any:
     from transformers import BloomConfig
 
     return BloomConfig(vocab_size=vocab, hidden_size=32, n_layer=2, n_head=4, **ids)
 
 
-def _tiny_opt(vocab: int, **ids: int) -> Any:
+def _tiny_opt(vocab: int, **ids: Any) -> Any:
     from transformers import OPTConfig
 
     return OPTConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
                      max_position_embeddings=128, word_embed_proj_dim=32, **ids)
 
 
-def _tiny_qwen2(vocab: int, **ids: int) -> Any:
+def _tiny_qwen2(vocab: int, **ids: Any) -> Any:
     from transformers import Qwen2Config
 
     return Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **ids)
 
 
-def _tiny_glm(vocab: int, **ids: int) -> Any:
+def _tiny_glm(vocab: int, **ids: Any) -> Any:
     from transformers import GlmConfig
 
     return GlmConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
