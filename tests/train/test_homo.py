@@ -184,3 +184,24 @@ def test_a_client_can_train_as_a_two_process_deepspeed_job(tmp_path: Path, task:
     assert np.isfinite(loss) and delta.shape == global_vec.shape and np.abs(delta).max() > 0
     result = trainer.run()  # the whole round with torchrun clients
     assert result.history[0]["clients"] == 2
+
+
+@pytest.mark.parametrize(
+    ("aggregator", "options"),
+    [("masking", {}), ("paillier", {"key_bits": 1024, "allow_insecure_test_keys": True})],
+)
+def test_secure_aggregators_give_the_plaintext_round_exactly(
+    tmp_path: Path, task: Path, aggregator: str, options: dict
+) -> None:
+    """Selected by `federation.aggregator`; the aggregate equals the plaintext one bit for bit."""
+    vectors = {}
+    for name, opts in (("plaintext", {}), (aggregator, options)):
+        config = tiny_config(tmp_path / name, task, federation={"clients": 3, "rounds": 1, "aggregator": name,
+                                                                 "aggregator_options": opts},
+                             data={"source": "jsonl", "path": str(task), "max_examples": 48, "test_size": 6,
+                                   "partition": "iid"})
+        FedHomoLLM(config, quiet=True).run()
+        ckpt = load_latest(Path(config.run_dir))
+        assert ckpt is not None
+        vectors[name] = ckpt.vector
+    np.testing.assert_array_equal(vectors[aggregator], vectors["plaintext"])
