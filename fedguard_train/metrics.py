@@ -35,12 +35,44 @@ def text_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[s
     return out
 
 
+def _is_prompt_learning(model: Any) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+@torch.no_grad()
+def _greedy_without_cache(model: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy decoding by repeated full forward passes (one example, no padding).
+
+    Used for peft's prompt-learning methods (P-Tuning-v2 / prefix and prompt tuning): with transformers 5
+    and peft 0.21, ``generate`` on a prefix-tuned model ignores the learned prefix (its output equals the
+    base model's, while ``forward`` uses the prefix), so the metrics would score the base model.
+    """
+    ids = list(prompt_ids)
+    generated: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits
+        token = int(logits[0, -1].argmax())
+        if token == tokenizer.eos_token_id:
+            break
+        generated.append(token)
+        ids.append(token)
+    return generated
+
+
 @torch.no_grad()
 def generate_responses(model: Any, tokenizer: Any, examples: Sequence[Example], *, max_new_tokens: int,
                        batch_size: int = 8) -> list[str]:
-    """Greedy generations for the prompts of ``examples`` (left-padded batches)."""
+    """Greedy generations for the prompts of ``examples`` (left-padded batches; prompt-learning adapters
+    decode one example at a time, see :func:`_greedy_without_cache`)."""
     model.eval()
     outputs: list[str] = []
+    if _is_prompt_learning(model):
+        for ex in examples:
+            prompt = tokenizer(format_prompt(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"]
+            tokens = _greedy_without_cache(model, tokenizer, prompt, max_new_tokens)
+            outputs.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
+        return outputs
     pad = tokenizer.pad_token_id
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]

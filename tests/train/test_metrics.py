@@ -36,3 +36,37 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size() -> None:
     items = tokenize([Example("abc", "hello"), Example("x", "yz")], tok, DataConfig())
     assert perplexity(base, items, tok.pad_token_id) == pytest.approx(base.config.vocab_size, rel=1e-4)
     assert math.isfinite(perplexity(base, items[:1], tok.pad_token_id))
+
+
+def test_generation_uses_the_learned_prefix_of_prompt_learning_adapters() -> None:
+    import numpy as np
+
+    from fedguard.params import layout_of, load_vector
+    from fedguard_train.config import AdapterConfig
+    from fedguard_train.metrics import generate_responses
+    from fedguard_train.models import attach_adapter, family_of
+
+    base, tok = load_base_model(ModelConfig(name_or_path="tiny:llama"))
+    model = attach_adapter(base, family_of(base), AdapterConfig(method="p-tuning-v2", pre_seq_len=4))
+    layout = layout_of(model)
+    prompts = [Example("hello", ""), Example("abc", "")]
+    outs = []
+    for seed in (0, 1):
+        load_vector(model, layout, np.random.default_rng(seed).standard_normal(layout.size).astype(np.float32) * 3)
+        outs.append(generate_responses(model, tok, prompts, max_new_tokens=6))
+    assert outs[0] != outs[1]  # a different prefix changes what the model says
+
+
+def test_uncached_greedy_decoding_matches_generate_for_lora() -> None:
+    from fedguard_train.config import AdapterConfig
+    from fedguard_train.data import format_prompt
+    from fedguard_train.metrics import _greedy_without_cache, generate_responses
+    from fedguard_train.models import attach_adapter, family_of
+
+    base, tok = load_base_model(ModelConfig(name_or_path="tiny:llama"), seed=2)
+    model = attach_adapter(base, family_of(base), AdapterConfig())
+    model.eval()
+    ex = Example("hello there", "")
+    prompt = tok(format_prompt(tok, ex.prompt), add_special_tokens=False)["input_ids"]
+    manual = tok.decode(_greedy_without_cache(model, tok, prompt, 8), skip_special_tokens=True).strip()
+    assert manual == generate_responses(model, tok, [ex], max_new_tokens=8)[0]
