@@ -31,7 +31,7 @@ raises :class:`RingOverflowError` before anything is encoded when that bound fai
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -123,6 +123,24 @@ class FixedPointSpec:
                 f"{n_clients} clients with max_weight={self.max_weight} and value_bits={self.value_bits} "
                 f"need ring_bits >= {need}, got {self.ring_bits} (at most {self.max_clients()} clients fit)"
             )
+
+
+def coerce_fixed_point(value: object, name: str, problems: list[str]) -> FixedPointSpec | None:
+    """A :class:`FixedPointSpec` from a spec, a mapping of its fields (a config section) or None.
+
+    Problems are appended to ``problems`` (named by ``name``) instead of raised, so that a constructor can
+    report all of its problems at once; the result is then None.
+    """
+    if value is None or isinstance(value, FixedPointSpec):
+        return value
+    if isinstance(value, Mapping):
+        try:
+            return FixedPointSpec(**value)
+        except (TypeError, ConfigError) as err:
+            problems.append(f"{name}: {err}")
+            return None
+    problems.append(f"{name} must be a FixedPointSpec or a mapping, got {type(value).__name__}")
+    return None
 
 
 def quantize(

@@ -62,7 +62,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from fedguard.encoding import FixedPointSpec, from_ring, to_ring
+from fedguard.encoding import FixedPointSpec, coerce_fixed_point, from_ring, to_ring
 from fedguard.errors import ConfigError, InvalidUpdateError, ProtocolViolation
 from fedguard.federation.protocol import (
     AggregateResult,
@@ -248,15 +248,7 @@ class MpcAggregator(Aggregator):
         if backend not in ("in-process", "crypten"):
             problems.append(f"backend must be 'in-process' or 'crypten', got {backend!r}")
         encoding_given = encoding is not None
-        if isinstance(encoding, Mapping):
-            try:
-                encoding = FixedPointSpec(**encoding)
-            except (TypeError, ConfigError) as err:
-                problems.append(f"encoding: {err}")
-                encoding = None
-        elif encoding is not None and not isinstance(encoding, FixedPointSpec):
-            problems.append(f"encoding must be a FixedPointSpec or a mapping, got {type(encoding).__name__}")
-            encoding = None
+        encoding = coerce_fixed_point(encoding, "encoding", problems)
         if norm_bound is not None:
             if not (isinstance(norm_bound, (int, float)) and not isinstance(norm_bound, bool)
                     and np.isfinite(norm_bound) and norm_bound > 0):

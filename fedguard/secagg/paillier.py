@@ -72,7 +72,7 @@ from typing import Any, ClassVar, Literal
 import gmpy2
 import numpy as np
 
-from fedguard.encoding import FixedPointSpec
+from fedguard.encoding import FixedPointSpec, coerce_fixed_point
 from fedguard.errors import ConfigError, InvalidUpdateError, MessageError, ProtocolAbort, ProtocolViolation
 from fedguard.federation.protocol import (
     AggregateResult,
@@ -531,14 +531,7 @@ class PaillierAggregator(Aggregator):
             problems.append(f"keypair must be a PaillierKeypair, got {type(keypair).__name__}")
         if public_key is not None and not isinstance(public_key, PaillierPublicKey):
             problems.append(f"public_key must be a PaillierPublicKey, got {type(public_key).__name__}")
-        if isinstance(fixed_point, Mapping):
-            try:
-                fixed_point = FixedPointSpec(**fixed_point)
-            except (TypeError, ConfigError) as err:
-                problems.append(f"fixed_point: {err}")
-                fixed_point = None
-        elif fixed_point is not None and not isinstance(fixed_point, FixedPointSpec):
-            problems.append(f"fixed_point must be a FixedPointSpec or a mapping, got {type(fixed_point).__name__}")
+        fixed_point = coerce_fixed_point(fixed_point, "fixed_point", problems)
         if max_clients is not None and (isinstance(max_clients, bool) or not isinstance(max_clients, int) or max_clients < 1):
             problems.append(f"max_clients must be an int >= 1 or None, got {max_clients!r}")
         if isinstance(min_clients, bool) or not isinstance(min_clients, int) or min_clients < 1:
