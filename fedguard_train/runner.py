@@ -87,7 +87,7 @@ def compare_modes(config: TrainConfig, out: Path) -> dict[str, Any]:
     local_rows = run_local(replace(config, mode="local", run_dir=str(base / "local")))
     columns = {"Federated": fed.history[-1], "Centralized": central.history[-1]}
     columns.update({f"Client-{r['client'] + 1}": r for r in local_rows})
-    columns["Base model"] = fed.baseline
+    columns["Before training"] = fed.baseline  # the base model with the freshly initialised adapter
     metrics = ["rouge1", "rouge2", "rougeL", "bleu4", "perplexity"]
     table = {name: {m: round(float(row[m]), 3) for m in metrics} for name, row in columns.items()}
     names = list(table)

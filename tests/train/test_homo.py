@@ -157,7 +157,7 @@ def test_compare_modes_writes_the_tables_1_2_layout(tmp_path: Path, task: Path) 
 
     config = tiny_config(tmp_path, task, federation={"clients": 2, "rounds": 1})
     table = compare_modes(config, tmp_path / "cmp.md")
-    assert list(table) == ["Federated", "Centralized", "Client-1", "Client-2", "Base model"]
+    assert list(table) == ["Federated", "Centralized", "Client-1", "Client-2", "Before training"]
     assert all(set(v) == {"rouge1", "rouge2", "rougeL", "bleu4", "perplexity"} for v in table.values())
     text = (tmp_path / "cmp.md").read_text()
     assert "| rougeL |" in text and "FATE-LLM (lora, ChatGLM-6B)" in text
