@@ -92,6 +92,7 @@ class FedHomoLLM:
         cfg = self.config
         base, self.tokenizer = load_base_model(cfg.model, seed=cfg.seed)
         self.family = family_of(base, cfg.model.family)
+        torch.manual_seed(_seed_of(cfg.seed, "adapter-init"))  # the adapter's initial values are part of the run
         self.model = attach_adapter(base, self.family, cfg.adapter)
         self.hooks.prepare_model(self.model)
         self.layout = layout_of(self.model)

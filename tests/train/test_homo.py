@@ -205,3 +205,20 @@ def test_secure_aggregators_give_the_plaintext_round_exactly(
         assert ckpt is not None
         vectors[name] = ckpt.vector
     np.testing.assert_array_equal(vectors[aggregator], vectors["plaintext"])
+
+
+def test_the_adapters_initial_values_are_fixed_by_the_seed(tmp_path: Path, task: Path) -> None:
+    # a model directory (as for SmolLM2): loading it draws no randomness, so the adapter's
+    # initialisation must be seeded by the trainer itself
+    base, tok = load_base_model(ModelConfig(name_or_path="tiny:llama"))
+    base.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    model = {"name_or_path": str(tmp_path / "model")}
+    adapter = {"method": "p-tuning-v2", "pre_seq_len": 4}
+    torch.manual_seed(123)
+    a = FedHomoLLM(tiny_config(tmp_path, task, model=model, adapter=adapter), quiet=True)._vector()
+    torch.manual_seed(456)
+    b = FedHomoLLM(tiny_config(tmp_path, task, model=model, adapter=adapter), quiet=True)._vector()
+    c = FedHomoLLM(tiny_config(tmp_path, task, seed=4, model=model, adapter=adapter), quiet=True)._vector()
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
