@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -26,14 +26,21 @@ class RoundTable:
         1   2.500
     """
 
-    def __init__(self, columns: Sequence[Column], stream: TextIO | None = None) -> None:
+    def __init__(self, columns: Sequence[Column], stream: TextIO | None = None,
+                 write: Callable[[str], None] | None = None) -> None:
+        """Rows go to ``write`` when given (e.g. ``tqdm.write`` beside a progress bar), else to ``stream``
+        (default: standard output)."""
         self.columns = list(columns)
         self.stream = stream
+        self._write = write
         self._printed_header = False
         self.rows: list[dict[str, Any]] = []
 
-    def _out(self) -> TextIO:
-        return self.stream if self.stream is not None else sys.stdout
+    def _emit(self, line: str) -> None:
+        if self._write is not None:
+            self._write(line)
+        else:
+            print(line, file=self.stream if self.stream is not None else sys.stdout, flush=True)
 
     def header(self) -> str:
         titles = " ".join(f"{c.title:>{c.width}}" for c in self.columns)
@@ -49,9 +56,12 @@ class RoundTable:
         return " ".join(cells)
 
     def row(self, values: dict[str, Any]) -> None:
-        out = self._out()
         if not self._printed_header:
-            print(self.header(), file=out)
+            self._emit(self.header())
             self._printed_header = True
-        print(self.format_row(values), file=out, flush=True)
+        self._emit(self.format_row(self.shown(values)))
         self.rows.append(dict(values))
+
+    def shown(self, values: dict[str, Any]) -> dict[str, Any]:
+        """The values as displayed (subclasses derive display columns here)."""
+        return values

@@ -6,9 +6,7 @@ locally on non-IID synthetic sequences, and send their adapter updates through a
 (``plaintext`` by default) as serialised messages; the server applies weighted FedAvg. Each round prints
 one table row: losses, who dropped, bytes up/down from the real messages, and seconds.
 
-The task: every sequence follows one secret successor permutation of the vocabulary (``next =
-perm[token]``), but each client only ever starts sequences from its own slice of the vocabulary and
-sees a different share of noisy tokens, so no client alone covers the task and federated averaging helps.
+The task is :mod:`fedguard.toy_task`: non-IID sequences that follow one secret successor permutation.
 """
 
 from __future__ import annotations
@@ -28,6 +26,7 @@ from fedguard.federation.fedavg import aggregate_updates
 from fedguard.federation.registry import make_aggregator
 from fedguard.params import flatten, layout_of, load_vector
 from fedguard.rng import SecureRNG
+from fedguard.toy_task import successor_sequences
 from fedguard.updates import ClientUpdate
 
 if TYPE_CHECKING:
@@ -61,17 +60,6 @@ class DemoConfig:
             raise ConfigError.collect(problems)
 
 
-def _client_data(client: int, n_clients: int, n: int, perm: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-    starts = np.array_split(np.arange(VOCAB), n_clients)[client]
-    noise = 0.05 + 0.1 * client / max(1, n_clients - 1)
-    seqs = np.empty((n, SEQ_LEN), dtype=np.int64)
-    seqs[:, 0] = rng.choice(starts, size=n)
-    for t in range(1, SEQ_LEN):
-        follow = perm[seqs[:, t - 1]]
-        seqs[:, t] = np.where(rng.random(n) < noise, rng.integers(0, VOCAB, n), follow)
-    return torch.from_numpy(seqs)
-
-
 def build_model(seed: int) -> torch.nn.Module:
     """A tiny random GPT-2 with a LoRA adapter (r=8, alpha=32, dropout 0.1: FATE-LLM's defaults)."""
     from peft import LoraConfig, get_peft_model
@@ -95,8 +83,8 @@ def run_demo(config: DemoConfig, *, table: RoundTable | None = None) -> list[dic
     rng = SecureRNG.for_testing(f"demo/{config.seed}")
     data_rng = rng.spawn("data").numpy_generator()
     perm = data_rng.permutation(VOCAB)
-    train = [_client_data(c, config.clients, 256 * (c + 1), perm, data_rng) for c in range(config.clients)]
-    test = torch.cat([_client_data(c, config.clients, 64, perm, data_rng) for c in range(config.clients)])
+    train = [successor_sequences(c, config.clients, 256 * (c + 1), perm, data_rng, seq_len=SEQ_LEN) for c in range(config.clients)]
+    test = torch.cat([successor_sequences(c, config.clients, 64, perm, data_rng, seq_len=SEQ_LEN) for c in range(config.clients)])
     model = build_model(config.seed)
     layout = layout_of(model)
     spec = FixedPointSpec(clip=1.0, value_bits=24, ring_bits=64, max_weight=1 << 16)

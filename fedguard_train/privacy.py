@@ -65,8 +65,7 @@ class ClientDPHook(TrainerHook):
         self._last: Any = None
 
     def on_round_start(self, round_id: int, participants: Sequence[int]) -> None:
-        if self.dp._open is not None:  # a previous attempt of this round aborted after the check
-            self.dp._open = None
+        self.dp.abandon_round()  # a previous attempt that aborted before aggregation released nothing
         self.dp.begin_round(round_id)  # raises BudgetExceededError before anything is trained
 
     def client_update(self, update: ClientUpdate) -> ClientUpdate:

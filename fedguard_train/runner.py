@@ -38,16 +38,22 @@ PAPER = {
 
 
 class _Table(RoundTable):
-    def row(self, values: dict[str, Any]) -> None:
+    """The round table beside the progress bar: byte counts shown in KiB."""
+
+    def __init__(self) -> None:
+        super().__init__(ROUND_COLUMNS, write=_write_line)
+
+    def shown(self, values: dict[str, Any]) -> dict[str, Any]:
         shown = dict(values)
         if "bytes_up" in shown:
             shown["kib_up"] = shown["bytes_up"] / 1024
             shown["kib_down"] = shown["bytes_down"] / 1024
-        tqdm.write(self.header()) if not self._printed_header else None
-        self._printed_header = True
-        tqdm.write(self.format_row(shown))
-        sys.stdout.flush()  # rows appear as they happen, also when stdout is a file
-        self.rows.append(dict(values))
+        return shown
+
+
+def _write_line(line: str) -> None:
+    tqdm.write(line)
+    sys.stdout.flush()  # rows appear as they happen, also when stdout is a file
 
 
 def run_training(config: TrainConfig, *, resume: bool = False, quiet: bool = False) -> RunResult:
@@ -66,7 +72,7 @@ def run_training(config: TrainConfig, *, resume: bool = False, quiet: bool = Fal
                    f"({100 * trainer.counts['share']:.3f}%)")
         for part in trainer.partition:
             tqdm.write(f"  client {part['client']}: {part['examples']} examples; {part['top']}")
-    table = _Table(ROUND_COLUMNS) if not quiet else None
+    table = _Table() if not quiet else None
     result = trainer.run(resume=resume, table=table)
     bar.close()
     report = write_report(Path(config.run_dir), config=config.to_dict(), history=result.history,

@@ -384,6 +384,12 @@ class ClientLevelDP:
         self._dimension = full_dim
         return event
 
+    def abandon_round(self) -> None:
+        """Forget a round opened by :meth:`begin_round` that released nothing (e.g. training diverged before
+        aggregation); nothing is accounted, and the same round may be begun again."""
+        self._open = None
+        self._dimension = None
+
     def _max_clients(self) -> int:
         pop = self.config.population
         return pop if pop is not None else max(int(self.config.min_survivors or 1), 1)

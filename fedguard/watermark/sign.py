@@ -188,7 +188,8 @@ class SignWatermark:
 
     def _features(self, b: _Bound, r: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.key.mode == "invariant":
-            assert b.consumer is not None  # noqa: S101 - checked in __init__
+            if b.consumer is None:  # __init__ binds a consumer to every invariant block
+                raise KeyMismatchError(f"invariant watermark block {b.block.module!r} has no consuming layer")
             return invariant_norm_features(b.params[0], b.consumer, r)
         return torch.cat([p.to(dtype).reshape(-1) for p in b.params])
 

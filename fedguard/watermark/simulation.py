@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from fedguard.encoding import FixedPointSpec
@@ -24,6 +23,7 @@ from fedguard.federation.fedavg import aggregate_updates
 from fedguard.federation.plaintext import PlaintextAggregator
 from fedguard.params import flatten, layout_of, load_vector
 from fedguard.rng import SecureRNG
+from fedguard.toy_task import successor_sequences
 from fedguard.updates import ClientUpdate
 from fedguard.watermark.keys import SignKey
 from fedguard.watermark.sign import SignWatermark, make_sign_key
@@ -89,13 +89,7 @@ def task_data(config: SimulationConfig, rng: SecureRNG) -> tuple[list[torch.Tens
     perm = gen.permutation(config.vocab)
 
     def sample(client: int, n: int) -> torch.Tensor:
-        starts = np.array_split(np.arange(config.vocab), config.clients)[client]
-        noise = 0.05 + 0.1 * client / max(1, config.clients - 1)
-        seqs = np.empty((n, config.seq_len), dtype=np.int64)
-        seqs[:, 0] = gen.choice(starts, size=n)
-        for t in range(1, config.seq_len):
-            seqs[:, t] = np.where(gen.random(n) < noise, gen.integers(0, config.vocab, n), perm[seqs[:, t - 1]])
-        return torch.from_numpy(seqs)
+        return successor_sequences(client, config.clients, n, perm, gen, seq_len=config.seq_len)
 
     train = [sample(c, 256) for c in range(config.clients)]
     test = torch.cat([sample(c, 64) for c in range(config.clients)])

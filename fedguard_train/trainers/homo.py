@@ -215,9 +215,9 @@ class FedHomoLLM:
         participants = list(range(len(self.client_items)))
         self.hooks.on_round_start(round_id, participants)
         global_vec = self._vector()
-        broadcast = len(wire.encode(wire.Message(kind="global-adapter", round=round_id, stage="broadcast",
-                                                 sender=wire.SERVER, recipient=wire.BROADCAST,
-                                                 arrays={"theta": global_vec})))
+        broadcast = wire.encoded_size(wire.Message(kind="global-adapter", round=round_id, stage="broadcast",
+                                                   sender=wire.SERVER, recipient=wire.BROADCAST,
+                                                   arrays={"theta": global_vec}))
         updates, losses = [], []
         for client in participants:
             self._load(global_vec)
