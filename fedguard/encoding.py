@@ -183,11 +183,14 @@ def to_ring(q: np.ndarray, ring_bits: int) -> np.ndarray:
 
 def from_ring(r: np.ndarray, ring_bits: int) -> np.ndarray:
     """Z_{2^k} -> signed integers in ``[-2^(k-1), 2^(k-1))`` (the centred lift), int64."""
-    r = np.asarray(r, dtype=np.uint64) & _ring_mask(ring_bits)
+    mask = _ring_mask(ring_bits)
+    r = np.asarray(r, dtype=np.uint64) & mask
     if ring_bits == 64:
         return r.view(np.int64).copy()
-    signed = r.astype(np.int64)
-    return np.where(signed >= (1 << (ring_bits - 1)), signed - (1 << ring_bits), signed)
+    # Sign-extend in uint64 (setting the bits above k when bit k-1 is set), then reinterpret: this
+    # never forms 2^k as an int64 constant, which would overflow for k = 63.
+    negative = r >= np.uint64(1 << (ring_bits - 1))
+    return np.where(negative, r | ~mask, r).view(np.int64)
 
 
 def ring_add(a: np.ndarray, b: np.ndarray, ring_bits: int) -> np.ndarray:

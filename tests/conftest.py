@@ -19,4 +19,8 @@ settings.register_profile(
     "ci", deadline=None, max_examples=50, derandomize=True, database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+# Before a release: HYPOTHESIS_PROFILE=thorough searches forty times as many examples.
+settings.register_profile(
+    "thorough", deadline=None, max_examples=2000, suppress_health_check=[HealthCheck.too_slow]
+)
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "default"))
