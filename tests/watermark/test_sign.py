@@ -75,6 +75,27 @@ def test_invariant_features_are_gamma_times_effective_weight_along_r(model: torc
                                rtol=1e-8)
 
 
+def test_a_bound_watermark_follows_changes_to_the_frozen_consumer_weights(model: torch.nn.Module) -> None:
+    """The cached rᵀW₀ of frozen base weights is refreshed after in-place edits and replaced parameters."""
+    key = make_sign_key(model, bits=24, reference="zero", rng=SecureRNG.for_testing("sign/cache"))
+    wm = SignWatermark(key, model)
+    wm.loss().backward()  # fills the cache on the float32 path, as training does
+    first = wm.extract()
+    consumer = model.get_base_model().get_submodule(key.blocks[0].consumer).get_base_layer()
+    assert not consumer.weight.requires_grad
+    with torch.no_grad():
+        consumer.weight.mul_(-2.0)  # in place: same storage, new version
+    np.testing.assert_allclose(wm.extract(), SignWatermark(key, model).extract(), rtol=1e-12)
+    assert not np.allclose(wm.extract(), first)
+    consumer.weight = torch.nn.Parameter(torch.randn_like(consumer.weight), requires_grad=False)  # replaced
+    np.testing.assert_allclose(wm.extract(), SignWatermark(key, model).extract(), rtol=1e-12)
+    torch.testing.assert_close(wm.projections(), SignWatermark(key, model).projections())
+    gamma = model.get_base_model().get_submodule(key.blocks[0].module).weight
+    gamma.grad = None
+    wm.loss().backward()  # a cache hit still carries the gradient to the norm scales
+    assert gamma.grad is not None and bool(gamma.grad.abs().sum() > 0)
+
+
 def test_unwatermarked_training_does_not_verify(model: torch.nn.Module) -> None:
     key = make_sign_key(model, bits=64, rng=SecureRNG.for_testing("sign/unmarked"))
     other = make_sign_key(model, bits=64, alpha=1.0, rng=SecureRNG.for_testing("sign/other"))
