@@ -5,12 +5,14 @@ A :class:`TrainerHook` sees every seam of a FedHomoLLM round (DESIGN.md §3):
 ==========================  ================================================================
 ``prepare_model``           once, after the adapter is attached and before the travelling layout
                             is fixed; e.g. marking norm scales trainable to carry a watermark
+``on_layout``               once, with the length of the travelling vector (the update dimension)
 ``on_round_start``          before any client trains; e.g. an accountant refusing a round that
                             would overspend (raise ``BudgetExceededError``)
 ``local_loss``              wraps each local loss; e.g. a FedIPR watermark regulariser
 ``local_batch``             rewrites each local micro-batch; e.g. backdoor-watermark triggers
-``client_update``           transforms a client's update before aggregation; e.g. DP clipping and
-                            the client's share of distributed noise
+``client_update``           transforms a client's update before aggregation; e.g. DP clipping
+``ring_encoding``           replaces the fixed-point encoding of client updates (at most one hook);
+                            e.g. the client's share of distributed DP noise, added inside the ring
 ``aggregate``               transforms the aggregated mean; e.g. central DP noise
 ``on_round_end``            after the global model is updated; adds metrics (epsilon, watermark
                             bits) to the round's row
@@ -24,14 +26,27 @@ Every method has a do-nothing default, so a hook overrides only what it needs.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from fedguard.encoding import FixedPointSpec
+from fedguard.errors import ConfigError
+from fedguard.federation.fedavg import RingEncoder
 from fedguard.updates import ClientUpdate
 
 Items = list[dict[str, list[int]]]
+
+
+@dataclass(frozen=True, slots=True)
+class RingEncoding:
+    """How client updates enter the secure aggregator: the fixed-point ``spec`` the server decodes with
+    and the client-side ``encode`` function (see :data:`fedguard.federation.RingEncoder`)."""
+
+    spec: FixedPointSpec
+    encode: RingEncoder
 
 
 class TrainerHook:
@@ -41,6 +56,9 @@ class TrainerHook:
 
     def prepare_model(self, model: torch.nn.Module) -> None:
         """Called once before the travelling layout is computed."""
+
+    def on_layout(self, dimension: int) -> None:
+        """Called once with the number of values each client update carries."""
 
     def on_round_start(self, round_id: int, participants: Sequence[int]) -> None:
         """Called before local training; raise to refuse the round."""
@@ -55,6 +73,10 @@ class TrainerHook:
 
     def client_update(self, update: ClientUpdate) -> ClientUpdate:
         return update
+
+    def ring_encoding(self) -> RingEncoding | None:
+        """The encoding of this round's client updates, or None for the trainer's default."""
+        return None
 
     def aggregate(self, round_id: int, mean: np.ndarray, contributors: Sequence[int]) -> np.ndarray:
         return mean
@@ -80,6 +102,10 @@ class HookList(TrainerHook):
     def prepare_model(self, model: torch.nn.Module) -> None:
         for h in self.hooks:
             h.prepare_model(model)
+
+    def on_layout(self, dimension: int) -> None:
+        for h in self.hooks:
+            h.on_layout(dimension)
 
     def on_round_start(self, round_id: int, participants: Sequence[int]) -> None:
         for h in self.hooks:
@@ -113,6 +139,12 @@ class HookList(TrainerHook):
         for h in self.hooks:
             update = h.client_update(update)
         return update
+
+    def ring_encoding(self) -> RingEncoding | None:
+        encodings = [(h.name, e) for h in self.hooks if (e := h.ring_encoding()) is not None]
+        if len(encodings) > 1:
+            raise ConfigError(f"hooks {[n for n, _ in encodings]} each replace the ring encoding; at most one may")
+        return encodings[0][1] if encodings else None
 
     def aggregate(self, round_id: int, mean: np.ndarray, contributors: Sequence[int]) -> np.ndarray:
         for h in self.hooks:

@@ -9,10 +9,23 @@
       epsilon_budget: 8.0       # optional: the run stops before a round that would exceed it
       backend: pld              # pld | rdp | prv
 
+Distributed placement (DP-FedAvg with the distributed discrete Gaussian, Kairouz, Liu, Steinke, ICML
+2021): each client clips, quantises into the ring of the secure aggregator and adds its share of
+discrete-Gaussian noise there, with randomness from the OS, so the server only ever decodes a noised
+sum; nobody adds noise after aggregation. It needs a secure aggregator (``masking``, ``paillier`` or
+``mpc``: with ``plaintext`` the server would see each client's under-noised update) and is accounted as
+zCDP on the RDP backend::
+
+    dp:
+      placement: distributed
+      clip_norm: 0.5
+      noise_multiplier: 1.0     # total noise of min_survivors clients = z · sensitivity (integer units)
+      min_survivors: 3          # default: every client (federation.clients)
+      value_bits: 24            # the ring encoding of the noised updates (ring_bits: 64)
+      target_delta: 1.0e-3
+
 Every client takes part in every round here (sampling rate 1); the round table reports epsilon after
-each round; the ledger is saved with every checkpoint and restored on ``--resume``. Distributed
-placement (noise added by the clients inside secure aggregation) is available in the library
-(``ClientLevelDP.noise_for_client``) but not yet wired into the trainer: asking for it is an error.
+each round; the ledger is saved with every checkpoint and restored on ``--resume``.
 """
 
 from __future__ import annotations
@@ -27,7 +40,7 @@ from fedguard.errors import ConfigError
 from fedguard.rng import SecureRNG
 from fedguard.updates import ClientUpdate
 from fedguard_train.config import TrainConfig
-from fedguard_train.hooks import TrainerHook
+from fedguard_train.hooks import RingEncoding, TrainerHook
 
 _DP_TRAINER_KEYS = {"target_delta", "epsilon_budget", "backend"}
 
@@ -37,7 +50,7 @@ class ClientDPHook(TrainerHook):
 
     name = "dp"
 
-    def __init__(self, section: Mapping[str, Any], *, n_clients: int) -> None:
+    def __init__(self, section: Mapping[str, Any], *, n_clients: int, aggregator: str = "plaintext") -> None:
         from fedguard.dp import ClientDPConfig, ClientLevelDP, PrivacyAccountant
 
         raw = dict(section)
@@ -46,11 +59,21 @@ class ClientDPHook(TrainerHook):
         trainer_keys = {k: raw.pop(k) for k in list(raw) if k in _DP_TRAINER_KEYS}
         raw.setdefault("population", n_clients)
         raw.setdefault("denominator", "participants")
+        distributed = raw.get("placement") == "distributed"
+        if distributed:
+            raw.setdefault("min_survivors", n_clients)
+            trainer_keys.setdefault("backend", "rdp")  # the discrete-Gaussian release is a zCDP bound
         config = ClientDPConfig.from_dict(raw)
         problems = []
-        if config.placement != "central":
-            problems.append("dp.placement must be 'central' in the trainer for now (distributed placement is a "
-                            "library API: fedguard.dp.ClientLevelDP.noise_for_client)")
+        if distributed and aggregator == "plaintext":
+            problems.append("dp.placement 'distributed' needs a secure aggregator (federation.aggregator: masking, "
+                            "paillier or mpc): with 'plaintext' the server sees each client's update with only "
+                            "its share of the noise")
+        if distributed and trainer_keys["backend"] != "rdp":
+            problems.append(f"dp.backend must be 'rdp' for distributed placement (its release is a zCDP bound), "
+                            f"got {trainer_keys['backend']!r}")
+        if distributed and config.min_survivors is not None and config.min_survivors > n_clients:
+            problems.append(f"dp.min_survivors must be <= federation.clients={n_clients}, got {config.min_survivors}")
         if config.sampling_rate != 1.0:
             problems.append(f"dp.sampling_rate must be 1.0 (every client trains every round), got {config.sampling_rate}")
         if config.population != n_clients:
@@ -63,13 +86,36 @@ class ClientDPHook(TrainerHook):
         self._trainer_keys = trainer_keys
         self.dp = ClientLevelDP(config, accountant=accountant, rng=SecureRNG())
         self._last: Any = None
+        self._dimension: int | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.dp.config.placement == "distributed"
+
+    def on_layout(self, dimension: int) -> None:
+        self._dimension = dimension
 
     def on_round_start(self, round_id: int, participants: Sequence[int]) -> None:
         self.dp.abandon_round()  # a previous attempt that aborted before aggregation released nothing
-        self.dp.begin_round(round_id)  # raises BudgetExceededError before anything is trained
+        if self.distributed and self._dimension is None:
+            raise ConfigError("distributed DP needs the update dimension: the trainer calls on_layout first")
+        # raises BudgetExceededError before anything is trained (and, distributed, RingOverflowError when
+        # the noised sum could wrap the ring)
+        self.dp.begin_round(round_id, dimension=self._dimension if self.distributed else None)
 
     def client_update(self, update: ClientUpdate) -> ClientUpdate:
         return self.dp.clip(update)
+
+    def ring_encoding(self) -> RingEncoding | None:
+        """Distributed placement: ``[q + ξ mod 2^k, 1]`` per client; ξ drawn from OS entropy (a seeded
+        noise stream would let anyone who knows the seed subtract it)."""
+        if not self.distributed:
+            return None
+
+        def encode(update: ClientUpdate, quantise_rng: SecureRNG) -> np.ndarray:
+            return self.dp.noise_for_client(update, rng=SecureRNG(), quantise_rng=quantise_rng)
+
+        return RingEncoding(self.dp.fixed_point_spec(), encode)
 
     def aggregate(self, round_id: int, mean: np.ndarray, contributors: Sequence[int]) -> np.ndarray:
         self._last = self.dp.finalize(mean, total_weight=len(contributors))
@@ -94,7 +140,8 @@ def hooks_from_config(config: TrainConfig) -> list[TrainerHook]:
     """The privacy hooks a run config asks for."""
     hooks: list[TrainerHook] = []
     if config.dp:
-        hooks.append(ClientDPHook(config.dp, n_clients=config.federation.clients))
+        hooks.append(ClientDPHook(config.dp, n_clients=config.federation.clients,
+                                  aggregator=config.federation.aggregator))
     if config.watermark:
         from fedguard_train.watermarking import WatermarkHook
 

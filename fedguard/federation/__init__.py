@@ -1,6 +1,6 @@
 """Message-passing federation runtime: aggregation protocols as stage machines, transports, FedAvg."""
 
-from fedguard.federation.fedavg import FedAvgOutcome, aggregate_updates
+from fedguard.federation.fedavg import FedAvgOutcome, RingEncoder, aggregate_updates
 from fedguard.federation.plaintext import PlaintextAggregator
 from fedguard.federation.protocol import (
     AggregateResult,
@@ -21,6 +21,7 @@ __all__ = [
     "InProcessTransport",
     "Outbox",
     "PlaintextAggregator",
+    "RingEncoder",
     "RoundOutcome",
     "RoundSpec",
     "ServerSide",

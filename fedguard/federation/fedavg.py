@@ -4,11 +4,15 @@ The glue between float updates and the integer protocols: each client's update i
 with stochastic rounding and scaled by its weight into the ring (:func:`fedguard.encoding.encode_weighted`),
 the aggregator computes the ring sum over the clients that survive, and the server decodes the weighted
 mean ``Σ w_i Δ_i / Σ w_i`` of exactly those clients. The server never needs the individual weights.
+
+A :data:`RingEncoder` replaces that encoding step where a client must do more than quantise, e.g.
+distributed DP, where each client adds its share of discrete-Gaussian noise inside the ring
+(:meth:`fedguard.dp.ClientLevelDP.noise_for_client`) so that the server only ever decodes a noised sum.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +23,10 @@ from fedguard.federation.protocol import Aggregator, RoundSpec
 from fedguard.federation.transport import InProcessTransport, TrafficLog
 from fedguard.rng import SecureRNG
 from fedguard.updates import ClientUpdate
+
+RingEncoder = Callable[[ClientUpdate, SecureRNG], np.ndarray]
+"""``(update, quantisation rng) -> [v_1 .. v_d, w]`` in ``Z_{2^k}`` (uint64, length ``d + 1``): how one
+client turns its update into the ring input of the protocol (default: :func:`encode_weighted`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +52,16 @@ def aggregate_updates(
     drop_at: Mapping[int, str] | None = None,
     rounding: Rounding = "stochastic",
     transport: InProcessTransport | None = None,
+    encoder: RingEncoder | None = None,
+    protocol_rng: SecureRNG | None = None,
 ) -> FedAvgOutcome:
     """Run one round of weighted FedAvg over ``aggregator``.
+
+    ``rng`` drives the quantisation (stochastic rounding); ``protocol_rng`` (default: ``rng``) the
+    aggregator's own randomness: key pairs, masks, obfuscators, shares. A reproducible simulation seeds
+    ``rng`` and leaves the protocol on OS entropy: the exact secure aggregators return the same sum whatever
+    their randomness, and masks derived from a seed the server knows would protect nothing.
+    ``encoder`` replaces :func:`encode_weighted` (its output is checked: uint64 of length ``d + 1``).
 
     All checks (rounds, lengths, ids, ring capacity, weights, finiteness) run before anything is encoded.
     Raises :class:`~fedguard.errors.ProtocolAbort` when too many clients drop.
@@ -66,17 +82,29 @@ def aggregate_updates(
             raise InvalidUpdateError(f"client {u.client_id} weight {u.weight} exceeds max_weight={spec.max_weight}")
     spec.check_capacity(len(updates))
     rng = rng if rng is not None else SecureRNG()
-    round_spec = RoundSpec(round_id, tuple(ids), updates[0].vector.size + 1, spec.ring_bits)
+    protocol_rng = protocol_rng if protocol_rng is not None else rng
+    width = updates[0].vector.size + 1
+    round_spec = RoundSpec(round_id, tuple(ids), width, spec.ring_bits)
+
+    def encode(u: ClientUpdate) -> np.ndarray:
+        quantise_rng = rng.spawn(f"quantise/{u.client_id}")
+        if encoder is None:
+            return encode_weighted(u.vector, int(u.weight), spec, rng=quantise_rng, rounding=rounding)
+        ring = encoder(u, quantise_rng)
+        if not isinstance(ring, np.ndarray) or ring.dtype != np.uint64 or ring.shape != (width,):
+            raise InvalidUpdateError(
+                f"client {u.client_id}: the ring encoder must return uint64 of shape ({width},), got "
+                f"{getattr(ring, 'dtype', type(ring).__name__)} of shape {getattr(ring, 'shape', None)}"
+            )
+        return ring
+
     clients = {
         u.client_id: aggregator.client(
-            round_spec,
-            u.client_id,
-            encode_weighted(u.vector, int(u.weight), spec, rng=rng.spawn(f"quantise/{u.client_id}"), rounding=rounding),
-            rng=rng.spawn(f"protocol/{u.client_id}"),
+            round_spec, u.client_id, encode(u), rng=protocol_rng.spawn(f"protocol/{u.client_id}")
         )
         for u in updates
     }
-    server = aggregator.server(round_spec, rng=rng.spawn("protocol/server"))
+    server = aggregator.server(round_spec, rng=protocol_rng.spawn("protocol/server"))
     outcome = (transport or InProcessTransport()).run(server, clients, drop_at=drop_at)
     mean, total = decode_weighted_mean(outcome.result.ring_sum, spec)
     return FedAvgOutcome(

@@ -97,6 +97,7 @@ class FedHomoLLM:
         self.hooks.prepare_model(self.model)
         self.layout = layout_of(self.model)
         self.counts = parameter_counts(self.model, self.layout)
+        self.hooks.on_layout(self.layout.size)
         examples = load_examples(cfg.data, seed=cfg.seed)
         train, self.test_examples = train_test_split(examples, cfg.data.test_size, seed=cfg.seed)
         self.test_examples = self.test_examples[: cfg.eval.examples]
@@ -110,7 +111,18 @@ class FedHomoLLM:
         self.local = LocalTrainer(cfg.training, self.tokenizer.pad_token_id)
         self.spec = FixedPointSpec(clip=cfg.federation.clip, value_bits=cfg.federation.value_bits,
                                    ring_bits=64, max_weight=max(1, max(len(i) for i in self.client_items)))
-        self.aggregator = make_aggregator(cfg.federation.aggregator, **dict(cfg.federation.aggregator_options))
+        self.aggregator: Any = self._make_aggregator()  # built here so that a bad aggregator config fails early
+
+    def _make_aggregator(self) -> Any:
+        fed = self.config.federation
+        return make_aggregator(fed.aggregator, **dict(fed.aggregator_options))
+
+    def close(self) -> None:
+        """Release what the aggregator holds (e.g. MPC compute-party processes); :meth:`run` calls it."""
+        closer = getattr(self.aggregator, "close", None)
+        if callable(closer):
+            closer()
+        self.aggregator = None
 
     def _params(self) -> list[torch.nn.Parameter]:
         return list(self.model.parameters())
@@ -165,6 +177,15 @@ class FedHomoLLM:
         cfg = self.config
         if cfg.mode == "local":
             raise ConfigError("mode 'local' trains each client alone: use fedguard_train.trainers.homo.run_local")
+        if self.aggregator is None:  # a second run on the same trainer
+            self.aggregator = self._make_aggregator()
+        try:
+            return self._run(resume=resume, table=table)
+        finally:
+            self.close()
+
+    def _run(self, *, resume: bool, table: Any) -> RunResult:
+        cfg = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
         result = RunResult(run_dir=self.run_dir, trainable_share=float(self.counts["share"]))
         start_round = 1
@@ -238,8 +259,11 @@ class FedHomoLLM:
                                        f"checkpoint in {self.run_dir / 'checkpoints'} is kept") from err
             losses.append(loss)
             updates.append(self.hooks.client_update(ClientUpdate(client, round_id, delta, len(self.client_items[client]))))
-        outcome = aggregate_updates(updates, self.aggregator, self.spec, round_id=round_id,
-                                    rng=SecureRNG.for_testing(f"{cfg.seed}/aggregate/{round_id}"))
+        encoding = self.hooks.ring_encoding()
+        # Quantisation is seeded (the run is reproducible); the protocol's keys and masks come from OS entropy.
+        outcome = aggregate_updates(updates, self.aggregator, encoding.spec if encoding else self.spec,
+                                    round_id=round_id, rng=SecureRNG.for_testing(f"{cfg.seed}/aggregate/{round_id}"),
+                                    protocol_rng=SecureRNG(), encoder=encoding.encode if encoding else None)
         mean = self.hooks.aggregate(round_id, outcome.mean, outcome.contributors)
         new_global = global_vec + mean
         if not np.all(np.isfinite(new_global)):

@@ -133,3 +133,41 @@ def test_a_client_refusing_the_servers_message_counts_as_dropped() -> None:
     out = InProcessTransport().run(server, clients)
     assert [(cid, stage, type(err).__name__) for cid, stage, err in out.rejected] == [(1, "input", "ProtocolViolation")]
     assert out.result.contributors == (0, 2) and out.result.ring_sum.tolist() == [4, 4]
+
+
+def test_the_protocol_randomness_is_separate_from_the_quantisation_stream() -> None:
+    """A seeded quantisation stream with fresh protocol randomness (keys, masks) gives the same mean."""
+    from fedguard.secagg.masking import MaskingAggregator
+
+    updates = _updates(3)
+    means = [
+        aggregate_updates(updates, MaskingAggregator(), SPEC, round_id=1, rng=SecureRNG.for_testing("quantise"),
+                          protocol_rng=SecureRNG()).mean
+        for _ in range(2)
+    ]
+    np.testing.assert_array_equal(means[0], means[1])
+
+
+def test_a_ring_encoder_replaces_the_encoding_and_is_checked() -> None:
+    updates = _updates(3, d=8)
+    offset = 5  # each client adds 5 integer units to every coordinate: the mean moves by 5/s
+    spec = FixedPointSpec(clip=1.0, value_bits=24, ring_bits=64, max_weight=1)
+
+    def shifted(u: ClientUpdate, rng: SecureRNG) -> np.ndarray:
+        from fedguard.encoding import encode_weighted
+
+        ring = encode_weighted(u.vector, 1, spec, rng=rng, rounding="nearest")
+        ring[:-1] += np.uint64(offset)
+        return ring
+
+    ones = [ClientUpdate(u.client_id, u.round, u.vector, 1) for u in updates]
+    plain = aggregate_updates(ones, PlaintextAggregator(), spec, round_id=1, rounding="nearest")
+    moved = aggregate_updates(ones, PlaintextAggregator(), spec, round_id=1, encoder=shifted)
+    np.testing.assert_allclose(moved.mean - plain.mean, offset / spec.scale, rtol=1e-6)
+
+    with pytest.raises(InvalidUpdateError, match=r"ring encoder must return uint64 of shape \(9,\)"):
+        aggregate_updates(ones, PlaintextAggregator(), spec, round_id=1,
+                          encoder=lambda u, rng: np.zeros(8, dtype=np.uint64))
+    with pytest.raises(InvalidUpdateError, match="ring encoder must return uint64"):
+        aggregate_updates(ones, PlaintextAggregator(), spec, round_id=1,
+                          encoder=lambda u, rng: np.zeros(9, dtype=np.int64))

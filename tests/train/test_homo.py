@@ -188,7 +188,11 @@ def test_a_client_can_train_as_a_two_process_deepspeed_job(tmp_path: Path, task:
 
 @pytest.mark.parametrize(
     ("aggregator", "options"),
-    [("masking", {}), ("paillier", {"key_bits": 1024, "allow_insecure_test_keys": True})],
+    [
+        ("masking", {}),
+        ("paillier", {"key_bits": 1024, "allow_insecure_test_keys": True}),
+        pytest.param("mpc", {"backend": "crypten", "n_parties": 2}, marks=pytest.mark.multiprocess),
+    ],
 )
 def test_secure_aggregators_give_the_plaintext_round_exactly(
     tmp_path: Path, task: Path, aggregator: str, options: dict
@@ -200,7 +204,9 @@ def test_secure_aggregators_give_the_plaintext_round_exactly(
                                                                  "aggregator_options": opts},
                              data={"source": "jsonl", "path": str(task), "max_examples": 48, "test_size": 6,
                                    "partition": "iid"})
-        FedHomoLLM(config, quiet=True).run()
+        trainer = FedHomoLLM(config, quiet=True)
+        trainer.run()
+        assert trainer.aggregator is None  # closed by run(): MPC's compute-party processes are gone
         ckpt = load_latest(Path(config.run_dir))
         assert ckpt is not None
         vectors[name] = ckpt.vector
