@@ -30,7 +30,7 @@ each round; the ledger is saved with every checkpoint and restored on ``--resume
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -50,7 +50,10 @@ class ClientDPHook(TrainerHook):
 
     name = "dp"
 
-    def __init__(self, section: Mapping[str, Any], *, n_clients: int, aggregator: str = "plaintext") -> None:
+    def __init__(self, section: Mapping[str, Any], *, n_clients: int, aggregator: str = "plaintext",
+                 noise_rng: Callable[[int], SecureRNG] | None = None) -> None:
+        """``noise_rng(client_id)``: where a client's distributed noise comes from (default: a fresh
+        :class:`SecureRNG` on OS entropy per client and round; tests pass a seeded one to be repeatable)."""
         from fedguard.dp import ClientDPConfig, ClientLevelDP, PrivacyAccountant
 
         raw = dict(section)
@@ -87,6 +90,7 @@ class ClientDPHook(TrainerHook):
         self.dp = ClientLevelDP(config, accountant=accountant, rng=SecureRNG())
         self._last: Any = None
         self._dimension: int | None = None
+        self._noise_rng = noise_rng if noise_rng is not None else (lambda client_id: SecureRNG())
 
     @property
     def distributed(self) -> bool:
@@ -113,7 +117,7 @@ class ClientDPHook(TrainerHook):
             return None
 
         def encode(update: ClientUpdate, quantise_rng: SecureRNG) -> np.ndarray:
-            return self.dp.noise_for_client(update, rng=SecureRNG(), quantise_rng=quantise_rng)
+            return self.dp.noise_for_client(update, rng=self._noise_rng(update.client_id), quantise_rng=quantise_rng)
 
         return RingEncoding(self.dp.fixed_point_spec(), encode)
 

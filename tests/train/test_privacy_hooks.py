@@ -92,8 +92,12 @@ def test_distributed_dp_noises_inside_secure_aggregation_and_accounts_the_discre
 
     config = tiny_config(tmp_path, task, dp=DISTRIBUTED,
                          federation={"clients": 3, "rounds": 2, "aggregator": "masking"})
-    dp_hook, spy = hooks_from_config(config)[0], _Spy()
-    assert isinstance(dp_hook, ClientDPHook) and dp_hook.distributed
+    draws = iter(range(1000))  # a seeded noise stream per client and round: the statistical test is repeatable
+    dp_hook = ClientDPHook(config.dp, n_clients=3, aggregator="masking",
+                           noise_rng=lambda client: SecureRNG.for_testing(f"noise/{client}/{next(draws)}"))
+    spy = _Spy()
+    from_config = hooks_from_config(config)[0]  # what `fedguard train` builds from the same section
+    assert isinstance(from_config, ClientDPHook) and from_config.distributed and dp_hook.distributed
     result = FedHomoLLM(config, hooks=[dp_hook, spy], quiet=True).run()
 
     # the released mean is the mean of the clipped updates plus the clients' summed discrete Gaussians
