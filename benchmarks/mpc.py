@@ -131,8 +131,7 @@ def main() -> None:
               "not counted below)")
         measure("mpc-sum", MpcAggregator(parties=parties), expected_all)
         if not args.no_norm:
-            measure("mpc-norm", MpcAggregator(parties=parties, norm_bound=norm_bound, encoding=enc,
-                                              experimental_norm_check=True), expected_kept)
+            measure("mpc-norm", MpcAggregator(parties=parties, norm_bound=norm_bound, encoding=enc), expected_kept)
     if not args.no_norm and rows["mpc-norm"]["dropped"].get(NORM_CHECK_DROPPED) != [n_clients - 1]:
         raise SystemExit("mpc-norm: the over-bound client was not the one excluded")
 

@@ -1,6 +1,6 @@
 """Compatibility layer for CrypTen 0.4.1 (the last release, 2022) on torch 2.6 - 2.13.
 
-Import CrypTen **only** through :func:`load_crypten`; never ``import crypten`` directly. Two fixes, each
+Import CrypTen **only** through :func:`load_crypten`; never ``import crypten`` directly. Three fixes, each
 pinned by a test in ``tests/secagg_mpc/test_crypten_compat.py`` that fails without it (DESIGN.md §5):
 
 1. **The moved ONNX registry.** ``crypten.nn.onnx_converter`` does
@@ -24,7 +24,11 @@ pinned by a test in ``tests/secagg_mpc/test_crypten_compat.py`` that fails witho
    tensors, ``precision=0``) returns the integers unchanged. :func:`patch_fixed_point_decode` installs
    it on ``crypten.encoder.FixedPointEncoder``.
 
-A third fact is not a bug but a rule: ``crypten.init()`` takes over the process's *default*
+3. **Non-cryptographic randomness.** CrypTen draws its masks and Beaver triples from MT19937 generators
+   with 64-bit seeds; :mod:`fedguard.secagg.crypten_rng` replaces them with ChaCha20 streams keyed by
+   256-bit seeds (installed by :func:`load_crypten`).
+
+A fourth fact is not a bug but a rule: ``crypten.init()`` takes over the process's *default*
 ``torch.distributed`` process group. CrypTen must therefore never run in a process that also runs
 DeepSpeed (or anything else that owns the default group): fedguard runs each MPC compute party in its
 own OS process (:mod:`fedguard.secagg.mpc_parties`). :func:`load_crypten` refuses to load CrypTen into a
@@ -116,7 +120,7 @@ def original_decode(crypten_module: ModuleType) -> Any:
 
 
 def load_crypten() -> ModuleType:
-    """Import CrypTen with both fixes applied and return the module.
+    """Import CrypTen with the three fixes applied and return the module.
 
     Raises:
         CryptenUnavailableError: CrypTen is missing or not version 0.4.1, or ``deepspeed`` is imported
@@ -145,4 +149,7 @@ def load_crypten() -> ModuleType:
             f"fedguard's CrypTen compatibility layer supports crypten=={SUPPORTED_CRYPTEN}, found {version}"
         )
     patch_fixed_point_decode(crypten)
+    from fedguard.secagg.crypten_rng import install_stream_generators
+
+    install_stream_generators(crypten)
     return crypten

@@ -21,13 +21,11 @@ Protocol (one stage, ``input``):
 Weighted FedAvg comes from the encoding: ``x_i = [w_i·q_i, w_i]`` (:func:`fedguard.encoding.encode_weighted`),
 so the revealed ``[Σ w_i q_i, Σ w_i]`` decodes to the weighted mean; the server never sees a weight.
 
-**Norm bound under MPC — experimental** (``norm_bound=B``, needs ``encoding``, parties started with the
-norm check, and the explicit opt-in ``experimental_norm_check=True``). The correlated randomness of the
-check (Beaver masks, comparison triples) comes from CrypTen 0.4.1's dealer, which expands it with torch's
-Mersenne-Twister generators from 64-bit seeds — not from 256-bit seeds through a cryptographic PRG
-(DESIGN.md §4.6). The opened ``ε = q - a`` hides ``q`` only as well as those streams hide ``a``; fedguard
-seeds every party and dealer process from ``os.urandom`` (:func:`~fedguard.secagg.mpc_parties.reseed_torch_from_os`),
-but replacing CrypTen's generators by AES-CTR streams is future work.
+**Norm bound under MPC** (``norm_bound=B``, needs ``encoding`` and parties started with the norm check).
+The correlated randomness of the check (Beaver masks, comparison triples, zero-sharings) comes from
+CrypTen's dealer and parties, whose generators fedguard replaces by ChaCha20 streams keyed with 256-bit
+seeds from ``os.urandom`` (:mod:`fedguard.secagg.crypten_rng`; CrypTen 0.4.1 itself uses Mersenne
+Twister with 64-bit seeds, which is not a cryptographic generator).
 The client then shares ``[q_i, w_i]`` (unweighted), the parties check ``||q_i / s||_2 <= B`` under MPC
 (:class:`~fedguard.secagg.mpc_norm.NormCheck`: Beaver squares, chunk sums and a clamped tree sum, all
 exact: the decision equals the plaintext one), reveal one bit per client, and compute ``w_i·q_i`` for the
@@ -209,11 +207,7 @@ class MpcAggregator(Aggregator):
         allow_single_client: the explicit opt-in for ``min_clients=1`` (e.g. a simulation with one client);
             with it a round in which only one client's shares survive reveals that client's update.
         norm_bound: ``B``, the largest accepted L2 norm of a client's (dequantised, unweighted) update;
-            ``None`` switches the check off. Needs ``encoding``, MPC parties with the norm check and
-            ``experimental_norm_check=True``.
-        experimental_norm_check: the explicit opt-in for ``norm_bound``: the check's masks come from
-            CrypTen's Mersenne-Twister streams with 64-bit seeds (see the module docstring), so it is
-            refused with :class:`ConfigError` unless the caller accepts that.
+            ``None`` switches the check off. Needs ``encoding`` and MPC parties with the norm check.
         encoding: the :class:`FixedPointSpec` clients encode with (to read ``q`` and ``s``).
         timeout_s: per-round timeout of CrypTen parties built here.
     """
@@ -231,7 +225,6 @@ class MpcAggregator(Aggregator):
         min_clients: int = 2,
         allow_single_client: bool = False,
         norm_bound: float | None = None,
-        experimental_norm_check: bool = False,
         encoding: FixedPointSpec | Mapping[str, Any] | None = None,
         timeout_s: float = 30.0,
     ) -> None:
@@ -255,11 +248,6 @@ class MpcAggregator(Aggregator):
                 problems.append(f"norm_bound must be a finite float > 0, got {norm_bound!r}")
             if not encoding_given:
                 problems.append("norm_bound needs encoding (the FixedPointSpec the clients quantise with)")
-            if experimental_norm_check is not True:
-                problems.append(
-                    "norm_bound is experimental: its Beaver masks come from CrypTen's Mersenne-Twister generators "
-                    "with 64-bit seeds, not a cryptographic PRG; pass experimental_norm_check=True to accept that"
-                )
         if parties is not None and norm_bound is not None and not parties.supports_norm_check:
             problems.append("norm_bound needs compute parties that run the norm check under MPC "
                             "(CryptenParties(norm_check=True))")

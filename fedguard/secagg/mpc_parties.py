@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from fedguard.errors import ConfigError, ProtocolAbort
+from fedguard.secagg.crypten_rng import describe_generators
 from fedguard.secagg.mpc_norm import NormCheck
 from fedguard.secagg.mpc_sharing import SealedShares, new_party_key, open_share, public_key_bytes
 
@@ -193,10 +194,11 @@ def reseed_torch_from_os() -> int:
     the seed.
 
     Every party and the dealer are forked from one fork server, so they inherit *the same* default torch
-    generator state. CrypTen's dealer (``TTPServer``) draws the seeds of the generators it shares with each
-    party from that default generator (``torch.randint``): without a fresh seed per process, any party could
-    replay the draw, recompute every party's Beaver masks and unmask the opened ``ε = q - a`` of the norm
-    check. CrypTen's own pairwise generators are seeded from ``os.urandom`` already.
+    generator state. Unpatched CrypTen's dealer (``TTPServer``) draws the seeds of the generators it shares
+    with each party from that default generator (``torch.randint``): without a fresh seed per process, any
+    party could replay the draw and recompute every party's Beaver masks. fedguard's
+    :mod:`~fedguard.secagg.crypten_rng` replaces those seeds and generators by 256-bit ChaCha20 streams;
+    the reseed stays as defence in depth for any CrypTen code path that still uses torch's default generator.
     """
     import torch
 
@@ -327,7 +329,7 @@ def _party_main(rank: int, n_parties: int, port: int, timeout_s: float, dealer: 
         crypten = _prepare_process(rank, n_parties, port, timeout_s, dealer)
         private = new_party_key()
         crypten.init()
-        conn.send(("ready", rank, public_key_bytes(private)))
+        conn.send(("ready", rank, (public_key_bytes(private), describe_generators(crypten))))
     except Exception as err:  # noqa: BLE001 - reported to the coordinator, which aborts
         conn.send(("error", rank, f"party {rank} failed to start: {err!r}"))
         return
@@ -425,6 +427,7 @@ class _Proc:
     process: Any
     conn: Connection | None = None
     public_key: bytes = b""
+    generators: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -493,8 +496,9 @@ class CryptenParties(ComputeParties):
             self._stop()
             self._state = "aborted"
             raise
-        for rank, key in replies.items():
+        for rank, (key, generators) in replies.items():
             self._procs[rank].public_key = key
+            self._procs[rank].generators = generators
         self._state = "running"
         return self
 
@@ -555,6 +559,12 @@ class CryptenParties(ComputeParties):
     @property
     def supports_norm_check(self) -> bool:
         return self.norm_check
+
+    @property
+    def generators(self) -> tuple[dict[str, str], ...]:
+        """What each party's CrypTen randomness runs on, as the party reported it at start-up (rank order):
+        ``{"prev": "ChaCha20 (256-bit seed)", ..., "dealer": ...}``."""
+        return tuple(dict(p.generators) for p in self._procs)
 
     # -- one round -----------------------------------------------------------------------------------
     def aggregate(self, job: AggregationJob) -> PartiesResult:

@@ -116,3 +116,59 @@ def test_load_crypten_refuses_a_process_with_deepspeed(monkeypatch: pytest.Monke
     monkeypatch.setitem(sys.modules, "deepspeed", ModuleType("deepspeed"))
     with pytest.raises(CryptenUnavailableError, match="deepspeed"):
         load_crypten()
+
+
+# -- fix 3: CrypTen's randomness (crypten_rng) ---------------------------------------------------------
+def test_stream_generator_is_the_chacha20_keystream_of_its_seed() -> None:
+    import numpy as np
+
+    from fedguard.errors import ConfigError
+    from fedguard.rng import SecureRNG
+    from fedguard.secagg.crypten_rng import StreamGenerator, seed_to_tensor, tensor_to_seed
+
+    seed = bytes(range(32))
+    draws = StreamGenerator(seed, "t").int64((3, 5))
+    expected = SecureRNG.from_seed(seed).uint64(15).view(np.int64).reshape(3, 5)
+    assert draws.dtype == torch.int64 and np.array_equal(draws.numpy(), expected)
+    assert tensor_to_seed(seed_to_tensor(seed)) == seed and seed_to_tensor(seed).shape == (4,)
+    with pytest.raises(ConfigError, match="cannot be reseeded"):
+        StreamGenerator(seed, "t").manual_seed(0)
+    with pytest.raises(ConfigError, match="32-byte seed"):
+        StreamGenerator(seed[:8], "t")
+    assert "ChaCha20" in repr(StreamGenerator(seed, "t")) and seed.hex()[:8] not in repr(StreamGenerator(seed, "t"))
+
+
+@pytest.mark.multiprocess
+def test_cryptens_sampling_functions_draw_from_stream_generators_everywhere() -> None:
+    result = _crypten_in_fresh_interpreter(
+        """
+        import os
+        from scipy import stats
+        from fedguard.secagg.crypten_rng import StreamGenerator
+        rng = crypten.common.rng
+        names = ("generate_random_ring_element", "generate_kbit_random_tensor")
+        modules = ["crypten.mpc.primitives.arithmetic", "crypten.mpc.primitives.binary",
+                   "crypten.mpc.provider.ttp_provider", "crypten.mpc.provider.tfp_provider"]
+        import importlib
+        rebound = all(getattr(importlib.import_module(m), n, getattr(rng, n)) is getattr(rng, n)
+                      for m in modules for n in names)
+        seed = os.urandom(32)
+        a = rng.generate_random_ring_element((1000,), generator=StreamGenerator(seed, "a"))
+        b = StreamGenerator(seed, "b").int64((1000,))
+        k = rng.generate_kbit_random_tensor((64000,), bitlength=4, generator=StreamGenerator(os.urandom(32), "k"))
+        counts = torch.bincount(k, minlength=16).tolist()
+        top = rng.generate_random_ring_element((64000,), generator=StreamGenerator(os.urandom(32), "u"))
+        top_counts = torch.bincount((top >> 60) & 15, minlength=16).tolist()
+        torch_gen = torch.Generator().manual_seed(7)
+        falls_through = torch.equal(rng.generate_random_ring_element((8,), generator=torch_gen),
+                                    torch.randint(-(2**63), 2**63 - 1, (8,), generator=torch.Generator().manual_seed(7)))
+        result = {"rebound": rebound, "patched": rng.generate_random_ring_element.__module__,
+                  "same_seed_same_stream": bool(torch.equal(a, b)), "kbit_range": [int(k.min()), int(k.max())],
+                  "kbit_p": float(stats.chisquare(counts).pvalue), "top_p": float(stats.chisquare(top_counts).pvalue),
+                  "falls_through": bool(falls_through)}
+        """
+    )
+    assert result["rebound"] and result["patched"] == "fedguard.secagg.crypten_rng"
+    assert result["same_seed_same_stream"] and result["falls_through"]
+    assert result["kbit_range"] == [0, 15]
+    assert result["kbit_p"] > 1e-4 and result["top_p"] > 1e-4  # uniform low 4 bits and top 4 bits

@@ -246,13 +246,11 @@ def test_a_bad_encoding_mapping_is_a_collected_config_error_not_a_type_error() -
         MpcAggregator(encoding="fixed")  # type: ignore[arg-type]
 
 
-def test_the_norm_check_needs_the_explicit_experimental_opt_in() -> None:
+def test_the_norm_check_runs_under_mpc_only() -> None:
     enc = FixedPointSpec(value_bits=16)
-    with pytest.raises(ConfigError, match="norm_bound is experimental: .*Mersenne-Twister.*experimental_norm_check=True"):
-        MpcAggregator(norm_bound=1.0, encoding=enc, backend="crypten")  # refused before any process starts
-    with pytest.raises(ConfigError) as info:  # with the opt-in, only the real problem is left
-        MpcAggregator(norm_bound=1.0, encoding=enc, experimental_norm_check=True)
-    assert "experimental" not in str(info.value) and "use backend='crypten'" in str(info.value)
+    with pytest.raises(ConfigError) as info:  # simulated parties only add shares
+        MpcAggregator(norm_bound=1.0, encoding=enc)
+    assert "use backend='crypten'" in str(info.value)
 
 
 # -- a lone client's update is never revealed by default ----------------------------------------------

@@ -26,6 +26,7 @@ from fedguard.federation import aggregate_updates, make_aggregator
 from fedguard.federation.protocol import RoundSpec
 from fedguard.federation.transport import InProcessTransport
 from fedguard.rng import SecureRNG
+from fedguard.secagg.crypten_rng import CHACHA
 from fedguard.secagg.mpc import NORM_CHECK_DROPPED, MpcAggregator, unweighted_input
 from fedguard.secagg.mpc_norm import NormCheck
 from fedguard.secagg.mpc_parties import CryptenParties, _prepare_process
@@ -98,6 +99,15 @@ def test_party_and_dealer_processes_do_not_share_the_torch_seeds_the_dealer_draw
     assert len(set(draws)) == 3
 
 
+def test_every_party_and_the_dealer_draw_from_chacha20_streams(parties: CryptenParties) -> None:
+    """CrypTen's own MT19937 generators are replaced in the running party processes (crypten_rng)."""
+    reports = parties.generators
+    assert len(reports) == 3
+    for report in reports:
+        assert set(report) == {"prev", "next", "local", "global", "dealer"}
+        assert set(report.values()) == {CHACHA}
+
+
 def test_the_coordinator_holds_no_party_private_key(parties: CryptenParties) -> None:
     seen: set[int] = set()
 
@@ -146,7 +156,7 @@ def test_norm_check_accepts_at_the_bound_and_rejects_one_step_above(parties: Cry
         x = encode_weighted((q / ENC.scale).astype(np.float32), weights[c], ENC, rounding="nearest")
         np.testing.assert_array_equal(unweighted_input(x, ENC, 64)[:-1], to_ring(q, 64))
         xs[c] = x
-    agg = MpcAggregator(parties=parties, norm_bound=bound, encoding=ENC, experimental_norm_check=True, min_clients=2)
+    agg = MpcAggregator(parties=parties, norm_bound=bound, encoding=ENC, min_clients=2)
     out = _run(agg, RoundSpec(2, tuple(qs), n + 1), xs)
     assert out.result.contributors == (20, 22)
     assert out.result.dropped[NORM_CHECK_DROPPED] == (21, 23)
@@ -171,7 +181,7 @@ def test_multi_chunk_norm_check_is_exact_at_the_boundary_and_for_huge_updates(pa
     xs = {c: to_ring(np.append(q * 2, 2), 64) for c, q in qs.items()}  # weight 2: [w·q, w]
     for c, q in qs.items():  # the inputs really sit where the test claims
         assert check.decide(q) == (c in (30, 33))
-    agg = MpcAggregator(parties=parties, norm_bound=bound, encoding=enc, experimental_norm_check=True)
+    agg = MpcAggregator(parties=parties, norm_bound=bound, encoding=enc)
     out = _run(agg, RoundSpec(3, tuple(xs), n + 1), xs)
     assert out.result.contributors == (30, 33)
     assert out.result.dropped[NORM_CHECK_DROPPED] == (31, 32)
@@ -179,7 +189,7 @@ def test_multi_chunk_norm_check_is_exact_at_the_boundary_and_for_huge_updates(pa
 
 
 def test_too_few_within_bound_abort_without_reveal_and_parties_stay_up(parties: CryptenParties) -> None:
-    agg = MpcAggregator(parties=parties, norm_bound=0.1, encoding=ENC, experimental_norm_check=True, min_clients=2)
+    agg = MpcAggregator(parties=parties, norm_bound=0.1, encoding=ENC, min_clients=2)
     big = {c: encode_weighted(np.full(4, 0.5, np.float32), 1, ENC) for c in (40, 41)}
     small = {42: encode_weighted(np.full(4, 0.01, np.float32), 1, ENC)}
     with pytest.raises(ProtocolAbort, match="nothing revealed"):
@@ -194,7 +204,7 @@ def test_fedavg_with_norm_check_equals_plaintext_fedavg_over_the_accepted(partie
     gen = SecureRNG.for_testing("fedavg-mpc").numpy_generator()
     updates = [ClientUpdate(c, 6, gen.normal(0, s, 64).astype(np.float32), w)
                for c, s, w in ((0, 0.05, 10), (1, 0.05, 30), (2, 0.5, 20), (3, 0.05, 5))]
-    agg = MpcAggregator(parties=parties, norm_bound=1.0, encoding=enc, experimental_norm_check=True, min_clients=2)
+    agg = MpcAggregator(parties=parties, norm_bound=1.0, encoding=enc, min_clients=2)
     mpc = aggregate_updates(updates, agg, enc, round_id=6, rng=SecureRNG.for_testing("q"))
     kept = [u for u in updates if u.client_id != 2]
     assert float(np.linalg.norm(updates[2].vector)) > 1.0 > max(float(np.linalg.norm(u.vector)) for u in kept)
