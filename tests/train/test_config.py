@@ -55,7 +55,13 @@ def test_yaml_problems_are_config_errors(tmp_path: Path) -> None:
         TrainConfig.from_yaml(listed)
 
 
-def test_shipped_example_configs_load() -> None:
+def test_shipped_example_configs_load_and_build_their_privacy_hooks() -> None:
+    from fedguard_train.privacy import hooks_from_config
+
     root = Path(__file__).resolve().parents[2] / "examples"
-    for path in sorted(root.glob("*.yaml")):
-        TrainConfig.from_yaml(path)
+    paths = sorted(root.glob("*.yaml"))
+    assert len(paths) >= 4
+    for path in paths:
+        config = TrainConfig.from_yaml(path)
+        hooks = hooks_from_config(config)  # a bad dp:/watermark: section fails here, before any model loads
+        assert len(hooks) == bool(config.dp) + bool(config.watermark)
