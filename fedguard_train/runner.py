@@ -23,6 +23,8 @@ ROUND_COLUMNS = [
     Column("bleu4", "BLEU-4", "{:.2f}", 7),
     Column("perplexity", "ppl", "{:.2f}", 8),
     Column("epsilon", "epsilon", "{:.3f}", 8),
+    Column("wm_bits", "wm bits", "{}", 8),
+    Column("wm_owners", "owners", "{}", 6),
     Column("kib_up", "KiB up", "{:.1f}", 9),
     Column("kib_down", "KiB down", "{:.1f}", 9),
     Column("seconds", "seconds", "{:.1f}", 8),
@@ -38,16 +40,27 @@ PAPER = {
 
 
 class _Table(RoundTable):
-    """The round table beside the progress bar: byte counts shown in KiB."""
+    """The round table beside the progress bar: byte counts in KiB; epsilon when the run has a ``dp:``
+    section; with a ``watermark:`` section, the fewest bits matched by any client's key ("wm bits") and
+    how many clients' ownership claims hold at p <= 1e-6 ("owners")."""
 
-    def __init__(self) -> None:
-        super().__init__(ROUND_COLUMNS, write=_write_line)
+    def __init__(self, config: TrainConfig) -> None:
+        hidden = set()
+        if not config.dp:
+            hidden.add("epsilon")
+        if not config.watermark:
+            hidden |= {"wm_bits", "wm_owners"}
+        super().__init__([c for c in ROUND_COLUMNS if c.key not in hidden], write=_write_line)
 
     def shown(self, values: dict[str, Any]) -> dict[str, Any]:
         shown = dict(values)
         if "bytes_up" in shown:
             shown["kib_up"] = shown["bytes_up"] / 1024
             shown["kib_down"] = shown["bytes_down"] / 1024
+        matched = shown.get("watermark_matched")
+        if matched:
+            shown["wm_bits"] = f"{min(matched)}/{shown['watermark_bits']}"
+            shown["wm_owners"] = f"{shown['watermark_verified']}/{len(matched)}"
         return shown
 
 
@@ -72,7 +85,7 @@ def run_training(config: TrainConfig, *, resume: bool = False, quiet: bool = Fal
                    f"({100 * trainer.counts['share']:.3f}%)")
         for part in trainer.partition:
             tqdm.write(f"  client {part['client']}: {part['examples']} examples; {part['top']}")
-    table = _Table() if not quiet else None
+    table = _Table(config) if not quiet else None
     result = trainer.run(resume=resume, table=table)
     bar.close()
     report = write_report(Path(config.run_dir), config=config.to_dict(), history=result.history,

@@ -65,3 +65,19 @@ def test_shipped_example_configs_load_and_build_their_privacy_hooks() -> None:
         config = TrainConfig.from_yaml(path)
         hooks = hooks_from_config(config)  # a bad dp:/watermark: section fails here, before any model loads
         assert len(hooks) == bool(config.dp) + bool(config.watermark)
+
+
+def test_the_round_table_shows_privacy_columns_only_for_runs_that_have_them(tmp_path: Path) -> None:
+    from fedguard_train.runner import _Table
+
+    base = {"run_dir": str(tmp_path), "model": {"name_or_path": "tiny:gpt2"},
+            "data": {"source": "jsonl", "path": str(tmp_path / "x.jsonl")}}
+    plain = _Table(TrainConfig.from_dict(base))
+    assert [c.key for c in plain.columns if c.key in ("epsilon", "wm_bits", "wm_owners")] == []
+    private = _Table(TrainConfig.from_dict({**base, "dp": {"clip_norm": 1.0, "noise_multiplier": 1.0,
+                                                            "target_delta": 1e-3},
+                                            "watermark": {"bits": 32}}))
+    row = private.format_row(private.shown({"round": 2, "epsilon": 1.5, "watermark_matched": [32, 30, 31],
+                                            "watermark_bits": 32, "watermark_verified": 3,
+                                            "bytes_up": 2048, "bytes_down": 1024}))
+    assert "1.500" in row and "30/32" in row and "3/3" in row and "2.0" in row
