@@ -89,7 +89,7 @@ NORM_CHECK_DROPPED = "norm-check"
 INVALID_DROPPED = "invalid-shares"
 """Key of :attr:`AggregateResult.dropped` listing clients whose shares did not authenticate at every party."""
 
-Backend = Literal["in-process", "crypten"]
+Backend = Literal["in-process", "crypten", "network"]
 
 
 def _reply_schema(n_parties: int) -> MessageSchema:
@@ -198,8 +198,10 @@ class MpcAggregator(Aggregator):
 
     Args:
         parties: the compute parties; by default built from ``backend``.
-        backend: ``"in-process"`` (simulated parties, no CrypTen: tests and simulations) or ``"crypten"``
-            (:class:`CryptenParties` processes owned by this aggregator; call :meth:`close`).
+        backend: ``"in-process"`` (simulated parties, no CrypTen: tests and simulations), ``"crypten"``
+            (:class:`CryptenParties` processes on this machine, owned by this aggregator; call :meth:`close`)
+            or ``"network"`` (parties on other hosts running :mod:`fedguard.secagg.mpc_network`'s party
+            program; the aggregator listens on ``listen`` and waits for them).
         n_parties: ``K`` when the parties are built here (2 or 3 for CrypTen).
         min_clients: the fewest clients whose inputs the parties will reveal a sum of (default 2). A "sum"
             over one client *is* that client's update, so values below 2 are refused with
@@ -210,6 +212,10 @@ class MpcAggregator(Aggregator):
             ``None`` switches the check off. Needs ``encoding`` and MPC parties with the norm check.
         encoding: the :class:`FixedPointSpec` clients encode with (to read ``q`` and ``s``).
         timeout_s: per-round timeout of CrypTen parties built here.
+        startup_timeout_s: how long parties built here may take to start (``"crypten"``) or to connect
+            (``"network"``).
+        listen: ``"HOST:PORT"`` the coordinator listens on (``backend="network"``).
+        control_key_file: the 32-byte control key file shared with the parties (``backend="network"``).
     """
 
     name: ClassVar[str] = "mpc"
@@ -227,6 +233,9 @@ class MpcAggregator(Aggregator):
         norm_bound: float | None = None,
         encoding: FixedPointSpec | Mapping[str, Any] | None = None,
         timeout_s: float = 30.0,
+        startup_timeout_s: float = 300.0,
+        listen: str | None = None,
+        control_key_file: str | None = None,
     ) -> None:
         problems = []
         if isinstance(min_clients, bool) or not isinstance(min_clients, int) or min_clients < 1:
@@ -238,8 +247,12 @@ class MpcAggregator(Aggregator):
             )
         if not isinstance(allow_single_client, bool):
             problems.append(f"allow_single_client must be a bool, got {allow_single_client!r}")
-        if backend not in ("in-process", "crypten"):
-            problems.append(f"backend must be 'in-process' or 'crypten', got {backend!r}")
+        if backend not in ("in-process", "crypten", "network"):
+            problems.append(f"backend must be 'in-process', 'crypten' or 'network', got {backend!r}")
+        if backend == "network" and parties is None and (listen is None or control_key_file is None):
+            problems.append("backend='network' needs listen='HOST:PORT' and control_key_file")
+        if backend != "network" and (listen is not None or control_key_file is not None):
+            problems.append("listen and control_key_file apply to backend='network' only")
         encoding_given = encoding is not None
         encoding = coerce_fixed_point(encoding, "encoding", problems)
         if norm_bound is not None:
@@ -263,7 +276,15 @@ class MpcAggregator(Aggregator):
         self._owned = parties is None
         if parties is None:
             if backend == "crypten":
-                parties = CryptenParties(n_parties, norm_check=norm_bound is not None, timeout_s=timeout_s).start()
+                parties = CryptenParties(n_parties, norm_check=norm_bound is not None, timeout_s=timeout_s,
+                                         startup_timeout_s=startup_timeout_s).start()
+            elif backend == "network":
+                from fedguard.secagg.mpc_network import NetworkParties, parse_address, read_control_key
+
+                parties = NetworkParties(n_parties, listen=parse_address(str(listen)),
+                                         control_key=read_control_key(str(control_key_file)),
+                                         norm_check=norm_bound is not None, timeout_s=timeout_s,
+                                         startup_timeout_s=startup_timeout_s).start()
             else:
                 parties = InProcessParties(n_parties)
         self.parties = parties

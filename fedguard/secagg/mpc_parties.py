@@ -17,6 +17,9 @@ Two implementations of :class:`ComputeParties`:
   out Beaver triples and never sees a share. The coordinator (the server's process) never imports CrypTen.
   Each party's private key is generated inside that party's process and never leaves it.
 
+Parties on other machines: :class:`fedguard.secagg.mpc_network.NetworkParties` (same jobs, same party
+code, a rendezvous address instead of loopback and an authenticated control channel instead of pipes).
+
 Failure semantics: a party that crashes, raises, or does not answer within ``timeout_s`` makes
 :meth:`CryptenParties.aggregate` raise :class:`~fedguard.errors.ProtocolAbort`; the coordinator then
 stops every party process (the surviving parties would otherwise stop by themselves when their gloo
@@ -207,13 +210,20 @@ def reseed_torch_from_os() -> int:
     return seed
 
 
-def _prepare_process(rank: int, world_size: int, port: int, timeout_s: float, dealer: bool) -> Any:
-    """Environment, thread count and timeouts of a party/dealer process; returns the crypten module."""
+def _prepare_process(rank: int, world_size: int, port: int, timeout_s: float, dealer: bool,
+                     host: str = LOOPBACK, interface: str | None = "lo") -> Any:
+    """Environment, thread count and timeouts of a party/dealer process; returns the crypten module.
+
+    ``host:port`` is the gloo rendezvous (``MASTER_ADDR``/``RENDEZVOUS``): loopback for parties on this
+    machine, the address of party 0's machine across machines. ``interface`` pins gloo's network
+    interface (``lo`` on one machine; ``None`` lets gloo pick the one that routes to ``host``).
+    """
     os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port),
-        RENDEZVOUS=f"tcp://{LOOPBACK}:{port}", DISTRIBUTED_BACKEND="gloo", GLOO_SOCKET_IFNAME="lo",
-        OMP_NUM_THREADS="1",
+        RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR=host, MASTER_PORT=str(port),
+        RENDEZVOUS=f"tcp://{host}:{port}", DISTRIBUTED_BACKEND="gloo", OMP_NUM_THREADS="1",
     )
+    if interface is not None:
+        os.environ["GLOO_SOCKET_IFNAME"] = interface
     import torch
     import torch.distributed as dist
 
@@ -261,9 +271,10 @@ def _dealer_square_and_scale(self: Any, size_q: tuple[int, ...], size_w: tuple[i
     return torch.stack([a2, ab])
 
 
-def _dealer_main(n_parties: int, port: int, timeout_s: float) -> None:
+def _dealer_main(n_parties: int, port: int, timeout_s: float, host: str = LOOPBACK,
+                 interface: str | None = "lo") -> None:
     """CrypTen's trusted third party: serves correlated randomness until rank 0 says terminate."""
-    crypten = _prepare_process(n_parties, n_parties, port, timeout_s, dealer=True)
+    crypten = _prepare_process(n_parties, n_parties, port, timeout_s, dealer=True, host=host, interface=interface)
     setattr(crypten.mpc.provider.TTPServer, _DEALER_SQUARE_AND_SCALE, _dealer_square_and_scale)
     crypten.mpc.provider.TTPServer()  # initialises CrypTen itself and loops
 
@@ -407,6 +418,29 @@ def _party_aggregate(crypten: Any, rank: int, n_parties: int, private: Any, job:
         "excluded": excluded,
         "invalid": [c for c, v in zip(ids, valid) if not v],
     }
+
+
+def agreed_result(results: Mapping[int, Mapping[str, Any]], job: AggregationJob,
+                  on_disagreement: Any) -> PartiesResult:
+    """The parties' common answer to ``job`` (rank -> result of :func:`_party_aggregate`).
+
+    The same clean abort from every party raises :class:`ProtocolAbort` (the parties stay up); results
+    that differ in any field call ``on_disagreement()`` (which stops the parties) and raise
+    :class:`ProtocolAbort`: a result is returned only when every party revealed the same sum.
+    """
+    first = results[0]
+    if "abort" in first and all(r == first for r in results.values()):
+        raise ProtocolAbort(str(first["abort"]), round_id=job.round_id)
+    for rank, r in results.items():
+        same = ("abort" not in r and "abort" not in first and np.array_equal(r["ring_sum"], first["ring_sum"])
+                and list(r["contributors"]) == list(first["contributors"])
+                and list(r["excluded"]) == list(first["excluded"]) and list(r["invalid"]) == list(first["invalid"]))
+        if not same:
+            on_disagreement()
+            raise ProtocolAbort(f"MPC parties disagree on the result of round {job.round_id} (party {rank})",
+                                round_id=job.round_id)
+    return PartiesResult(np.asarray(first["ring_sum"], dtype=np.uint64), tuple(first["contributors"]),
+                         tuple(first["excluded"]), tuple(first["invalid"]), dict(first["seconds"]))
 
 
 class _Clock:
@@ -591,18 +625,7 @@ class CryptenParties(ComputeParties):
             self._abort()
             raise ProtocolAbort(f"lost the MPC compute parties in round {job.round_id}: {err}",
                                 round_id=job.round_id) from err
-        first = results[0]
-        if "abort" in first and all(r == first for r in results.values()):
-            raise ProtocolAbort(first["abort"], round_id=job.round_id)  # clean: the parties stay up
-        for rank, r in results.items():
-            same = ("abort" not in r and "abort" not in first and np.array_equal(r["ring_sum"], first["ring_sum"]) and r["contributors"] == first["contributors"]
-                    and r["excluded"] == first["excluded"] and r["invalid"] == first["invalid"])
-            if not same:
-                self._abort()
-                raise ProtocolAbort(f"MPC parties disagree on the result of round {job.round_id} (party {rank})",
-                                    round_id=job.round_id)
-        return PartiesResult(np.asarray(first["ring_sum"], dtype=np.uint64), tuple(first["contributors"]),
-                             tuple(first["excluded"]), tuple(first["invalid"]), dict(first["seconds"]))
+        return agreed_result(results, job, on_disagreement=self._abort)
 
     def _collect(self, kind: str, deadline: float, *, what: str, round_id: int | None = None) -> dict[int, Any]:
         pending = {p.conn: rank for rank, p in enumerate(self._procs)}
