@@ -3,7 +3,9 @@
 Layout under ``<run_dir>/checkpoints/``::
 
     round-0003/adapter/        peft ``save_pretrained`` output: load it with
-                               ``PeftModel.from_pretrained(base_model, ".../adapter")``
+                               ``PeftModel.from_pretrained(base_model, ".../adapter")``; trainable
+                               parameters outside the adapter (norm scales carrying a watermark)
+                               are stored as peft ``modules_to_save``, so that load restores them
     round-0003/global.npy      the exact global adapter vector (bit-exact resume)
     round-0003/state.json      round, config, layout, hook state (e.g. the privacy ledger), metrics
     latest.json                {"round": 3, "path": "round-0003"}
@@ -43,6 +45,47 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def save_adapter(model: Any, directory: Path) -> list[str]:
+    """``model.save_pretrained(directory)``, plus every trainable parameter peft did not save.
+
+    peft saves its adapter weights and the modules listed in ``modules_to_save``. Parameters made
+    trainable beside the adapter (``fedguard.params.mark_trainable``, e.g. the norm scales of a
+    FedIPR watermark) travel in every round but are not in that list, so a plain ``save_pretrained``
+    would drop them and the saved model would differ from the trained global model. They are added
+    to the adapter file under peft's key for a saved module (the parameter's name) and their modules
+    to ``modules_to_save`` in ``adapter_config.json``, so ``PeftModel.from_pretrained`` restores them
+    (tested). Returns the names added.
+    """
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(directory)
+    saved = set(get_peft_model_state_dict(model))
+    extra = {name: p for name, p in model.named_parameters()
+             if p.requires_grad and name not in saved and not _is_peft_managed(name)}
+    if not extra:
+        return []
+    weights = directory / "adapter_model.safetensors"
+    config_path = directory / "adapter_config.json"
+    if not weights.is_file() or not config_path.is_file():
+        raise ConfigError(f"{directory} lacks adapter_model.safetensors or adapter_config.json after save_pretrained")
+    state = load_file(weights)
+    for name, p in extra.items():
+        state[name] = p.detach().to("cpu").contiguous().clone()
+    save_file(state, weights, metadata={"format": "pt"})
+    config = json.loads(config_path.read_text())
+    modules = set(config.get("modules_to_save") or [])
+    modules |= {name.rsplit(".", 1)[0] for name in extra}  # the full module path: peft matches by suffix
+    config["modules_to_save"] = sorted(modules)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    return sorted(extra)
+
+
+def _is_peft_managed(name: str) -> bool:
+    """Adapter weights peft saves under another key (LoRA, prompt encoders, saved-module copies)."""
+    return any(part in name for part in ("lora_", "prompt_encoder", "modules_to_save", "original_module"))
+
+
 def save_checkpoint(run_dir: Path, round_id: int, model: Any, vector: np.ndarray, state: dict[str, Any]) -> Path:
     """Write round ``round_id`` (adapter, exact vector, state) and point ``latest.json`` at it."""
     root = run_dir / "checkpoints"
@@ -53,7 +96,7 @@ def save_checkpoint(run_dir: Path, round_id: int, model: Any, vector: np.ndarray
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    model.save_pretrained(tmp / "adapter")
+    save_adapter(model, tmp / "adapter")
     np.save(tmp / "global.npy", vector.astype(np.float32, copy=False))
     (tmp / "state.json").write_text(json.dumps({"round": round_id, **state}, indent=2, sort_keys=True))
     if final.exists():

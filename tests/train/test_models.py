@@ -11,6 +11,7 @@ from peft import PeftModel
 
 from fedguard.errors import ConfigError
 from fedguard.params import flatten, layout_of, load_vector
+from fedguard.rng import SecureRNG
 from fedguard_train.config import AdapterConfig, ModelConfig
 from fedguard_train.models import FAMILIES, attach_adapter, family_of, load_base_model
 
@@ -51,6 +52,38 @@ def test_adapters_round_trip_through_peft_save_and_load(tmp_path: Path, method: 
     model.eval()  # LoRA dropout off
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("method", ["lora", "p-tuning-v2"])
+def test_norm_scales_trained_beside_the_adapter_are_saved_and_restored_by_peft(tmp_path: Path, method: str) -> None:
+    from fedguard.watermark import SignWatermark, make_sign_key, prepare_norm_targets
+    from fedguard.watermark.loading import load_model
+    from fedguard_train.checkpoint import save_adapter
+
+    base, _ = load_base_model(ModelConfig(name_or_path="tiny:llama"), seed=1)
+    model = attach_adapter(base, FAMILIES["llama"], AdapterConfig(method=method, pre_seq_len=4))
+    marked = prepare_norm_targets(model)
+    key = make_sign_key(model, bits=24, alpha=1.0, rng=SecureRNG.for_testing(f"ckpt/{method}"))
+    wm = SignWatermark(key, model)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(80):  # embed the watermark: the norm scales move away from the base model's
+        opt.zero_grad()
+        wm.loss().backward()
+        opt.step()
+    trained = wm.detect()
+    assert trained.verdict
+    added = save_adapter(model, tmp_path / "adapter")
+    assert sorted(added) == sorted(marked)
+    fresh, _ = load_base_model(ModelConfig(name_or_path="tiny:llama"), seed=1)
+    loaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter")  # plain peft, no fedguard
+    ids = torch.tensor([[5, 6, 7]])
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+    base_dir = tmp_path / "base"
+    load_base_model(ModelConfig(name_or_path="tiny:llama"), seed=1)[0].save_pretrained(base_dir)
+    again = SignWatermark(key, load_model(tmp_path / "adapter", base=base_dir)).detect()
+    assert again.matched == trained.matched and again.verdict  # the verifier sees the trained scales
 
 
 def test_target_modules_override_and_bad_targets() -> None:
