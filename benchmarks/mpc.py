@@ -8,6 +8,9 @@ One process run measures, on the *same* encoded inputs (10 clients x 1M paramete
   parties are up* (client sharing + encryption, relay, party decryption, local adds, reveal);
 * ``mpc-norm``: the same round with the L2 norm check under MPC (one client over the bound), reported
   as its own row so the norm-check cost is visible separately;
+* ``mpc-clip``: the norm check with ``norm_action="clip"`` (over-bound updates scaled into the bound under
+  MPC; here the one far-over client is beyond the clip range and excluded, so the result is checked
+  against the same sum);
 * ``mpc-in-process``: the simulated parties (no CrypTen), to separate protocol cost from process cost.
 
 Every secure result is checked against the plaintext sum (exact equality). Timings on a shared 2-core
@@ -132,6 +135,9 @@ def main() -> None:
         measure("mpc-sum", MpcAggregator(parties=parties), expected_all)
         if not args.no_norm:
             measure("mpc-norm", MpcAggregator(parties=parties, norm_bound=norm_bound, encoding=enc), expected_kept)
+            # clipping: honest clients are within the bound (factor 1, exact), the 50x one is beyond 2^2: excluded
+            measure("mpc-clip", MpcAggregator(parties=parties, norm_bound=norm_bound, encoding=enc,
+                                              norm_action="clip", clip_halvings=2), expected_kept)
     if not args.no_norm and rows["mpc-norm"]["dropped"].get(NORM_CHECK_DROPPED) != [n_clients - 1]:
         raise SystemExit("mpc-norm: the over-bound client was not the one excluded")
 

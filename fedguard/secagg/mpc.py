@@ -30,7 +30,9 @@ The client then shares ``[q_i, w_i]`` (unweighted), the parties check ``||q_i / 
 (:class:`~fedguard.secagg.mpc_norm.NormCheck`: Beaver squares, chunk sums and a clamped tree sum, all
 exact: the decision equals the plaintext one), reveal one bit per client, and compute ``w_i·q_i`` for the
 accepted clients with a Beaver multiplication (exact in Z_{2^64}). Over-bound clients are excluded; the
-result names them (``AggregateResult.dropped["norm-check"]``) and reveals nothing else about them. Because
+result names them (``AggregateResult.dropped["norm-check"]``) and reveals nothing else about them. With
+``norm_action="clip"`` they are scaled into the bound instead, exactly, by a secret factor from a public
+ladder (:mod:`fedguard.secagg.mpc_norm`). Because
 ``w_i·q_i`` is computed from the very ``q_i`` that was checked, a client cannot pass the check with one
 vector and contribute another.
 
@@ -210,6 +212,11 @@ class MpcAggregator(Aggregator):
             with it a round in which only one client's shares survive reveals that client's update.
         norm_bound: ``B``, the largest accepted L2 norm of a client's (dequantised, unweighted) update;
             ``None`` switches the check off. Needs ``encoding`` and MPC parties with the norm check.
+        norm_action: what happens to an over-bound update: ``"exclude"`` (default) leaves it out of the
+            sum; ``"clip"`` scales it into the bound under MPC (a factor from a public ladder, at most
+            4.4% below the exact clip; :mod:`fedguard.secagg.mpc_norm`) and excludes only updates more
+            than ``2^clip_halvings`` times over the bound.
+        clip_halvings: ``H`` for ``norm_action="clip"`` (default 4: updates up to 16x the bound are clipped).
         encoding: the :class:`FixedPointSpec` clients encode with (to read ``q`` and ``s``).
         timeout_s: per-round timeout of CrypTen parties built here.
         startup_timeout_s: how long parties built here may take to start (``"crypten"``) or to connect
@@ -231,6 +238,8 @@ class MpcAggregator(Aggregator):
         min_clients: int = 2,
         allow_single_client: bool = False,
         norm_bound: float | None = None,
+        norm_action: str = "exclude",
+        clip_halvings: int = 4,
         encoding: FixedPointSpec | Mapping[str, Any] | None = None,
         timeout_s: float = 30.0,
         startup_timeout_s: float = 300.0,
@@ -261,6 +270,10 @@ class MpcAggregator(Aggregator):
                 problems.append(f"norm_bound must be a finite float > 0, got {norm_bound!r}")
             if not encoding_given:
                 problems.append("norm_bound needs encoding (the FixedPointSpec the clients quantise with)")
+        if norm_action not in ("exclude", "clip"):
+            problems.append(f"norm_action must be 'exclude' or 'clip', got {norm_action!r}")
+        elif norm_action == "clip" and norm_bound is None:
+            problems.append("norm_action='clip' needs norm_bound")
         if parties is not None and norm_bound is not None and not parties.supports_norm_check:
             problems.append("norm_bound needs compute parties that run the norm check under MPC "
                             "(CryptenParties(norm_check=True))")
@@ -268,8 +281,11 @@ class MpcAggregator(Aggregator):
             problems.append("norm_bound runs under MPC: use backend='crypten' (in-process parties only add shares)")
         if problems:
             raise ConfigError.collect(problems)
+        self.clip_halvings = clip_halvings if norm_action == "clip" else 0
         if norm_bound is not None and isinstance(encoding, FixedPointSpec):
-            NormCheck.for_bound(norm_bound, encoding, 1)  # a bound too large for the exact check fails here
+            # a bound too large for the exact check (or a clip ladder without headroom) fails here
+            NormCheck.for_bound(norm_bound, encoding, 1, clip_halvings=self.clip_halvings)
+        self.norm_action = norm_action
         self.min_clients = min_clients
         self.norm_bound = float(norm_bound) if norm_bound is not None else None
         self.encoding = encoding if norm_bound is not None else None
@@ -297,7 +313,8 @@ class MpcAggregator(Aggregator):
             return None
         if spec.vector_length < 2:
             raise ConfigError("the norm check needs vector_length >= 2 (update + weight slot)")
-        return NormCheck.for_bound(self.norm_bound, self.encoding, spec.vector_length - 1)
+        return NormCheck.for_bound(self.norm_bound, self.encoding, spec.vector_length - 1,
+                                   clip_halvings=self.clip_halvings, n_clients=spec.n_clients)
 
     def server(self, spec: RoundSpec, *, rng: SecureRNG | None = None) -> ServerSide:
         if self.min_clients > spec.n_clients:

@@ -225,6 +225,7 @@ def encode_job(job: AggregationJob, rank: int) -> wire.Message:
     norm = None if job.norm is None else {
         "bound": job.norm.bound, "length": job.norm.length, "chunk": job.norm.chunk,
         "chunks": job.norm.chunks, "threshold": job.norm.threshold,
+        "clip_halvings": job.norm.clip_halvings, "scale_bits": job.norm.scale_bits,
     }
     return _message("mpc-job", round_id=job.round_id, recipient=rank, meta={
         "vector_length": job.vector_length, "ring_bits": job.ring_bits, "min_contributors": job.min_contributors,
@@ -259,7 +260,7 @@ def decode_job(msg: wire.Message, rank: int) -> AggregationJob:
         if not isinstance(norm, dict) or not isinstance(norm.get("bound"), (int, float)):
             raise MessageError("mpc-job norm must be a mapping with a numeric bound")
         check = NormCheck(float(norm["bound"]), _int(norm, "length"), _int(norm, "chunk"), _int(norm, "chunks"),
-                          _int(norm, "threshold"))
+                          _int(norm, "threshold"), _int(norm, "clip_halvings"), _int(norm, "scale_bits"))
     try:
         return AggregationJob(round_id=msg.round, vector_length=_int(meta, "vector_length"),
                               ring_bits=_int(meta, "ring_bits"), inputs=inputs, norm=check,

@@ -22,6 +22,22 @@ per value, which is far from negligible for sums of squares near 2^61):
 The decision equals the plaintext decision for every input with ``|q_j| <= M``. ``T`` must stay below
 ``2^60`` (``B·s < 2^30``), checked when the bound is configured.
 
+**Clipping instead of exclusion** (``clip_halvings = H > 0``). An over-bound update is scaled down by a
+factor from a public ladder ``a_j / 2^e`` with ``a_j = round(2^e · 2^(-j/L))``, ``j = 0..J``, ``J = L·H``
+(``L = 16`` steps per halving, so consecutive factors differ by 4.4%). With the public thresholds
+``t_j = floor(T·4^e / a_j^2)`` (``t_0 = T``), ``S <= t_j  <=>  a_j^2·S <= T·4^e  <=>  ||(a_j/2^e)·q||^2 <=
+T`` exactly (``S`` is an integer). The factor is ``A = a_{j*}`` for the first ``j*`` with ``S <= t_{j*}``:
+the largest ladder factor whose clipped update is within the bound, at most 4.4% below the exact clip
+``B/||Δ||``. The parties clamp at ``t_J + 1`` instead of ``T + 1``, compare the clamped ``S`` with all
+``J + 1`` thresholds at once (secret bits ``c_j``, monotone in ``j``), and form ``A = Σ_j c_j·(a_j −
+a_{j+1})`` (``a_{J+1} = 0``: a telescoping sum, linear in the bits, so local on shares). Only ``c_J`` is
+revealed (is the update within ``2^H`` times the bound; if not it is excluded as before); ``A`` stays
+secret. The parties then compute ``w·q·A`` with one more exact Beaver product, sum the accepted clients,
+reveal ``Z = Σ w_i·A_i·q_i`` (scale ``2^e``) and return ``round(Z / 2^e)`` — a public rounding of the
+revealed sum, so the result is exactly :meth:`NormCheck.clipped_sum` of the plaintext inputs, within half
+a quantisation step of the real-valued clipped sum. ``e`` (``scale_bits``) is the largest value up to 16
+for which ``N·M·W·2^e < 2^62`` (``N`` clients, ``W`` the largest weight), so ``Z`` cannot wrap.
+
 Assumption (documented limitation): clients encode with fedguard's quantiser, so ``|q_j| <= M``. The
 parties do not prove that range per coordinate (an MPC comparison per coordinate); a client that
 bypasses the quantiser with elements near 2^32 can wrap a chunk sum modulo 2^64.
@@ -50,6 +66,11 @@ THRESHOLD_LIMIT_BITS = 60
 """``T < 2^60``: clamped values (``<= T + 1``) and their pairwise sums stay below 2^62."""
 MAX_NORM_VALUE_BITS = 31
 """The chunked check needs ``M^2 < 2^61``: value_bits <= 31."""
+CLIP_STEPS_PER_HALVING = 16
+"""``L``: ladder factors per halving of the clip factor (consecutive factors differ by 2^(1/16), 4.4%)."""
+MAX_SCALE_BITS = 16
+"""``e``: the fixed-point scale of the clip factors (at most 2^16)."""
+MIN_SCALE_BITS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,10 +90,19 @@ class NormCheck:
     chunk: int
     chunks: int
     threshold: int
+    clip_halvings: int = 0
+    """``H``: 0 excludes over-bound updates; ``H > 0`` clips updates up to ``2^H·B`` and excludes beyond."""
+    scale_bits: int = 0
+    """``e``: the fixed-point scale of the clip factors (clipping only)."""
 
     @classmethod
-    def for_bound(cls, bound: float, spec: FixedPointSpec, length: int) -> NormCheck:
+    def for_bound(cls, bound: float, spec: FixedPointSpec, length: int, *, clip_halvings: int = 0,
+                  n_clients: int = 1) -> NormCheck:
         problems = []
+        if isinstance(clip_halvings, bool) or not isinstance(clip_halvings, int) or not 0 <= clip_halvings <= 16:
+            problems.append(f"clip_halvings must be an int in [0, 16], got {clip_halvings!r}")
+        if isinstance(n_clients, bool) or not isinstance(n_clients, int) or n_clients < 1:
+            problems.append(f"n_clients must be an int >= 1, got {n_clients!r}")
         if isinstance(bound, bool) or not (isinstance(bound, (int, float)) and np.isfinite(bound) and bound > 0):
             problems.append(f"norm_bound must be a finite float > 0, got {bound!r}")
         if isinstance(length, bool) or not isinstance(length, int) or length < 1:
@@ -89,12 +119,77 @@ class NormCheck:
                 f"(B < {2 ** (THRESHOLD_LIMIT_BITS / 2) / spec.scale:.6g}); lower value_bits or the bound"
             )
         chunk = min(length, ((1 << CHUNK_LIMIT_BITS) - 1) // spec.max_int**2)
-        return cls(float(bound), length, chunk, -(-length // chunk), threshold)
+        scale_bits = 0
+        if clip_halvings:
+            # Z = Σ w·A·q must stay below 2^62 in magnitude: N·M·W·2^e < 2^62
+            headroom = 62 - (n_clients * spec.max_int * spec.max_weight).bit_length()
+            scale_bits = min(MAX_SCALE_BITS, headroom)
+            if scale_bits < MIN_SCALE_BITS:
+                raise ConfigError(
+                    f"clipping needs 2^{MIN_SCALE_BITS} of headroom in the ring for its factors: {n_clients} clients x "
+                    f"M={spec.max_int} x max_weight={spec.max_weight} leave 2^{headroom}; lower value_bits or max_weight"
+                )
+        check = cls(float(bound), length, chunk, -(-length // chunk), threshold, clip_halvings, scale_bits)
+        if clip_halvings and check.cap >= 1 << THRESHOLD_LIMIT_BITS:
+            raise ConfigError(
+                f"norm_bound={bound} with clip_halvings={clip_halvings} needs t_J = {check.cap - 1} < "
+                f"2^{THRESHOLD_LIMIT_BITS} for the exact check; lower the bound, value_bits or clip_halvings"
+            )
+        return check
+
+    @property
+    def clipping(self) -> bool:
+        return self.clip_halvings > 0
+
+    @property
+    def factors(self) -> tuple[int, ...]:
+        """``a_0 = 2^e > a_1 > ... > a_J``: the clip factors at scale ``2^e`` (clipping only)."""
+        if not self.clipping:
+            return ()
+        steps = CLIP_STEPS_PER_HALVING * self.clip_halvings
+        one = 1 << self.scale_bits
+        return tuple(round(one * 2.0 ** (-j / CLIP_STEPS_PER_HALVING)) for j in range(steps + 1))
+
+    @property
+    def thresholds(self) -> tuple[int, ...]:
+        """``t_j = floor(T·4^e / a_j^2)``: ``S <= t_j`` iff the update scaled by ``a_j/2^e`` is within bound."""
+        four_e = 1 << (2 * self.scale_bits)
+        return tuple((self.threshold * four_e) // (a * a) for a in self.factors)
 
     @property
     def cap(self) -> int:
-        """The clamp ``T + 1`` of the tree sum."""
-        return self.threshold + 1
+        """The clamp of the tree sum: ``T + 1``, or ``t_J + 1`` when clipping."""
+        return (self.thresholds[-1] if self.clipping else self.threshold) + 1
+
+    def clip_factor(self, q: np.ndarray) -> int | None:
+        """The reference factor ``A`` (scale ``2^e``) for ``q``, or None when ``q`` is excluded."""
+        values = np.asarray(q, dtype=np.int64).astype(object)
+        total = sum(values * values)
+        if not self.clipping:
+            return None if total > self.threshold else 1
+        for a, t in zip(self.factors, self.thresholds, strict=True):
+            if total <= t:
+                return a
+        return None
+
+    def clipped_sum(self, inputs: list[tuple[np.ndarray, int]], ring_bits: int = 64) -> tuple[np.ndarray, list[int]]:
+        """The exact result the parties reveal for ``[(q_i, w_i)]`` (the reference for tests): the vector
+        ``round(Σ w_i·A_i·q_i / 2^e)`` over the accepted clients, then ``Σ w_i``, in ``Z_{2^ring_bits}``,
+        and the indices of the excluded inputs."""
+        total = [0] * self.length
+        weight, excluded = 0, []
+        for i, (q, w) in enumerate(inputs):
+            a = self.clip_factor(q)
+            if a is None:
+                excluded.append(i)
+                continue
+            for j, v in enumerate(np.asarray(q, dtype=np.int64).tolist()):
+                total[j] += int(w) * a * v
+            weight += int(w)
+        half = (1 << self.scale_bits) >> 1 if self.clipping else 0
+        rounded = [(z + half) >> self.scale_bits for z in total] if self.clipping else total
+        mask = (1 << ring_bits) - 1
+        return np.array([z & mask for z in rounded] + [weight & mask], dtype=np.uint64), excluded
 
     @property
     def levels(self) -> int:

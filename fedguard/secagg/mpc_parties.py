@@ -300,6 +300,36 @@ def _clamped_tree_sum(mpc_tensor: Any, shares: Any, cap: int) -> Any:
     return mpc_tensor.from_shares(level.share[:, 0], precision=0)
 
 
+def _clip_factors(mpc_tensor: Any, total: Any, norm: NormCheck) -> tuple[np.ndarray, Any]:
+    """Clipping (see :mod:`fedguard.secagg.mpc_norm`): from the clamped ``S`` of R clients, the public bits
+    ``c_J`` (within ``2^H`` times the bound) and each client's secret factor ``A`` as R shares.
+
+    ``c_j = [S <= t_j]`` for all ``J + 1`` public thresholds in one comparison; ``A = Σ_j c_j·(a_j −
+    a_{j+1})`` is linear in the bits, so each party computes its share of ``A`` locally.
+    """
+    import torch
+
+    thresholds = torch.tensor(norm.thresholds, dtype=torch.int64)
+    rows = total.share.size(0)
+    repeated = mpc_tensor.from_shares(total.share.unsqueeze(1).expand(rows, len(norm.thresholds)).contiguous(),
+                                      precision=0)
+    bits = repeated.le(thresholds)  # R x (J+1) secret bits, monotone in j
+    factors = list(norm.factors) + [0]
+    steps = torch.tensor([factors[j] - factors[j + 1] for j in range(len(norm.factors))], dtype=torch.int64)
+    factor_share = (bits.share * steps).sum(dim=1)
+    last = mpc_tensor.from_shares(bits.share[:, -1].contiguous(), precision=0)
+    within = last.get_plain_text().numpy().astype(bool)
+    return within, factor_share
+
+
+def _round_scaled(ring_sum: np.ndarray, length: int, scale_bits: int) -> np.ndarray:
+    """``round(Z / 2^e)`` of the revealed (public) vector part ``Z``; the weight slot is unscaled."""
+    out = ring_sum.copy()
+    signed = ring_sum[:length].view(np.int64)  # |Z| < 2^62 by the choice of e: adding half cannot overflow
+    out[:length] = ((signed + np.int64(1 << (scale_bits - 1))) >> np.int64(scale_bits)).view(np.uint64)
+    return out
+
+
 def _square_and_scale(crypten: Any, rank: int, q: Any, w: Any) -> tuple[Any, Any]:
     """Shares of ``q ⊙ q`` and ``w · q`` (``q``: R x n, ``w``: R x 1 int64 share tensors) with one opening.
 
@@ -397,19 +427,31 @@ def _party_aggregate(crypten: Any, rank: int, n_parties: int, private: Any, job:
             chunk_sums = squares.view(rows.size, norm.chunks, norm.chunk).sum(dim=2)  # each < 2^61
             total = _clamped_tree_sum(MPCTensor, chunk_sums, norm.cap)
             clock.lap("clamped-sum")
-            within = total.le(norm.threshold).get_plain_text().numpy().astype(bool)
+            factor = None
+            if norm.clipping:
+                within, factor = _clip_factors(MPCTensor, total, norm)
+            else:
+                within = total.le(norm.threshold).get_plain_text().numpy().astype(bool)
             clock.lap("compare")  # the one bit per client is the only reveal about it
             keep = rows[within]
             excluded = [ids[i] for i in rows[~within]]
             accepted[keep] = True
             if keep.size:
-                # the accepted clients' shares of [w·q, w]: selecting and adding shares is local
-                local[: norm.length] = scaled[torch.from_numpy(within)].sum(dim=0).numpy().view(np.uint64)
+                # the accepted clients' shares of [w·q, w] (or [w·q·A, w]): selecting and adding is local
+                mine = scaled[torch.from_numpy(within)]
+                if factor is not None:
+                    a = factor[torch.from_numpy(within)].unsqueeze(1).expand_as(mine).contiguous()
+                    mine = (MPCTensor.from_shares(mine, precision=0) * MPCTensor.from_shares(a, precision=0)).share
+                    clock.lap("clip")
+                local[: norm.length] = mine.sum(dim=0).numpy().view(np.uint64)
                 local[norm.length :] = shares[keep, norm.length :].sum(axis=0, dtype=np.uint64)
     if int(accepted.sum()) < job.min_contributors:  # every party sees the same public bits: all stop here
         return {"abort": _too_few(job, int(accepted.sum()))}
     total = MPCTensor.from_shares(torch.from_numpy(local.view(np.int64).copy()), precision=0).get_plain_text()
-    ring_sum = total.numpy().view(np.uint64) & _ring_mask(job.ring_bits)
+    ring_sum = total.numpy().view(np.uint64)
+    if job.norm is not None and job.norm.clipping:
+        ring_sum = _round_scaled(ring_sum, job.norm.length, job.norm.scale_bits)
+    ring_sum = ring_sum & _ring_mask(job.ring_bits)
     clock.lap("reveal")
     return {
         "seconds": clock.laps,

@@ -251,6 +251,10 @@ def test_the_norm_check_runs_under_mpc_only() -> None:
     with pytest.raises(ConfigError) as info:  # simulated parties only add shares
         MpcAggregator(norm_bound=1.0, encoding=enc)
     assert "use backend='crypten'" in str(info.value)
+    with pytest.raises(ConfigError, match="norm_action must be 'exclude' or 'clip', got 'shrink'"):
+        MpcAggregator(norm_bound=1.0, encoding=enc, backend="crypten", norm_action="shrink")
+    with pytest.raises(ConfigError, match="norm_action='clip' needs norm_bound"):
+        MpcAggregator(norm_action="clip")
 
 
 # -- a lone client's update is never revealed by default ----------------------------------------------

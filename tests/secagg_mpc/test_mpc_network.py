@@ -31,6 +31,7 @@ from fedguard.secagg.mpc_network import (
     read_control_key,
     write_control_key,
 )
+from fedguard.secagg.mpc_norm import NormCheck
 from fedguard.secagg.mpc_parties import AggregationJob
 from fedguard.secagg.mpc_sharing import SealedShares
 from fedguard.updates import ClientUpdate
@@ -108,10 +109,12 @@ class _Recorder:
 
 def test_a_job_travels_with_only_the_receiving_partys_ciphertexts() -> None:
     inputs = {c: SealedShares(bytes([c]) * 32, tuple(bytes([c, k]) * (10 + c) for k in range(3))) for c in (4, 9, 2)}
-    job = AggregationJob(round_id=7, vector_length=11, ring_bits=64, inputs=inputs, min_contributors=2)
+    norm = NormCheck.for_bound(0.5, FixedPointSpec(value_bits=12, max_weight=10), 10, clip_halvings=2, n_clients=3)
+    job = AggregationJob(round_id=7, vector_length=11, ring_bits=64, inputs=inputs, norm=norm, min_contributors=2)
     for rank in range(3):
         back = decode_job(wire.decode(wire.encode(encode_job(job, rank))), rank)
         assert back.round_id == 7 and back.vector_length == 11 and back.min_contributors == 2
+        assert back.norm == norm
         for c, s in inputs.items():
             assert back.inputs[c].ephemeral_key == s.ephemeral_key
             assert back.inputs[c].ciphertexts[rank] == s.ciphertexts[rank]

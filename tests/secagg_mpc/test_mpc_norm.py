@@ -68,3 +68,44 @@ def test_bounds_the_exact_check_cannot_hold_are_refused_by_name() -> None:
         NormCheck.for_bound(1.0, FixedPointSpec(value_bits=40, max_weight=4), 10)
     with pytest.raises(ConfigError, match="norm_bound must be a finite float > 0, got nan"):
         NormCheck.for_bound(float("nan"), FixedPointSpec(), 10)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(4, 20),
+    st.integers(1, 30),
+    st.floats(0.01, 8.0),
+    st.integers(1, 4),
+    st.integers(0, 2**32 - 1),
+)
+def test_the_clip_ladder_picks_the_largest_factor_within_the_bound(value_bits: int, length: int, scale: float,
+                                                                  halvings: int, seed: int) -> None:
+    spec = FixedPointSpec(clip=1.0, value_bits=value_bits, max_weight=50)
+    check = NormCheck.for_bound(0.3, spec, length, clip_halvings=halvings, n_clients=3)
+    rng = np.random.default_rng(seed)
+    q = np.clip(np.round(rng.standard_normal(length) * scale * 0.3 / math.sqrt(length) * spec.scale),
+                -spec.max_int, spec.max_int).astype(np.int64)
+    total = int(sum(int(v) * int(v) for v in q))
+    one = 1 << check.scale_bits
+    factor = check.clip_factor(q)
+    assert check.factors[0] == one and list(check.factors) == sorted(check.factors, reverse=True)
+    assert check.thresholds[0] == check.threshold
+    if factor is None:  # more than 2^H times over: excluded
+        assert total * check.factors[-1] ** 2 > check.threshold * one * one
+    else:
+        assert total * factor**2 <= check.threshold * one * one  # the clipped update is within the bound, exactly
+        j = check.factors.index(factor)
+        if j > 0:  # and the next larger factor would not be
+            assert total * check.factors[j - 1] ** 2 > check.threshold * one * one
+
+
+def test_clipped_sum_without_over_bound_clients_is_the_exclusion_sum() -> None:
+    spec = FixedPointSpec(clip=1.0, value_bits=12, max_weight=20)
+    exclude = NormCheck.for_bound(1.0, spec, 6)
+    clip = NormCheck.for_bound(1.0, spec, 6, clip_halvings=3, n_clients=2)
+    inputs = [(np.array([3, -4, 0, 1, 2, -2]), 5), (np.array([-7, 0, 9, 1, 1, 0]), 3)]
+    assert np.array_equal(clip.clipped_sum(inputs)[0], exclude.clipped_sum(inputs)[0])
+    with pytest.raises(ConfigError, match="headroom"):
+        NormCheck.for_bound(1.0, FixedPointSpec(value_bits=31, max_weight=1 << 20), 6, clip_halvings=2, n_clients=64)
+    with pytest.raises(ConfigError, match="clip_halvings must be an int in"):
+        NormCheck.for_bound(1.0, spec, 6, clip_halvings=-1)

@@ -164,6 +164,40 @@ def test_norm_check_accepts_at_the_bound_and_rejects_one_step_above(parties: Cry
     np.testing.assert_array_equal(out.result.ring_sum, ring_sum([xs[20], xs[22]], 64))
 
 
+def test_clipping_under_mpc_equals_the_exact_reference_and_bounds_every_norm(parties: CryptenParties) -> None:
+    n = 40
+    bound = 0.2
+    check = NormCheck.for_bound(bound, ENC, n, clip_halvings=2, n_clients=4)
+    rng = np.random.default_rng(5)
+
+    def scaled_to(norm: float) -> np.ndarray:
+        v = rng.standard_normal(n)
+        return np.round(v / np.linalg.norm(v) * norm * ENC.scale).astype(np.int64)
+
+    # within the bound; 1.7x and 3.5x over (clipped); 9x over (beyond 2^2 = 4x: excluded)
+    qs = {30: scaled_to(0.15), 31: scaled_to(0.34), 32: scaled_to(0.70), 33: scaled_to(1.8)}
+    weights = {30: 3, 31: 5, 32: 7, 33: 11}
+    xs = {c: encode_weighted((q / ENC.scale).astype(np.float32), weights[c], ENC, rounding="nearest")
+          for c, q in qs.items()}
+    agg = MpcAggregator(parties=parties, norm_bound=bound, encoding=ENC, min_clients=2, norm_action="clip",
+                        clip_halvings=2)
+    out = _run(agg, RoundSpec(9, tuple(qs), n + 1), xs)
+    assert out.result.contributors == (30, 31, 32)
+    assert out.result.dropped[NORM_CHECK_DROPPED] == (33,)
+    expected, excluded = check.clipped_sum([(qs[c], weights[c]) for c in sorted(qs)])
+    assert excluded == [3]
+    np.testing.assert_array_equal(out.result.ring_sum, expected)  # exactly the plaintext reference
+    # ... which is neither the exclusion result nor the unclipped sum: the clipped clients contribute, scaled
+    assert not np.array_equal(expected, ring_sum([xs[30]], 64))
+    assert not np.array_equal(expected, ring_sum([xs[30], xs[31], xs[32]], 64))
+    assert int(expected[-1]) == 3 + 5 + 7
+    factors = {c: check.clip_factor(q) for c, q in qs.items()}
+    assert factors[30] == 1 << check.scale_bits  # an in-bound update is not scaled
+    for c in (31, 32):  # clipped into the bound, less than one ladder step (4.4%) below it
+        clipped = np.linalg.norm(qs[c] * factors[c] / (1 << check.scale_bits)) / ENC.scale
+        assert bound / 2 ** (1 / 16) - 1e-6 <= clipped <= bound + 1e-9
+
+
 def test_multi_chunk_norm_check_is_exact_at_the_boundary_and_for_huge_updates(parties: CryptenParties) -> None:
     enc = FixedPointSpec(clip=1.0, value_bits=24, ring_bits=64, max_weight=16)
     n = 70_000  # n·M^2 > 2^61: three chunk sums and a clamped tree sum
