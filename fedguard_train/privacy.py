@@ -51,6 +51,7 @@ class ClientDPHook(TrainerHook):
     name = "dp"
 
     def __init__(self, section: Mapping[str, Any], *, n_clients: int, aggregator: str = "plaintext",
+                 aggregator_options: Mapping[str, Any] | None = None,
                  noise_rng: Callable[[int], SecureRNG] | None = None) -> None:
         """``noise_rng(client_id)``: where a client's distributed noise comes from (default: a fresh
         :class:`SecureRNG` on OS entropy per client and round; tests pass a seeded one to be repeatable)."""
@@ -72,6 +73,10 @@ class ClientDPHook(TrainerHook):
             problems.append("dp.placement 'distributed' needs a secure aggregator (federation.aggregator: masking, "
                             "paillier or mpc): with 'plaintext' the server sees each client's update with only "
                             "its share of the noise")
+        if distributed and aggregator == "mpc" and (aggregator_options or {}).get("norm_bound") is not None:
+            problems.append("dp.placement 'distributed' cannot be combined with the MPC norm check "
+                            "(federation.aggregator_options.norm_bound): it would check, exclude or clip the "
+                            "noised inputs, which the accountant does not model; DP clipping already bounds them")
         if distributed and trainer_keys["backend"] != "rdp":
             problems.append(f"dp.backend must be 'rdp' for distributed placement (its release is a zCDP bound), "
                             f"got {trainer_keys['backend']!r}")
@@ -145,7 +150,8 @@ def hooks_from_config(config: TrainConfig) -> list[TrainerHook]:
     hooks: list[TrainerHook] = []
     if config.dp:
         hooks.append(ClientDPHook(config.dp, n_clients=config.federation.clients,
-                                  aggregator=config.federation.aggregator))
+                                  aggregator=config.federation.aggregator,
+                                  aggregator_options=config.federation.aggregator_options))
     if config.watermark:
         from fedguard_train.watermarking import WatermarkHook
 

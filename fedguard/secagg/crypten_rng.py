@@ -22,6 +22,8 @@ calls it):
    the low ``k`` bits of one for a k-bit value) and leave any other generator to CrypTen's original code.
 
 Only CPU streams are provided (fedguard's compute parties run on CPU); a CUDA generator request raises.
+The seeds cross CrypTen's own communicator (gloo), which is not encrypted: between machines, the parties'
+network must be private (``docs/secagg-mpc.md``); this module fixes the generator, not the link.
 """
 
 from __future__ import annotations

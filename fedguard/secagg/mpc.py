@@ -213,9 +213,9 @@ class MpcAggregator(Aggregator):
         norm_bound: ``B``, the largest accepted L2 norm of a client's (dequantised, unweighted) update;
             ``None`` switches the check off. Needs ``encoding`` and MPC parties with the norm check.
         norm_action: what happens to an over-bound update: ``"exclude"`` (default) leaves it out of the
-            sum; ``"clip"`` scales it into the bound under MPC (a factor from a public ladder, at most
-            4.4% below the exact clip; :mod:`fedguard.secagg.mpc_norm`) and excludes only updates more
-            than ``2^clip_halvings`` times over the bound.
+            sum; ``"clip"`` scales it into the bound under MPC (a factor from a public ladder, at most one
+            ladder step, <= 5.3%, below the exact clip; :mod:`fedguard.secagg.mpc_norm`) and excludes only
+            updates more than ``2^clip_halvings`` times over the bound.
         clip_halvings: ``H`` for ``norm_action="clip"`` (default 4: updates up to 16x the bound are clipped).
         encoding: the :class:`FixedPointSpec` clients encode with (to read ``q`` and ``s``).
         timeout_s: per-round timeout of CrypTen parties built here.
@@ -274,6 +274,9 @@ class MpcAggregator(Aggregator):
             problems.append(f"norm_action must be 'exclude' or 'clip', got {norm_action!r}")
         elif norm_action == "clip" and norm_bound is None:
             problems.append("norm_action='clip' needs norm_bound")
+        elif norm_action == "clip" and (isinstance(clip_halvings, bool) or not isinstance(clip_halvings, int)
+                                        or clip_halvings < 1):
+            problems.append(f"norm_action='clip' needs clip_halvings >= 1, got {clip_halvings!r}")
         if parties is not None and norm_bound is not None and not parties.supports_norm_check:
             problems.append("norm_bound needs compute parties that run the norm check under MPC "
                             "(CryptenParties(norm_check=True))")

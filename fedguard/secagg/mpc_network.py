@@ -34,11 +34,14 @@ control_key_file: control.key, n_parties: 3}``.
 from __future__ import annotations
 
 import argparse
+import hmac
 import os
+import queue
 import select
 import socket
 import stat
 import struct
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -66,6 +69,8 @@ _NONCE_BYTES = 32
 _LENGTH = struct.Struct("<Q")
 IDLE_TIMEOUT_S = 7 * 24 * 3600.0
 """How long a party waits for the next round before it gives up (a week)."""
+HANDSHAKE_TIMEOUT_S = 10.0
+"""How long a connecting party has to confirm the control key and announce itself."""
 MAX_FRAME_BYTES = 1 << 33
 """Largest control frame accepted (8 GiB: a round's job for one party is ~8 bytes per value per client)."""
 
@@ -73,6 +78,10 @@ MAX_FRAME_BYTES = 1 << 33
 class ChannelError(ProtocolAbort):
     """The control channel failed: a peer without the control key, a tampered or replayed frame, a closed
     connection or a timeout."""
+
+
+class KeyConfirmationError(ChannelError):
+    """The peer does not hold the control key (retrying will not help)."""
 
 
 # -- the control key ---------------------------------------------------------------------------------------
@@ -104,8 +113,11 @@ def read_control_key(path: str | Path) -> bytes:
 class ControlChannel:
     """Mutually authenticated, encrypted, ordered frames over a connected TCP socket (see the module doc).
 
-    ``initiator`` is the side that connected (a party); the coordinator accepted. Every failure raises
-    :class:`ChannelError`; after one the channel is closed.
+    ``initiator`` is the side that connected (a party); the coordinator accepted. The handshake ends with
+    key confirmation (each side sends an HMAC of both nonces under a key derived from the control key), so
+    a peer without the key is refused after 64 bytes, before any frame is read. Every read has a deadline
+    for the whole frame (a peer that trickles bytes cannot hold a reader longer than its timeout). Every
+    failure raises :class:`ChannelError`; after one the channel is closed.
     """
 
     def __init__(self, sock: socket.socket, key: bytes, *, initiator: bool, timeout_s: float) -> None:
@@ -115,26 +127,40 @@ class ControlChannel:
         self.timeout_s = timeout_s
         self._send_counter = 0
         self._recv_counter = 0
+        deadline = time.monotonic() + timeout_s
         mine = os.urandom(_NONCE_BYTES)
         try:
             sock.settimeout(timeout_s)
             sock.sendall(mine)
-            theirs = self._read_exact(_NONCE_BYTES)
+            theirs = self._read_exact(_NONCE_BYTES, deadline)
+            first, second = (mine, theirs) if initiator else (theirs, mine)
+            keys = HKDF(algorithm=hashes.SHA256(), length=96, salt=first + second,
+                        info=b"fedguard/mpc-control/v1").derive(key)
+            confirm = {role: hmac.new(keys[64:], role + first + second, "sha256").digest()
+                       for role in (b"initiator", b"responder")}
+            me, peer = (b"initiator", b"responder") if initiator else (b"responder", b"initiator")
+            sock.sendall(confirm[me])
+            if not hmac.compare_digest(self._read_exact(len(confirm[peer]), deadline), confirm[peer]):
+                raise KeyConfirmationError("the peer failed key confirmation (it does not hold the control key)")
+        except ChannelError:
+            self.close()
+            raise
         except OSError as err:
             self.close()
             raise ChannelError(f"control channel handshake failed: {err}") from err
-        first, second = (mine, theirs) if initiator else (theirs, mine)
-        keys = HKDF(algorithm=hashes.SHA256(), length=64, salt=first + second,
-                    info=b"fedguard/mpc-control/v1").derive(key)
-        initiator_key, responder_key = ChaCha20Poly1305(keys[:32]), ChaCha20Poly1305(keys[32:])
+        initiator_key, responder_key = ChaCha20Poly1305(keys[:32]), ChaCha20Poly1305(keys[32:64])
         self._send_aead, self._recv_aead = (initiator_key, responder_key) if initiator else (responder_key, initiator_key)
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def _read_exact(self, n: int) -> bytes:
+    def _read_exact(self, n: int, deadline: float) -> bytes:
         chunks, got = [], 0
         while got < n:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ChannelError("the peer did not send a whole message in time")
+            self.sock.settimeout(remaining)
             chunk = self.sock.recv(min(n - got, 1 << 20))
             if not chunk:
                 raise ChannelError("the control connection was closed by the peer")
@@ -157,17 +183,17 @@ class ControlChannel:
             raise ChannelError(f"sending on the control channel failed: {err}") from err
 
     def recv_bytes(self, timeout_s: float | None = None) -> bytes:
+        """One frame, read whole within ``timeout_s`` (default: the channel's timeout)."""
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else max(timeout_s, 1e-3))
         try:
-            self.sock.settimeout(self.timeout_s if timeout_s is None else max(timeout_s, 1e-3))
-            (length,) = _LENGTH.unpack(self._read_exact(_LENGTH.size))
+            (length,) = _LENGTH.unpack(self._read_exact(_LENGTH.size, deadline))
             if not 16 <= length <= MAX_FRAME_BYTES:
                 raise ChannelError(f"control frame of {length} bytes refused")
-            frame = self._read_exact(length)
+            frame = self._read_exact(length, deadline)
             payload = self._recv_aead.decrypt(self._nonce(self._recv_counter), frame, None)
         except InvalidTag:
             self.close()
-            raise ChannelError("a control frame failed authentication (wrong control key, or tampered, "
-                               "replayed or reordered)") from None
+            raise ChannelError("a control frame failed authentication (tampered, replayed or reordered)") from None
         except ChannelError:
             self.close()
             raise
@@ -308,7 +334,9 @@ def connect(address: tuple[str, int], key: bytes, *, deadline_s: float, timeout_
         try:
             sock = socket.create_connection(address, timeout=min(5.0, timeout_s))
             return ControlChannel(sock, key, initiator=True, timeout_s=timeout_s)
-        except OSError as err:
+        except KeyConfirmationError:
+            raise
+        except (OSError, ChannelError) as err:  # not up yet, or a handshake cut short: try again
             if time.monotonic() >= deadline:
                 raise ChannelError(f"could not reach the coordinator at {address[0]}:{address[1]}: {err}") from err
             time.sleep(0.2)
@@ -396,7 +424,8 @@ class NetworkParties(ComputeParties):
     def bind(self) -> tuple[str, int]:
         """Open the listening socket (so that parties can be pointed at it, e.g. port 0 -> a free port)."""
         if self._server is None or self.address is None:
-            server = socket.create_server(self.listen, reuse_port=False)
+            family = socket.AF_INET6 if ":" in self.listen[0] else socket.AF_INET
+            server = socket.create_server(self.listen, family=family, reuse_port=False)
             server.listen(self.n_parties * 4)
             self._server = server
             host, port = server.getsockname()[:2]
@@ -404,6 +433,9 @@ class NetworkParties(ComputeParties):
         return self.address
 
     def start(self) -> NetworkParties:
+        """Wait until every rank has connected. Each connection's handshake and announcement run in a
+        thread of their own with a deadline of ``HANDSHAKE_TIMEOUT_S``, so a slow or hostile peer cannot
+        hold up the parties behind it; refused peers are listed if the wait times out."""
         if self._state != "new":
             raise ConfigError(f"these parties are already {self._state}")
         self.bind()
@@ -411,31 +443,51 @@ class NetworkParties(ComputeParties):
         if server is None:
             raise ConfigError("no listening socket")
         deadline = time.monotonic() + self.startup_timeout_s
+        arrivals: queue.Queue[tuple[str, ControlChannel | None, wire.Message | None, str]] = queue.Queue()
         refused: list[str] = []
         try:
             while len(self._channels) < self.n_parties:
+                while not arrivals.empty():
+                    peer, channel, msg, error = arrivals.get()
+                    if channel is None or msg is None:
+                        refused.append(f"{peer}: {error}")
+                        continue
+                    try:
+                        self._admit(channel, msg)
+                    except (ChannelError, MessageError, ConfigError) as err:
+                        channel.close()
+                        refused.append(f"{peer}: {err}")
+                if len(self._channels) == self.n_parties:
+                    break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     missing = sorted(set(range(self.n_parties)) - set(self._channels))
                     raise ProtocolAbort(f"MPC parties {missing} did not connect within {self.startup_timeout_s:g} s"
                                         + (f" (refused: {'; '.join(refused[-3:])})" if refused else ""))
-                server.settimeout(remaining)
+                server.settimeout(min(remaining, 0.2))
                 try:
-                    sock, peer = server.accept()
+                    sock, address = server.accept()
                 except TimeoutError:
                     continue
-                try:
-                    self._admit(ControlChannel(sock, self._key, initiator=False, timeout_s=min(self.timeout_s, remaining)))
-                except (ChannelError, MessageError, ConfigError) as err:
-                    refused.append(f"{peer[0]}: {err}")
+                threading.Thread(target=self._handshake, args=(sock, f"{address[0]}:{address[1]}", arrivals),
+                                 daemon=True).start()
         except BaseException:
             self._abort()
             raise
         self._state = "running"
         return self
 
-    def _admit(self, channel: ControlChannel) -> None:
-        msg = channel.recv()
+    def _handshake(self, sock: socket.socket, peer: str, arrivals: queue.Queue[Any]) -> None:
+        """Key confirmation and the party's announcement, within ``HANDSHAKE_TIMEOUT_S`` (in a thread)."""
+        try:
+            channel = ControlChannel(sock, self._key, initiator=False, timeout_s=min(self.timeout_s, HANDSHAKE_TIMEOUT_S))
+            msg = channel.recv(timeout_s=HANDSHAKE_TIMEOUT_S)
+        except (ChannelError, MessageError) as err:
+            arrivals.put((peer, None, None, str(err)))
+            return
+        arrivals.put((peer, channel, msg, ""))
+
+    def _admit(self, channel: ControlChannel, msg: wire.Message) -> None:
         meta = msg.meta
         rank = meta.get("rank")
         problem = None

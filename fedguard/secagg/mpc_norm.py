@@ -24,11 +24,12 @@ The decision equals the plaintext decision for every input with ``|q_j| <= M``. 
 
 **Clipping instead of exclusion** (``clip_halvings = H > 0``). An over-bound update is scaled down by a
 factor from a public ladder ``a_j / 2^e`` with ``a_j = round(2^e · 2^(-j/L))``, ``j = 0..J``, ``J = L·H``
-(``L = 16`` steps per halving, so consecutive factors differ by 4.4%). With the public thresholds
+(``L = 16`` steps per halving: consecutive factors differ by 2^(1/16) = 4.4% before rounding to integers,
+at most 5.3% after it, since ``a_J = 2^(e-H) >= 2^7`` is required). With the public thresholds
 ``t_j = floor(T·4^e / a_j^2)`` (``t_0 = T``), ``S <= t_j  <=>  a_j^2·S <= T·4^e  <=>  ||(a_j/2^e)·q||^2 <=
 T`` exactly (``S`` is an integer). The factor is ``A = a_{j*}`` for the first ``j*`` with ``S <= t_{j*}``:
-the largest ladder factor whose clipped update is within the bound, at most 4.4% below the exact clip
-``B/||Δ||``. The parties clamp at ``t_J + 1`` instead of ``T + 1``, compare the clamped ``S`` with all
+the largest ladder factor whose clipped update is within the bound, at most one ladder step (<= 5.3%)
+below the exact clip ``B/||Δ||``. The parties clamp at ``t_J + 1`` instead of ``T + 1``, compare the clamped ``S`` with all
 ``J + 1`` thresholds at once (secret bits ``c_j``, monotone in ``j``), and form ``A = Σ_j c_j·(a_j −
 a_{j+1})`` (``a_{J+1} = 0``: a telescoping sum, linear in the bits, so local on shares). Only ``c_J`` is
 revealed (is the update within ``2^H`` times the bound; if not it is excluded as before); ``A`` stays
@@ -67,10 +68,15 @@ THRESHOLD_LIMIT_BITS = 60
 MAX_NORM_VALUE_BITS = 31
 """The chunked check needs ``M^2 < 2^61``: value_bits <= 31."""
 CLIP_STEPS_PER_HALVING = 16
-"""``L``: ladder factors per halving of the clip factor (consecutive factors differ by 2^(1/16), 4.4%)."""
+"""``L``: ladder factors per halving of the clip factor (consecutive factors differ by about 2^(1/16))."""
 MAX_SCALE_BITS = 16
 """``e``: the fixed-point scale of the clip factors (at most 2^16)."""
 MIN_SCALE_BITS = 8
+MIN_LADDER_BITS = 7
+"""The smallest clip factor ``a_J = 2^(e-H)`` is at least ``2^7``, so rounding ``a_j`` to integers moves
+each factor by at most 0.4%."""
+MAX_LADDER_STEP = 2.0 ** (1 / CLIP_STEPS_PER_HALVING) * (1 + 0.5 / 2**MIN_LADDER_BITS) / (1 - 0.5 / 2**MIN_LADDER_BITS)
+"""Bound on ``a_{j-1} / a_j``: 2^(1/16) (4.4%) widened by the rounding of both factors (5.3% in all)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +135,13 @@ class NormCheck:
                     f"clipping needs 2^{MIN_SCALE_BITS} of headroom in the ring for its factors: {n_clients} clients x "
                     f"M={spec.max_int} x max_weight={spec.max_weight} leave 2^{headroom}; lower value_bits or max_weight"
                 )
+        if clip_halvings and scale_bits - clip_halvings < MIN_LADDER_BITS:
+            raise ConfigError(
+                f"clip_halvings={clip_halvings} needs a factor scale of at least 2^{clip_halvings + MIN_LADDER_BITS} "
+                f"(the smallest factor a_J = 2^(e-H) must stay >= 2^{MIN_LADDER_BITS} so that rounding keeps the "
+                f"ladder's steps below {100 * (MAX_LADDER_STEP - 1):.1f}%), but {n_clients} clients x M={spec.max_int} "
+                f"x max_weight={spec.max_weight} leave e = {scale_bits}: lower clip_halvings, value_bits or max_weight"
+            )
         check = cls(float(bound), length, chunk, -(-length // chunk), threshold, clip_halvings, scale_bits)
         if clip_halvings and check.cap >= 1 << THRESHOLD_LIMIT_BITS:
             raise ConfigError(

@@ -172,6 +172,9 @@ class SignWatermark:
         regulariser's cost. The cache holds weak references to the weights with their storage pointers and
         in-place version counters, so a replaced parameter, a ``copy_`` or a re-parametrisation of the base
         weights invalidates it; weights that require grad are never cached (their product needs a gradient).
+        Writes through ``.data`` (e.g. ``weight.data += delta``) bypass the version counter: call
+        :meth:`refresh` after them. (Merging a LoRA adapter into the base weights is noticed separately: it
+        switches extraction to the per-block path.)
         """
         slot = (sig, ck)
         hit = self._response_cache.get(slot)
@@ -189,6 +192,10 @@ class SignWatermark:
             stamp = tuple((weakref.ref(w), w._version, w.data_ptr()) for w in weights)
             self._response_cache[slot] = (stamp, resp.detach())
         return resp
+
+    def refresh(self) -> None:
+        """Forget the cached products of frozen weights (after writing to them through ``.data``)."""
+        self._response_cache.clear()
 
     @staticmethod
     def _dim(block: TargetBlock) -> int:

@@ -255,6 +255,8 @@ def test_the_norm_check_runs_under_mpc_only() -> None:
         MpcAggregator(norm_bound=1.0, encoding=enc, backend="crypten", norm_action="shrink")
     with pytest.raises(ConfigError, match="norm_action='clip' needs norm_bound"):
         MpcAggregator(norm_action="clip")
+    with pytest.raises(ConfigError, match="needs clip_halvings >= 1, got 0"):
+        MpcAggregator(norm_bound=1.0, encoding=enc, backend="crypten", norm_action="clip", clip_halvings=0)
 
 
 # -- a lone client's update is never revealed by default ----------------------------------------------

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from fedguard.encoding import FixedPointSpec
 from fedguard.errors import ConfigError
-from fedguard.secagg.mpc_norm import NormCheck
+from fedguard.secagg.mpc_norm import MAX_LADDER_STEP, NormCheck
 
 
 def test_threshold_is_the_floor_of_the_exact_rational_bound() -> None:
@@ -89,6 +89,7 @@ def test_the_clip_ladder_picks_the_largest_factor_within_the_bound(value_bits: i
     one = 1 << check.scale_bits
     factor = check.clip_factor(q)
     assert check.factors[0] == one and list(check.factors) == sorted(check.factors, reverse=True)
+    assert all(a / b <= MAX_LADDER_STEP for a, b in zip(check.factors, check.factors[1:]))
     assert check.thresholds[0] == check.threshold
     if factor is None:  # more than 2^H times over: excluded
         assert total * check.factors[-1] ** 2 > check.threshold * one * one
@@ -109,3 +110,7 @@ def test_clipped_sum_without_over_bound_clients_is_the_exclusion_sum() -> None:
         NormCheck.for_bound(1.0, FixedPointSpec(value_bits=31, max_weight=1 << 20), 6, clip_halvings=2, n_clients=64)
     with pytest.raises(ConfigError, match="clip_halvings must be an int in"):
         NormCheck.for_bound(1.0, spec, 6, clip_halvings=-1)
+    # the reviewer's case: 256 clients leave e = 8, so 9 halvings would round the smallest factors to 0
+    wide = FixedPointSpec(value_bits=31, max_weight=65536)
+    with pytest.raises(ConfigError, match=r"smallest factor a_J = 2\^\(e-H\) must stay >= 2\^7"):
+        NormCheck.for_bound(1e-6, wide, 6, clip_halvings=9, n_clients=2)

@@ -28,7 +28,7 @@ from fedguard.federation.transport import InProcessTransport
 from fedguard.rng import SecureRNG
 from fedguard.secagg.crypten_rng import CHACHA
 from fedguard.secagg.mpc import NORM_CHECK_DROPPED, MpcAggregator, unweighted_input
-from fedguard.secagg.mpc_norm import NormCheck
+from fedguard.secagg.mpc_norm import MAX_LADDER_STEP, NormCheck
 from fedguard.secagg.mpc_parties import CryptenParties, _prepare_process
 from fedguard.updates import ClientUpdate
 
@@ -193,9 +193,9 @@ def test_clipping_under_mpc_equals_the_exact_reference_and_bounds_every_norm(par
     assert int(expected[-1]) == 3 + 5 + 7
     factors = {c: check.clip_factor(q) for c, q in qs.items()}
     assert factors[30] == 1 << check.scale_bits  # an in-bound update is not scaled
-    for c in (31, 32):  # clipped into the bound, less than one ladder step (4.4%) below it
+    for c in (31, 32):  # clipped into the bound, less than one ladder step below it
         clipped = np.linalg.norm(qs[c] * factors[c] / (1 << check.scale_bits)) / ENC.scale
-        assert bound / 2 ** (1 / 16) - 1e-6 <= clipped <= bound + 1e-9
+        assert bound / MAX_LADDER_STEP - 1e-6 <= clipped <= bound + 1e-9
 
 
 def test_multi_chunk_norm_check_is_exact_at_the_boundary_and_for_huge_updates(parties: CryptenParties) -> None:

@@ -138,6 +138,8 @@ def test_distributed_dp_section_errors_are_typed() -> None:
         ClientDPHook(DISTRIBUTED, n_clients=3, aggregator="plaintext")
     with pytest.raises(ConfigError, match="min_survivors must be <= federation.clients=3, got 4"):
         ClientDPHook({**DISTRIBUTED, "min_survivors": 4}, n_clients=3, aggregator="masking")
+    with pytest.raises(ConfigError, match="cannot be combined with the MPC norm check"):
+        ClientDPHook(DISTRIBUTED, n_clients=3, aggregator="mpc", aggregator_options={"norm_bound": 1.0})
     with pytest.raises(ConfigError, match="dp.backend must be 'rdp' for distributed placement"):
         ClientDPHook({**DISTRIBUTED, "backend": "pld"}, n_clients=3, aggregator="masking")
     hook = ClientDPHook(DISTRIBUTED, n_clients=3, aggregator="masking")

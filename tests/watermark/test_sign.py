@@ -90,6 +90,9 @@ def test_a_bound_watermark_follows_changes_to_the_frozen_consumer_weights(model:
     consumer.weight = torch.nn.Parameter(torch.randn_like(consumer.weight), requires_grad=False)  # replaced
     np.testing.assert_allclose(wm.extract(), SignWatermark(key, model).extract(), rtol=1e-12)
     torch.testing.assert_close(wm.projections(), SignWatermark(key, model).projections())
+    consumer.weight.data.mul_(0.5)  # through .data: no version bump, so the cache cannot see it ...
+    wm.refresh()  # ... and refresh() is the documented way to say so
+    np.testing.assert_allclose(wm.extract(), SignWatermark(key, model).extract(), rtol=1e-12)
     gamma = model.get_base_model().get_submodule(key.blocks[0].module).weight
     gamma.grad = None
     wm.loss().backward()  # a cache hit still carries the gradient to the norm scales
