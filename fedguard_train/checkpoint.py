@@ -56,13 +56,11 @@ def save_adapter(model: Any, directory: Path) -> list[str]:
     to ``modules_to_save`` in ``adapter_config.json``, so ``PeftModel.from_pretrained`` restores them
     (tested). Returns the names added.
     """
-    from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
     model.save_pretrained(directory)
-    saved = set(get_peft_model_state_dict(model))
     extra = {name: p for name, p in model.named_parameters()
-             if p.requires_grad and name not in saved and not _is_peft_managed(name)}
+             if p.requires_grad and not _is_peft_managed(name)}
     if not extra:
         return []
     weights = directory / "adapter_model.safetensors"

@@ -198,10 +198,6 @@ def install_stream_generators(crypten: ModuleType) -> None:
     setattr(crypten, _PATCHED, True)
 
 
-def stream_generators_installed(crypten: ModuleType) -> bool:
-    return bool(getattr(crypten, _PATCHED, False))
-
-
 CHACHA = "ChaCha20 (256-bit seed)"
 
 

@@ -61,6 +61,7 @@ from fedguard.secagg.mpc_parties import (
     ComputeParties,
     PartiesResult,
     agreed_result,
+    require_running,
 )
 from fedguard.secagg.mpc_sharing import SealedShares
 
@@ -526,12 +527,7 @@ class NetworkParties(ComputeParties):
         return tuple(dict(self._generators.get(r, {})) for r in range(self.n_parties))
 
     def aggregate(self, job: AggregationJob) -> PartiesResult:
-        if self._state == "aborted":
-            raise ProtocolAbort("the MPC compute parties were stopped by an earlier abort", round_id=job.round_id)
-        if self._state != "running":
-            raise ConfigError(f"the parties are {self._state}: start them first")
-        if job.norm is not None and not self.norm_check:
-            raise ConfigError("this round needs the norm check: start the parties with --norm-check")
+        require_running(self._state, job, self.norm_check, "start the parties with --norm-check")
         try:
             for rank, channel in self._channels.items():
                 channel.send(encode_job(job, rank))

@@ -75,6 +75,22 @@ class AggregationJob:
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ConfigError(f"min_contributors must be an int >= 1, got {m!r}")
 
+    def for_party(self, rank: int) -> AggregationJob:
+        """The job party ``rank`` receives: every client's ephemeral key, only this party's ciphertext."""
+        mine = {c: SealedShares(s.ephemeral_key, tuple(ct if k == rank else b"" for k, ct in enumerate(s.ciphertexts)))
+                for c, s in self.inputs.items()}
+        return replace(self, inputs=mine)
+
+
+def require_running(state: str, job: AggregationJob, norm_check: bool, how_to_enable: str) -> None:
+    """Refuse a round on parties that are not running, or a norm-check round on parties without it."""
+    if state == "aborted":
+        raise ProtocolAbort("the MPC compute parties were stopped by an earlier abort", round_id=job.round_id)
+    if state != "running":
+        raise ConfigError(f"the parties are {state}: start them first")
+    if job.norm is not None and not norm_check:
+        raise ConfigError(f"this round needs the norm check: {how_to_enable}")
+
 
 @dataclass(frozen=True, slots=True)
 class PartiesResult:
@@ -644,18 +660,10 @@ class CryptenParties(ComputeParties):
 
     # -- one round -----------------------------------------------------------------------------------
     def aggregate(self, job: AggregationJob) -> PartiesResult:
-        if self._state == "aborted":
-            raise ProtocolAbort("the MPC compute parties were stopped by an earlier abort", round_id=job.round_id)
-        if self._state != "running":
-            raise ConfigError(f"the parties are {self._state}: start them first")
-        if job.norm is not None and not self.norm_check:
-            raise ConfigError("this round needs the norm check: start CryptenParties(norm_check=True)")
+        require_running(self._state, job, self.norm_check, "start CryptenParties(norm_check=True)")
         try:
             for rank, p in enumerate(self._procs):
-                # each party receives only its own ciphertexts
-                mine = {c: SealedShares(s.ephemeral_key, tuple(ct if k == rank else b"" for k, ct in enumerate(s.ciphertexts)))
-                        for c, s in job.inputs.items()}
-                p.conn.send(("aggregate", replace(job, inputs=mine)))  # type: ignore[union-attr]
+                p.conn.send(("aggregate", job.for_party(rank)))  # type: ignore[union-attr]
             # a little longer than the parties' own gloo timeout, so a surviving party reports a stalled
             # peer itself; the coordinator's deadline only catches parties that stall outside gloo
             deadline = time.monotonic() + self.timeout_s + min(2.0, self.timeout_s / 2)
