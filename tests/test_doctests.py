@@ -14,6 +14,7 @@ MODULES = [
     "fedguard.encoding",
     "fedguard.wire",
     "fedguard.console",
+    "fedguard.checks",
 ]
 
 
