@@ -1,9 +1,10 @@
 """``fedguard demo``: an in-process federated simulation that shows the runtime at work.
 
-Until the FedHomoLLM trainer of ``fedguard_train`` is the main job, this is it: N clients share one tiny,
-randomly initialised GPT-2 (one copy of the frozen base weights in memory) with a LoRA adapter, train
+The seconds-long companion of ``make demo`` (FedHomoLLM on SmolLM2, ``fedguard_train``): N clients share
+one tiny, randomly initialised GPT-2 (one copy of the frozen base weights in memory) with a LoRA adapter, train
 locally on non-IID synthetic sequences, and send their adapter updates through an aggregator
-(``plaintext`` by default) as serialised messages; the server applies weighted FedAvg. Each round prints
+(``plaintext`` by default) as serialised messages; the server applies weighted FedAvg. Each round is
+:func:`fedguard.federation.round.run_round`, the same round every trainer runs. Each round prints
 one table row: losses, who dropped, bytes up/down from the real messages, and seconds.
 
 The task is :mod:`fedguard.toy_task`: non-IID sequences that follow one secret successor permutation.
@@ -22,12 +23,11 @@ import torch
 from fedguard.console import Column, RoundTable
 from fedguard.encoding import FixedPointSpec
 from fedguard.errors import ConfigError, ProtocolAbort
-from fedguard.federation.fedavg import aggregate_updates
 from fedguard.federation.registry import make_aggregator
+from fedguard.federation.round import ClientResult, run_round
 from fedguard.params import flatten, layout_of, load_vector
 from fedguard.rng import SecureRNG
 from fedguard.toy_task import successor_sequences
-from fedguard.updates import ClientUpdate
 
 if TYPE_CHECKING:
     from fedguard.cli import Commands
@@ -107,40 +107,41 @@ def run_demo(config: DemoConfig, *, table: RoundTable | None = None) -> list[dic
     history = []
     for r in range(1, config.rounds + 1):
         start = time.perf_counter()
-        global_vec = flatten(model, layout)
-        updates, losses = [], []
-        for c in range(config.clients):
+        losses: list[float] = []
+
+        def client_step(c: int, global_vec: np.ndarray) -> ClientResult:
             load_vector(model, layout, global_vec)  # the shared base weights stay; only adapters swap
             model.train()
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
+            mine = []
             for _ in range(config.local_steps):
                 idx = torch.randint(0, train[c].shape[0], (config.batch_size,), generator=torch_gen)
                 loss = _loss(model, train[c][idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                losses.append(float(loss.detach()))
-            delta = flatten(model, layout) - global_vec
-            updates.append(ClientUpdate(c, r, delta, int(train[c].shape[0])))
+                mine.append(float(loss.detach()))
+            losses.extend(mine)
+            return ClientResult(flatten(model, layout) - global_vec, int(train[c].shape[0]), float(np.mean(mine)))
+
         drop_rng = rng.spawn(f"drops/{r}")
         drop_at = {c: aggregator.input_stage for c in range(config.clients)
                    if drop_rng.uniform01(1)[0] < config.drop_rate}
         try:
-            outcome = aggregate_updates(updates, aggregator, spec, round_id=r, rng=rng.spawn(f"round/{r}"),
-                                        drop_at=drop_at)
-        except ProtocolAbort as err:
-            load_vector(model, layout, global_vec)
+            result = run_round(r, flatten(model, layout), range(config.clients), client_step, aggregator, spec,
+                               load=lambda v: load_vector(model, layout, v), rng=rng.spawn(f"round/{r}"),
+                               drop_at=drop_at)
+        except ProtocolAbort as err:  # run_round has put the global adapter back
             print(f"round {r} aborted: {err}")
             continue
-        load_vector(model, layout, global_vec + outcome.mean)
         row = {
             "round": r,
-            "clients": len(outcome.contributors),
+            "clients": len(result.contributors),
             "dropped": ",".join(str(c) for c in sorted(drop_at)) or "-",
             "train_loss": float(np.mean(losses)),
             "eval_loss": evaluate(),
-            "kib_up": outcome.traffic.bytes_up() / 1024,
-            "kib_down": outcome.traffic.bytes_down() / 1024,
+            "kib_up": result.bytes_up / 1024,
+            "kib_down": result.aggregation.traffic.bytes_down() / 1024,
             "seconds": time.perf_counter() - start,
         }
         table.row(row)

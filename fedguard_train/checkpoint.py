@@ -8,6 +8,7 @@ Layout under ``<run_dir>/checkpoints/``::
                                are stored as peft ``modules_to_save``, so that load restores them
     round-0003/global.npy      the exact global adapter vector (bit-exact resume)
     round-0003/state.json      round, config, layout, hook state (e.g. the privacy ledger), metrics
+    round-0003/server.npz      arrays of server-side models a trainer trains (only when it has some)
     latest.json                {"round": 3, "path": "round-0003"}
 
 A checkpoint directory is written under a temporary name and renamed into place, and ``latest.json``
@@ -19,13 +20,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fedguard.errors import ConfigError
+from fedguard.files import atomic_write
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,15 +36,7 @@ class Checkpoint:
     vector: np.ndarray
     state: dict[str, Any]
     path: Path
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def save_adapter(model: Any, directory: Path) -> list[str]:
@@ -84,8 +78,10 @@ def _is_peft_managed(name: str) -> bool:
     return any(part in name for part in ("lora_", "prompt_encoder", "modules_to_save", "original_module"))
 
 
-def save_checkpoint(run_dir: Path, round_id: int, model: Any, vector: np.ndarray, state: dict[str, Any]) -> Path:
-    """Write round ``round_id`` (adapter, exact vector, state) and point ``latest.json`` at it."""
+def save_checkpoint(run_dir: Path, round_id: int, model: Any, vector: np.ndarray, state: dict[str, Any], *,
+                    arrays: dict[str, np.ndarray] | None = None) -> Path:
+    """Write round ``round_id`` (adapter, exact vector, state, server-side ``arrays``) and point
+    ``latest.json`` at it."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"round-{round_id:04d}"
@@ -97,10 +93,12 @@ def save_checkpoint(run_dir: Path, round_id: int, model: Any, vector: np.ndarray
     save_adapter(model, tmp / "adapter")
     np.save(tmp / "global.npy", vector.astype(np.float32, copy=False))
     (tmp / "state.json").write_text(json.dumps({"round": round_id, **state}, indent=2, sort_keys=True))
+    if arrays:
+        np.savez(tmp / "server.npz", **arrays)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _atomic_write(root / "latest.json", json.dumps({"round": round_id, "path": name}))
+    atomic_write(root / "latest.json", json.dumps({"round": round_id, "path": name}))
     return final
 
 
@@ -114,9 +112,13 @@ def load_latest(run_dir: Path) -> Checkpoint | None:
         path = run_dir / "checkpoints" / latest["path"]
         state = json.loads((path / "state.json").read_text())
         vector = np.load(path / "global.npy", allow_pickle=False)
+        arrays: dict[str, np.ndarray] = {}
+        if (path / "server.npz").is_file():
+            with np.load(path / "server.npz", allow_pickle=False) as saved:
+                arrays = {k: saved[k] for k in saved.files}
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(f"checkpoint in {run_dir} is unreadable: {err}") from err
-    return Checkpoint(int(latest["round"]), vector, state, path)
+    return Checkpoint(int(latest["round"]), vector, state, path, arrays)
 
 
 def load_round_metrics(run_dir: Path, round_id: int) -> dict[str, Any]:

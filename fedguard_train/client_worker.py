@@ -1,6 +1,6 @@
 """One client's local training as its own (possibly multi-rank) DeepSpeed job.
 
-Run by the FedHomoLLM loop when ``training.nproc_per_node > 1``::
+Run by FedHomoLLM's client step when ``training.nproc_per_node > 1``::
 
     torchrun --nproc-per-node N -m fedguard_train.client_worker \\
         --config resolved.json --client K --round R --global global.npy --out update.npz
@@ -14,11 +14,14 @@ rank 0 writes ``delta = local - global`` and the mean loss. CrypTen must never r
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 from pathlib import Path
 
 import numpy as np
+
+from fedguard.files import atomic_write
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,20 +34,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from fedguard_train.config import TrainConfig
-    from fedguard_train.trainers.homo import FedHomoLLM, _seed_of
+    from fedguard_train.trainers.base import seed_of
+    from fedguard_train.trainers.homo import FedHomoLLM
 
     config = TrainConfig.from_dict(json.loads(Path(args.config).read_text()))
-    trainer = FedHomoLLM(config, quiet=True)
+    trainer = FedHomoLLM(config, quiet=True, coordinator=False)  # a rank trains; only the coordinator aggregates
     global_vec = np.load(args.global_path, allow_pickle=False)
-    trainer._load(global_vec)
+    trainer.load(global_vec)
     local = trainer.local.train(trainer.model, trainer.client_items[args.client],
-                                seed=_seed_of(config.seed, args.round, args.client))
-    delta = trainer._vector() - global_vec
+                                seed=seed_of(config.seed, args.round, args.client))
+    delta = trainer.global_vector() - global_vec
     if int(os.environ.get("RANK", "0")) == 0:
-        tmp = Path(args.out + ".tmp.npz")
-        np.savez(tmp, delta=delta, loss=np.float64(local.mean_loss),
+        buffer = io.BytesIO()
+        np.savez(buffer, delta=delta, loss=np.float64(local.mean_loss),
                  world_size=np.int64(int(os.environ.get("WORLD_SIZE", "1"))))
-        os.replace(tmp, args.out)
+        atomic_write(args.out, buffer.getvalue())
     return 0
 
 

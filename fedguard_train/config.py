@@ -8,8 +8,14 @@ refused with the nearest valid key named (PEFT's config style)::
     ...
     fedguard.errors.ConfigError: unknown key 'federation.clinets'; did you mean 'clients'?
 
+The privacy sections (``dp:``, ``watermark:``) and the aggregator's options
+(``federation.aggregator_options``, the options class the aggregator registered) are typed too, and the
+checks that involve two sections (distributed DP needs a secure aggregator, ...) run when the config is
+loaded, before any model loads.
+
 The resolved configuration (defaults filled in) is written to every run directory and compared on
-``--resume``: a resume against a different configuration is refused, naming the differing keys.
+``--resume``: a resume against a different configuration is refused, naming the differing keys (not
+``run_dir``: a run directory may be moved, and not ``federation.rounds``: a run may be extended).
 """
 
 from __future__ import annotations
@@ -24,14 +30,21 @@ from typing import Any, Literal, TypeVar, get_args, get_type_hints
 
 import yaml
 
+from fedguard.checks import int_problem
 from fedguard.errors import ConfigError
 
 T = TypeVar("T")
 
 PeftMethod = Literal["lora", "p-tuning-v2", "prompt-tuning"]
 Partition = Literal["attribute", "dirichlet", "iid"]
-Mode = Literal["federated", "centralized", "local"]
+Mode = Literal["federated", "centralized"]
 Precision = Literal["fp32", "bf16", "fp16"]
+DPPlacement = Literal["central", "distributed"]
+DPBackend = Literal["pld", "rdp", "prv"]
+WatermarkTarget = Literal["norm", "lora", "prompt"]
+
+MAX_SEED = 2**63 - 1
+REQUIRED_SECTIONS = ("run_dir", "model", "data", "federation")
 
 
 def _problems_of(obj: Any, checks: list[tuple[bool, str]]) -> None:
@@ -105,22 +118,40 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class FederationConfig:
-    """Clients, rounds and how updates are aggregated (any name in ``fedguard.federation.registry``)."""
+    """Clients, rounds and how updates are aggregated (any name in ``fedguard.federation.registry``).
+
+    ``aggregator_options`` is checked against the options class the aggregator registered
+    (e.g. ``MaskingOptions``): unknown keys are named with the nearest valid one."""
 
     clients: int = 3
     rounds: int = 3
     aggregator: str = "plaintext"
-    aggregator_options: Mapping[str, Any] = field(default_factory=dict)
+    aggregator_options: Any = field(default_factory=dict)
     clip: float = 1.0  # fixed-point clipping range of update values
     value_bits: int = 24
 
     def __post_init__(self) -> None:
-        _problems_of(self, [
-            (self.clients >= 1, f"clients must be >= 1, got {self.clients}"),
-            (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
-            (self.clip > 0, f"clip must be > 0, got {self.clip}"),
-            (2 <= self.value_bits <= 40, f"value_bits must be in [2, 40], got {self.value_bits}"),
-        ])
+        from fedguard.federation.registry import AggregatorOptions, aggregator_options
+
+        problems = [p for p in (int_problem("clients", self.clients, low=1), int_problem("rounds", self.rounds, low=1))
+                    if p]
+        if not self.clip > 0:
+            problems.append(f"clip must be > 0, got {self.clip}")
+        if not 2 <= self.value_bits <= 40:
+            problems.append(f"value_bits must be in [2, 40], got {self.value_bits}")
+        options = self.aggregator_options
+        if options is None:
+            options = {}
+        if not isinstance(options, AggregatorOptions):
+            if not isinstance(options, Mapping):
+                problems.append(f"aggregator_options must be a mapping, got {options!r}")
+            else:
+                try:
+                    object.__setattr__(self, "aggregator_options", aggregator_options(self.aggregator, options))
+                except ConfigError as err:
+                    problems += [f"aggregator_options: {p}" if not p.startswith("unknown aggregator") else p
+                                 for p in err.problems]
+        _problems_of(self, [(False, p) for p in problems])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,12 +197,109 @@ class EvalConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DPSection:
+    """The ``dp:`` section: client-level DP-FedAvg (McMahan et al., ICLR 2018; ``fedguard.dp``).
+
+    ``placement: central``: the server adds Gaussian noise ``z·C`` to the clipped sum (default backend
+    ``pld``). ``placement: distributed``: each client adds its share of discrete-Gaussian noise inside a
+    secure aggregator's ring (Kairouz, Liu, Steinke, ICML 2021; backend ``rdp``, a zCDP bound).
+    ``target_delta`` is required (below ``1/clients``); ``epsilon_budget`` stops the run before a round
+    that would exceed it. Every client trains every round (sampling rate 1).
+    """
+
+    clip_norm: float
+    noise_multiplier: float
+    target_delta: float
+    epsilon_budget: float | None = None
+    backend: DPBackend | None = None  # None: pld (central) or rdp (distributed)
+    placement: DPPlacement = "central"
+    min_survivors: int | None = None  # distributed: default every client
+    colluding: int = 0
+    value_bits: int = 24
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if not 0 < self.target_delta < 1:
+            problems.append(f"target_delta must be in (0, 1), got {self.target_delta}")
+        if self.epsilon_budget is not None and not self.epsilon_budget > 0:
+            problems.append(f"epsilon_budget must be > 0, got {self.epsilon_budget}")
+        if self.placement == "distributed" and self.backend not in (None, "rdp"):
+            problems.append(f"dp.backend must be 'rdp' for distributed placement (its release is a zCDP bound), "
+                            f"got {self.backend!r}")
+        try:
+            self.client_config(self.min_survivors or 1)
+        except ConfigError as err:
+            problems += list(err.problems)
+        _problems_of(self, [(False, p) for p in problems])
+
+    @property
+    def accounting_backend(self) -> str:
+        return self.backend or ("rdp" if self.placement == "distributed" else "pld")
+
+    def client_config(self, n_clients: int) -> Any:
+        """The :class:`fedguard.dp.ClientDPConfig` of a federation of ``n_clients`` (every client, every round)."""
+        from fedguard.dp import ClientDPConfig
+
+        raw: dict[str, Any] = {"clip_norm": self.clip_norm, "noise_multiplier": self.noise_multiplier,
+                               "population": n_clients, "denominator": "participants", "placement": self.placement,
+                               "colluding": self.colluding, "value_bits": self.value_bits}
+        if self.placement == "distributed":
+            raw["min_survivors"] = self.min_survivors if self.min_survivors is not None else n_clients
+        return ClientDPConfig.from_dict(raw)
+
+    def problems_with(self, *, n_clients: int, aggregator: str, aggregator_options: Any) -> list[str]:
+        """What this section cannot do with the rest of the run's configuration."""
+        problems = []
+        if not self.target_delta < 1 / n_clients:
+            problems.append(f"dp.target_delta must be < 1/federation.clients = {1 / n_clients:g}, got {self.target_delta}")
+        if self.placement == "distributed":
+            if aggregator == "plaintext":
+                problems.append("dp.placement 'distributed' needs a secure aggregator (federation.aggregator: masking, "
+                                "paillier or mpc): with 'plaintext' the server sees each client's update with only "
+                                "its share of the noise")
+            norm_bound = (aggregator_options.get("norm_bound") if isinstance(aggregator_options, Mapping)
+                          else getattr(aggregator_options, "norm_bound", None))
+            if aggregator == "mpc" and norm_bound is not None:
+                problems.append("dp.placement 'distributed' cannot be combined with the MPC norm check "
+                                "(federation.aggregator_options.norm_bound): it would check, exclude or clip the "
+                                "noised inputs, which the accountant does not model; DP clipping already bounds them")
+            if self.min_survivors is not None and self.min_survivors > n_clients:
+                problems.append(f"dp.min_survivors must be <= federation.clients={n_clients}, got {self.min_survivors}")
+        return problems
+
+
+@dataclass(frozen=True, kw_only=True)
+class WatermarkSection:
+    """The ``watermark:`` section: each client embeds its own FedIPR sign watermark (Li et al., TPAMI
+    2022; FATE-LLM §3.1). ``target``: the norm scales (made trainable beside the adapter), the LoRA
+    weights or the prompt encoder; ``alpha`` weighs the hinge regulariser ``relu(gamma0 − b_j (Eᵀθ)_j)``;
+    ``key_dir``: where the secret keys go (default ``<run_dir>/keys``; files of mode 0600)."""
+
+    bits: int = 32
+    target: WatermarkTarget = "norm"
+    alpha: float = 3e-3
+    gamma0: float = 1.0
+    key_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        problems = [p for p in (int_problem("bits", self.bits, low=1),) if p]
+        if not self.alpha > 0:
+            problems.append(f"alpha must be > 0, got {self.alpha}")
+        if not self.gamma0 > 0:
+            problems.append(f"gamma0 must be > 0, got {self.gamma0}")
+        _problems_of(self, [(False, p) for p in problems])
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """A whole run. ``mode``: ``federated`` (FedHomoLLM), ``centralized`` (one party holds the union of
-    the clients' data; same total steps) or ``local`` (each client alone; same steps per client)."""
+    """A whole run. ``trainer``: which of the paper's trainers (``homo``: FedHomoLLM; see
+    ``fedguard_train.trainers``). ``mode``: ``federated``, or ``centralized`` (one party holds the union of
+    the clients' data; same total steps). Each client alone ("Client-k" in the paper's Tables 1-2) is
+    a column of ``fedguard train-compare``."""
 
     run_dir: str = "runs/fedhomo"
     seed: int = 0
+    trainer: str = "homo"
     mode: Mode = "federated"
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -179,10 +307,32 @@ class TrainConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    # sections later components add (watermark, dp) are carried through untouched here and
-    # validated by the component that reads them
-    watermark: Mapping[str, Any] | None = None
-    dp: Mapping[str, Any] | None = None
+    watermark: WatermarkSection | None = None
+    dp: DPSection | None = None
+
+    def __post_init__(self) -> None:
+        from fedguard_train.trainers import trainer_names
+
+        problems = [p for p in (int_problem("seed", self.seed, low=0, high=MAX_SEED),) if p]
+        if not self.run_dir:
+            problems.append("run_dir must not be empty")
+        if self.trainer not in trainer_names():
+            close = difflib.get_close_matches(str(self.trainer), trainer_names(), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"trainer must be one of {trainer_names()}, got {self.trainer!r}{hint}")
+        fed = self.federation
+        if self.dp is not None:
+            problems += self.dp.problems_with(n_clients=fed.clients, aggregator=fed.aggregator,
+                                              aggregator_options=fed.aggregator_options)
+        if self.watermark is not None and self.training.nproc_per_node > 1:
+            problems.append("watermark needs in-process clients (training.nproc_per_node = 1)")
+        if problems:
+            raise ConfigError.collect(problems)
+
+    @property
+    def n_parties(self) -> int:
+        """Parties that train in a round: the clients, or one in centralized mode."""
+        return 1 if self.mode == "centralized" else self.federation.clients
 
     # -- (de)serialisation ----------------------------------------------------------------------------
     @classmethod
@@ -197,8 +347,10 @@ class TrainConfig:
             raise ConfigError(f"config file {str(path)!r} does not exist") from err
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
-        if raw is None:
-            raw = {}
+        if raw is None or raw == {}:
+            raise ConfigError(f"config file {str(path)!r} is empty; a run config needs at least "
+                              f"{', '.join(REQUIRED_SECTIONS)} (e.g. model.name_or_path, data.source, "
+                              f"federation.clients and rounds): see examples/homo_lora.yaml")
         if not isinstance(raw, Mapping):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(raw).__name__}")
         return cls.from_dict(raw)
@@ -209,10 +361,18 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
-    def differences(self, other: TrainConfig, *, ignore: tuple[str, ...] = ("federation.rounds",)) -> list[str]:
-        """Dotted keys whose values differ (``ignore``: keys a resume may change, e.g. more rounds)."""
+    def differences(self, other: TrainConfig, *,
+                    ignore: tuple[str, ...] = ("federation.rounds", "run_dir")) -> list[str]:
+        """Dotted keys whose values differ (``ignore``: keys that do not change the result: more rounds, and
+        where the run is written)."""
         a, b = _flatten(self.to_dict()), _flatten(other.to_dict())
         return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in ignore)
+
+
+def section_from_mapping(cls: type[T], raw: Mapping[str, Any], name: str) -> T:
+    """Build one typed section (``dp``, ``watermark``, ...) from a plain mapping, with the same checks and
+    messages as a whole config (unknown keys named with the nearest valid key)."""
+    return _build(cls, raw, f"{name}.")
 
 
 def _plain(value: Any) -> Any:
@@ -245,16 +405,48 @@ def _build(cls: type[T], raw: Any, path: str) -> T:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(known)})"
             problems.append(f"unknown key {path + str(key)!r}{hint}")
+    missing = [f.name for f in fields(cls)  # type: ignore[arg-type]
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in raw]
+    problems += [f"{path}{name} is required" for name in missing]
+    if raw.get("mode") == "local" and cls.__name__ == "TrainConfig":
+        problems.append("mode 'local' (each client alone) is a column of `fedguard train-compare`, not a run mode; "
+                        "use mode 'federated' or 'centralized'")
     if problems:
         raise ConfigError.collect(problems)
     kwargs: dict[str, Any] = {}
     for name, value in raw.items():
         hint = hints[name]
-        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value if value is not None else {}, f"{path}{name}.")
+        section = _section_type(hint)
+        if section is not None:
+            if value is None and _is_optional(hint):
+                kwargs[name] = None
+            else:
+                kwargs[name] = _build(section, value if value is not None else {}, f"{path}{name}.")
         else:
             kwargs[name] = _coerce(value, hint, path + name)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        if not path:
+            raise
+        # name the section in each problem (e.g. "dp.clip_norm must be ...")
+        raise ConfigError.collect([p.replace(f"{cls.__name__}: ", path, 1) if p.startswith(f"{cls.__name__}: ")
+                                   else f"{path}{p}" for p in err.problems]) from err
+
+
+def _is_optional(hint: Any) -> bool:
+    return type(None) in get_args(hint)
+
+
+def _section_type(hint: Any) -> type | None:
+    """The dataclass of a section annotation (``X`` or ``X | None``), or None."""
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return hint
+    for option in get_args(hint) if (type(hint).__name__ == "UnionType" or
+                                     str(getattr(hint, "__origin__", "")) == "typing.Union") else ():
+        if isinstance(option, type) and dataclasses.is_dataclass(option):
+            return option
+    return None
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:

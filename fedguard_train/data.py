@@ -107,8 +107,13 @@ def load_jsonl(path: str | Path, *, max_examples: int | None = None) -> list[Exa
     if not path.is_file():
         raise ConfigError(f"data file {str(path)!r} does not exist")
     out = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ConfigError(f"{path}:{number}: not valid UTF-8 (byte {err.start + 1} of the line: "
+                                  f"{raw[err.start:err.start + 1]!r})") from err
             if not line.strip():
                 continue
             try:

@@ -25,8 +25,8 @@ import torch
 from fedguard.errors import FedGuardError
 from fedguard_train.config import TrainingConfig
 from fedguard_train.data import collate
+from fedguard_train.hooks import LocalLoss, LossFn
 
-LossHook = Callable[[torch.Tensor], torch.Tensor]
 BatchHook = Callable[[list[dict[str, list[int]]]], list[dict[str, list[int]]]]
 
 
@@ -110,11 +110,14 @@ class LocalTrainer:
         items: Sequence[dict[str, list[int]]],
         *,
         seed: int,
-        loss_hook: LossHook | None = None,
+        loss_hook: LossFn | None = None,
         batch_hook: BatchHook | None = None,
         progress: Callable[[float], None] | None = None,
     ) -> LocalResult:
-        """``local_steps`` optimiser steps; raises :class:`TrainingDiverged` on a non-finite loss."""
+        """``local_steps`` optimiser steps; raises :class:`TrainingDiverged` on a non-finite loss.
+
+        ``loss_hook`` sees each micro-batch's :class:`~fedguard_train.hooks.LocalLoss` (loss, batch and
+        model outputs) and returns the loss to minimise."""
         import deepspeed
 
         ensure_distributed_env()
@@ -134,9 +137,10 @@ class LocalTrainer:
                     if batch_hook is not None:
                         batch_items = batch_hook(batch_items)
                     batch = collate(batch_items, self.pad_id)
-                    loss = engine(**batch).loss
+                    outputs = engine(**batch)
+                    loss = outputs.loss
                     if loss_hook is not None:
-                        loss = loss_hook(loss)
+                        loss = loss_hook(LocalLoss(loss, batch, outputs))
                     if not bool(torch.isfinite(loss)):
                         raise TrainingDiverged(f"local loss became {float(loss)} after {len(losses)} micro-batches")
                     engine.backward(loss)

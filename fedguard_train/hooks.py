@@ -1,6 +1,8 @@
 """Where privacy components attach to the round loop, without editing its body.
 
-A :class:`TrainerHook` sees every seam of a FedHomoLLM round (DESIGN.md §3):
+A :class:`TrainerHook` extends the core's :class:`fedguard.federation.round.RoundHooks` (the seams of
+:func:`~fedguard.federation.round.run_round`) with the seams that need a model; it sees every seam of a
+round of any trainer (DESIGN.md §3):
 
 ==========================  ================================================================
 ``prepare_model``           once, after the adapter is attached and before the travelling layout
@@ -8,7 +10,9 @@ A :class:`TrainerHook` sees every seam of a FedHomoLLM round (DESIGN.md §3):
 ``on_layout``               once, with the length of the travelling vector (the update dimension)
 ``on_round_start``          before any client trains; e.g. an accountant refusing a round that
                             would overspend (raise ``BudgetExceededError``)
-``local_loss``              wraps each local loss; e.g. a FedIPR watermark regulariser
+``local_loss``              wraps each local loss; it sees the batch and the model outputs
+                            (logits) too (:class:`LocalLoss`); e.g. a FedIPR watermark
+                            regulariser, or a distillation term
 ``local_batch``             rewrites each local micro-batch; e.g. backdoor-watermark triggers
 ``client_update``           transforms a client's update before aggregation; e.g. DP clipping
 ``ring_encoding``           replaces the fixed-point encoding of client updates (at most one hook);
@@ -25,31 +29,42 @@ Every method has a do-nothing default, so a hook overrides only what it needs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from fedguard.encoding import FixedPointSpec
 from fedguard.errors import ConfigError
-from fedguard.federation.fedavg import RingEncoder
+from fedguard.federation.round import RingEncoding, RoundHooks
 from fedguard.updates import ClientUpdate
 
 Items = list[dict[str, list[int]]]
 
 
 @dataclass(frozen=True, slots=True)
-class RingEncoding:
-    """How client updates enter the secure aggregator: the fixed-point ``spec`` the server decodes with
-    and the client-side ``encode`` function (see :data:`fedguard.federation.RingEncoder`)."""
+class LocalLoss:
+    """One local micro-batch's loss with what produced it, as a ``local_loss`` hook sees it.
 
-    spec: FixedPointSpec
-    encode: RingEncoder
+    ``loss``: the (possibly already transformed) scalar to minimise; ``batch``: the model inputs
+    (``input_ids``, ``attention_mask``, ``labels``); ``outputs``: the model's outputs (``outputs.logits``),
+    e.g. for a knowledge-distillation term against a teacher's logits.
+    """
+
+    loss: torch.Tensor
+    batch: Mapping[str, torch.Tensor]
+    outputs: Any
+
+    def with_loss(self, loss: torch.Tensor) -> LocalLoss:
+        return replace(self, loss=loss)
 
 
-class TrainerHook:
+LossFn = Callable[[LocalLoss], torch.Tensor]
+"""A ``local_loss`` hook's function: ``LocalLoss -> the new loss``."""
+
+
+class TrainerHook(RoundHooks):
     """Base class with no-op defaults. ``name`` keys the hook's state in checkpoints."""
 
     name = "hook"
@@ -60,26 +75,13 @@ class TrainerHook:
     def on_layout(self, dimension: int) -> None:
         """Called once with the number of values each client update carries."""
 
-    def on_round_start(self, round_id: int, participants: Sequence[int]) -> None:
-        """Called before local training; raise to refuse the round."""
-
-    def local_loss(self, client_id: int, model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """A function ``loss -> loss'`` applied to every local loss of ``client_id``, or None."""
+    def local_loss(self, client_id: int, model: torch.nn.Module) -> LossFn | None:
+        """A function ``LocalLoss -> loss'`` applied to every local loss of ``client_id``, or None."""
         return None
 
     def local_batch(self, client_id: int) -> Callable[[Items], Items] | None:
         """A function rewriting the client's micro-batches, or None."""
         return None
-
-    def client_update(self, update: ClientUpdate) -> ClientUpdate:
-        return update
-
-    def ring_encoding(self) -> RingEncoding | None:
-        """The encoding of this round's client updates, or None for the trainer's default."""
-        return None
-
-    def aggregate(self, round_id: int, mean: np.ndarray, contributors: Sequence[int]) -> np.ndarray:
-        return mean
 
     def on_round_end(self, round_id: int, model: torch.nn.Module, metrics: dict[str, Any]) -> None:
         """May add entries to ``metrics`` (they appear in metrics.jsonl and the report)."""
@@ -111,15 +113,15 @@ class HookList(TrainerHook):
         for h in self.hooks:
             h.on_round_start(round_id, participants)
 
-    def local_loss(self, client_id: int, model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    def local_loss(self, client_id: int, model: torch.nn.Module) -> LossFn | None:
         fns = [f for h in self.hooks if (f := h.local_loss(client_id, model)) is not None]
         if not fns:
             return None
 
-        def apply(loss: torch.Tensor) -> torch.Tensor:
+        def apply(step: LocalLoss) -> torch.Tensor:
             for f in fns:
-                loss = f(loss)
-            return loss
+                step = step.with_loss(f(step))
+            return step.loss
 
         return apply
 

@@ -39,59 +39,32 @@ import torch
 from fedguard.errors import ConfigError
 from fedguard.rng import SecureRNG
 from fedguard.updates import ClientUpdate
-from fedguard_train.config import TrainConfig
+from fedguard_train.config import DPSection, TrainConfig, section_from_mapping
 from fedguard_train.hooks import RingEncoding, TrainerHook
 
-_DP_TRAINER_KEYS = {"target_delta", "epsilon_budget", "backend"}
-
-
 class ClientDPHook(TrainerHook):
-    """Client-level DP-FedAvg with central noise and a budgeted accountant, as a trainer hook."""
+    """Client-level DP-FedAvg with central or distributed noise and a budgeted accountant, as a trainer hook."""
 
     name = "dp"
 
-    def __init__(self, section: Mapping[str, Any], *, n_clients: int, aggregator: str = "plaintext",
-                 aggregator_options: Mapping[str, Any] | None = None,
+    def __init__(self, section: DPSection | Mapping[str, Any], *, n_clients: int, aggregator: str = "plaintext",
+                 aggregator_options: Any = None,
                  noise_rng: Callable[[int], SecureRNG] | None = None) -> None:
-        """``noise_rng(client_id)``: where a client's distributed noise comes from (default: a fresh
+        """``section``: the typed ``dp:`` section (a plain mapping is checked into one).
+        ``noise_rng(client_id)``: where a client's distributed noise comes from (default: a fresh
         :class:`SecureRNG` on OS entropy per client and round; tests pass a seeded one to be repeatable)."""
-        from fedguard.dp import ClientDPConfig, ClientLevelDP, PrivacyAccountant
+        from fedguard.dp import ClientLevelDP, PrivacyAccountant
 
-        raw = dict(section)
-        if "target_delta" not in raw:
-            raise ConfigError(f"dp.target_delta is required (a delta below 1/{n_clients})")
-        trainer_keys = {k: raw.pop(k) for k in list(raw) if k in _DP_TRAINER_KEYS}
-        raw.setdefault("population", n_clients)
-        raw.setdefault("denominator", "participants")
-        distributed = raw.get("placement") == "distributed"
-        if distributed:
-            raw.setdefault("min_survivors", n_clients)
-            trainer_keys.setdefault("backend", "rdp")  # the discrete-Gaussian release is a zCDP bound
-        config = ClientDPConfig.from_dict(raw)
-        problems = []
-        if distributed and aggregator == "plaintext":
-            problems.append("dp.placement 'distributed' needs a secure aggregator (federation.aggregator: masking, "
-                            "paillier or mpc): with 'plaintext' the server sees each client's update with only "
-                            "its share of the noise")
-        if distributed and aggregator == "mpc" and (aggregator_options or {}).get("norm_bound") is not None:
-            problems.append("dp.placement 'distributed' cannot be combined with the MPC norm check "
-                            "(federation.aggregator_options.norm_bound): it would check, exclude or clip the "
-                            "noised inputs, which the accountant does not model; DP clipping already bounds them")
-        if distributed and trainer_keys["backend"] != "rdp":
-            problems.append(f"dp.backend must be 'rdp' for distributed placement (its release is a zCDP bound), "
-                            f"got {trainer_keys['backend']!r}")
-        if distributed and config.min_survivors is not None and config.min_survivors > n_clients:
-            problems.append(f"dp.min_survivors must be <= federation.clients={n_clients}, got {config.min_survivors}")
-        if config.sampling_rate != 1.0:
-            problems.append(f"dp.sampling_rate must be 1.0 (every client trains every round), got {config.sampling_rate}")
-        if config.population != n_clients:
-            problems.append(f"dp.population must equal federation.clients={n_clients}, got {config.population}")
+        if not isinstance(section, DPSection):
+            section = section_from_mapping(DPSection, section, "dp")
+        problems = section.problems_with(n_clients=n_clients, aggregator=aggregator,
+                                         aggregator_options=aggregator_options or {})
         if problems:
             raise ConfigError.collect(problems)
-        accountant = PrivacyAccountant(target_delta=float(trainer_keys["target_delta"]),
-                                       epsilon_budget=trainer_keys.get("epsilon_budget"),
-                                       backend=trainer_keys.get("backend", "pld"), population=n_clients)
-        self._trainer_keys = trainer_keys
+        config = section.client_config(n_clients)
+        accountant = PrivacyAccountant(target_delta=section.target_delta, epsilon_budget=section.epsilon_budget,
+                                       backend=section.accounting_backend, population=n_clients)
+        self.section = section
         self.dp = ClientLevelDP(config, accountant=accountant, rng=SecureRNG())
         self._last: Any = None
         self._dimension: int | None = None
@@ -149,7 +122,7 @@ def hooks_from_config(config: TrainConfig) -> list[TrainerHook]:
     """The privacy hooks a run config asks for."""
     hooks: list[TrainerHook] = []
     if config.dp:
-        hooks.append(ClientDPHook(config.dp, n_clients=config.federation.clients,
+        hooks.append(ClientDPHook(config.dp, n_clients=config.n_parties,
                                   aggregator=config.federation.aggregator,
                                   aggregator_options=config.federation.aggregator_options))
     if config.watermark:

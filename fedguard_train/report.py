@@ -16,6 +16,7 @@ def plot_curves(history: Sequence[dict[str, Any]], baseline: dict[str, Any], pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (ax_loss, ax_rouge) = plt.subplots(1, 2, figsize=(9, 3.4))
     rounds = [r["round"] for r in history]
@@ -26,6 +27,7 @@ def plot_curves(history: Sequence[dict[str, Any]], baseline: dict[str, Any], pat
     ax_rouge.set(title="ROUGE-L on the held-out split", xlabel="round (0 = base model)", ylabel="ROUGE-L")
     for ax in (ax_loss, ax_rouge):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -33,15 +35,17 @@ def plot_curves(history: Sequence[dict[str, Any]], baseline: dict[str, Any], pat
 
 
 def write_report(run_dir: Path, *, config: dict[str, Any], history: Sequence[dict[str, Any]],
-                 baseline: dict[str, Any], partition: Sequence[dict[str, Any]], counts: dict[str, Any]) -> Path:
-    """Write ``report.md`` (and ``curves.png``) into ``run_dir``."""
+                 baseline: dict[str, Any], partition: Sequence[dict[str, Any]], counts: dict[str, Any],
+                 title: str = "FedHomoLLM", aggregator: str | None = None) -> Path:
+    """Write ``report.md`` (and ``curves.png``) into ``run_dir``; ``aggregator``: the aggregator's label
+    (e.g. one that says its MPC parties are simulated)."""
     plot_curves(history, baseline, run_dir / "curves.png")
     fed = config["federation"]
     lines = [
-        f"# FedHomoLLM run: {run_dir.name}",
+        f"# {title} run: {run_dir.name}",
         "",
         f"- model: `{config['model']['name_or_path']}`, adapter: **{config['adapter']['method']}**, "
-        f"mode: {config['mode']}, aggregator: `{fed['aggregator']}`",
+        f"mode: {config['mode']}, aggregator: `{aggregator or fed['aggregator']}`",
         f"- {fed['clients']} clients, {fed['rounds']} rounds, {config['training']['local_steps']} local steps "
         f"of {config['training']['batch_size']}x{config['training']['grad_accum']} examples, "
         f"DeepSpeed ZeRO-{config['training']['zero_stage']}",

@@ -11,10 +11,12 @@ from typing import Any
 from tqdm import tqdm
 
 from fedguard.console import Column, RoundTable
+from fedguard.errors import ConfigError
 from fedguard_train.config import TrainConfig
 from fedguard_train.privacy import hooks_from_config
 from fedguard_train.report import write_report
-from fedguard_train.trainers.homo import FedHomoLLM, RunResult, run_local
+from fedguard_train.trainers import trainer_class
+from fedguard_train.trainers.base import RunResult, Trainer, prepare_run_dir
 
 ROUND_COLUMNS = [
     Column("round", "round", "{:d}", 5),
@@ -69,41 +71,91 @@ def _write_line(line: str) -> None:
     sys.stdout.flush()  # rows appear as they happen, also when stdout is a file
 
 
-def run_training(config: TrainConfig, *, resume: bool = False, quiet: bool = False) -> RunResult:
-    """Train with a progress bar and a per-round table; write metrics.jsonl, checkpoints and report.md."""
-    total = config.federation.rounds * config.federation.clients * config.training.local_steps
-    bar = tqdm(total=total, desc="local steps", unit="step", disable=quiet, leave=False)
+class ConsoleObserver:
+    """A progress bar over the local steps to come (started when training starts, so set-up messages and
+    errors are never glued to it) and the round table beside it."""
 
-    def step(loss: float) -> None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}")
+    def __init__(self, table: RoundTable | None, *, quiet: bool = False) -> None:
+        self.table = table
+        self.quiet = quiet
+        self.bar: Any = None
 
-    trainer = FedHomoLLM(config, hooks=hooks_from_config(config), quiet=quiet, on_step=step)
+    def start(self, total_steps: int) -> None:
+        self.close()
+        self.bar = tqdm(total=total_steps, desc="local steps", unit="step", disable=self.quiet, leave=False)
+
+    def step(self, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}")
+
+    def row(self, values: dict[str, Any]) -> None:
+        if self.table is not None:
+            self.table.row(values)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def build_trainer(config: TrainConfig, *, quiet: bool = False, **kwargs: Any) -> Trainer:
+    """The trainer the config's ``trainer:`` key selects, with the privacy hooks its sections ask for."""
+    cls = trainer_class(config.trainer)
+    return cls(config, hooks=kwargs.pop("hooks", None) or hooks_from_config(config), quiet=quiet, **kwargs)
+
+
+def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+                 quiet: bool = False) -> RunResult:
+    """Train with a progress bar and a per-round table; write metrics.jsonl, checkpoints and report.md.
+
+    An existing run in ``run_dir`` is refused (before any model loads) unless ``resume`` or ``overwrite``."""
+    prepare_run_dir(Path(config.run_dir), resume=resume, overwrite=overwrite)
+    trainer = build_trainer(config, quiet=quiet)
     if not quiet:
-        tqdm.write(f"{config.federation.clients} clients, adapter {config.adapter.method}: "
+        tqdm.write(f"{trainer.title}: {config.n_parties} {'party' if config.n_parties == 1 else 'clients'}, "
+                   f"adapter {config.adapter.method}, aggregator {trainer.aggregator_label}: "
                    f"{trainer.counts['trainable']:,} travelling parameters of {trainer.counts['total']:,} "
                    f"({100 * trainer.counts['share']:.3f}%)")
         for part in trainer.partition:
             tqdm.write(f"  client {part['client']}: {part['examples']} examples; {part['top']}")
-    table = _Table(config) if not quiet else None
-    result = trainer.run(resume=resume, table=table)
-    bar.close()
+    observer = ConsoleObserver(_Table(config) if not quiet else None, quiet=quiet)
+    label = trainer.aggregator_label
+    try:
+        result = trainer.run(resume=resume, overwrite=overwrite, observer=observer)
+    finally:
+        observer.close()
     report = write_report(Path(config.run_dir), config=config.to_dict(), history=result.history,
-                          baseline=result.baseline, partition=trainer.partition, counts=trainer.counts)
+                          baseline=result.baseline, partition=trainer.partition, counts=trainer.counts,
+                          title=trainer.title, aggregator=label)
     if not quiet:
         tqdm.write(f"run directory: {config.run_dir} (report: {report})")
     return result
 
 
-def compare_modes(config: TrainConfig, out: Path) -> dict[str, Any]:
-    """Federated vs centralized vs each client alone, same total steps, same test split (Tables 1-2)."""
+def compare_modes(config: TrainConfig, out: Path, *, overwrite: bool = False) -> dict[str, Any]:
+    """Federated vs centralized vs each client alone, same total steps, same test split (Tables 1-2).
+
+    The columns compare the training methods themselves, so ``dp:`` and ``watermark:`` sections are
+    refused here (client-level DP has no meaning for one centralized party or a client alone); run them
+    with ``fedguard train``."""
+    privacy = [f"{name}:" for name in ("dp", "watermark") if getattr(config, name) is not None]
+    if privacy:
+        raise ConfigError(f"train-compare compares the plain methods (paper Tables 1-2) and does not apply a "
+                          f"{' or '.join(privacy)} section: remove it, or run `fedguard train` with it")
     base = Path(config.run_dir)
-    fed = FedHomoLLM(replace(config, mode="federated", run_dir=str(base / "federated")), quiet=True).run()
+    for name in ("federated", "centralized"):  # refuse before training anything
+        prepare_run_dir(base / name, resume=False, overwrite=overwrite)
+    fed = build_trainer(replace(config, mode="federated", run_dir=str(base / "federated")), quiet=True).run()
     central_cfg = replace(config, mode="centralized", run_dir=str(base / "centralized"),
                           training=replace(config.training,
                                            local_steps=config.training.local_steps * config.federation.clients))
-    central = FedHomoLLM(central_cfg, quiet=True).run()
-    local_rows = run_local(replace(config, mode="local", run_dir=str(base / "local")))
+    central = build_trainer(central_cfg, quiet=True).run()
+    alone = build_trainer(replace(config, mode="federated", run_dir=str(base / "local")), quiet=True)
+    try:
+        local_rows = alone.run_local()
+    finally:
+        alone.close()
     columns = {"Federated": fed.history[-1], "Centralized": central.history[-1]}
     columns.update({f"Client-{r['client'] + 1}": r for r in local_rows})
     columns["Before training"] = fed.baseline  # the base model with the freshly initialised adapter

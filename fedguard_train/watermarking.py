@@ -18,7 +18,7 @@ ownership claims hold at p <= 1e-6 (FedIPR, Li et al. TPAMI 2022; FATE-LLM §3.1
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,39 +26,25 @@ import torch
 
 from fedguard.errors import ConfigError
 from fedguard.rng import SecureRNG
-from fedguard_train.config import TrainConfig
-from fedguard_train.hooks import TrainerHook
-
-_KEYS = {"bits", "target", "alpha", "gamma0", "key_dir"}
-
+from fedguard_train.config import TrainConfig, WatermarkSection, section_from_mapping
+from fedguard_train.hooks import LossFn, TrainerHook
 
 class WatermarkHook(TrainerHook):
     """Per-client FedIPR sign watermarks embedded during federated training."""
 
     name = "watermark"
 
-    def __init__(self, section: Mapping[str, Any], *, config: TrainConfig, rng: SecureRNG | None = None) -> None:
-        """``rng`` defaults to a fresh OS-seeded stream (keys are secrets); tests pass a seeded one."""
-        unknown = sorted(set(section) - _KEYS)
-        if unknown:
-            raise ConfigError(f"unknown watermark key(s) {unknown}; known: {sorted(_KEYS)}")
-        self.bits = int(section.get("bits", 32))
-        self.target = str(section.get("target", "norm"))
-        self.alpha = float(section.get("alpha", 3e-3))
-        self.gamma0 = float(section.get("gamma0", 1.0))
-        problems = []
-        if self.target not in ("norm", "lora", "prompt"):
-            problems.append(f"watermark.target must be 'norm', 'lora' or 'prompt', got {self.target!r}")
-        if self.bits < 1:
-            problems.append(f"watermark.bits must be >= 1, got {self.bits}")
-        if not self.alpha > 0:
-            problems.append(f"watermark.alpha must be > 0, got {self.alpha}")
+    def __init__(self, section: WatermarkSection | Mapping[str, Any], *, config: TrainConfig,
+                 rng: SecureRNG | None = None) -> None:
+        """``section``: the typed ``watermark:`` section (a plain mapping is checked into one). ``rng``
+        defaults to a fresh OS-seeded stream (keys are secrets); tests pass a seeded one."""
+        if not isinstance(section, WatermarkSection):
+            section = section_from_mapping(WatermarkSection, section, "watermark")
         if config.training.nproc_per_node > 1:
-            problems.append("watermark needs in-process clients (training.nproc_per_node = 1)")
-        if problems:
-            raise ConfigError.collect(problems)
-        self.key_dir = Path(section.get("key_dir") or Path(config.run_dir) / "keys")
-        self.n_clients = config.federation.clients
+            raise ConfigError("watermark needs in-process clients (training.nproc_per_node = 1)")
+        self.bits, self.target, self.alpha, self.gamma0 = section.bits, section.target, section.alpha, section.gamma0
+        self.key_dir = Path(section.key_dir or Path(config.run_dir) / "keys")
+        self.n_clients = config.n_parties
         self.marks: list[Any] = []
         self._rng = rng
 
@@ -82,9 +68,9 @@ class WatermarkHook(TrainerHook):
                 save_key(key, self._path(c))
         self.marks = [SignWatermark(key, model) for key in keys]  # type: ignore[arg-type]
 
-    def local_loss(self, client_id: int, model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    def local_loss(self, client_id: int, model: torch.nn.Module) -> LossFn | None:
         mark = self.marks[client_id]
-        return lambda loss: loss + mark.loss()
+        return lambda step: step.loss + mark.loss()
 
     def on_round_end(self, round_id: int, model: torch.nn.Module, metrics: dict[str, Any]) -> None:
         detections = [m.detect() for m in self.marks]

@@ -1,10 +1,11 @@
-"""A small in-process federated run with per-client watermarks (until ``fedguard_train`` lands).
+"""A small in-process federated run with per-client watermarks, seconds long (the trainer's ``watermark:``
+section does the same on DeepSpeed and real models).
 
 K clients share a tiny randomly initialised GPT-2 with a LoRA adapter and trainable norm scales. Each
 round every client loads the global adapter, trains locally on its own slice of a synthetic
 next-token task with its own :class:`~fedguard.watermark.sign.SignWatermark` regulariser (two lines in the
 loop), and sends ``local − global``; the server runs weighted FedAvg through
-:func:`fedguard.federation.aggregate_updates` with the plaintext aggregator. The same function with
+:func:`fedguard.federation.round.run_round` (the round every trainer runs) with the plaintext aggregator. The same function with
 ``watermark=False`` is the fidelity baseline: identical seeds, data and batches.
 
 The task (as in ``fedguard demo``): sequences follow a secret successor permutation of the vocabulary
@@ -15,16 +16,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from fedguard.encoding import FixedPointSpec
 from fedguard.errors import ConfigError
-from fedguard.federation.fedavg import aggregate_updates
 from fedguard.federation.plaintext import PlaintextAggregator
+from fedguard.federation.round import ClientResult, run_round
 from fedguard.params import flatten, layout_of, load_vector
 from fedguard.rng import SecureRNG
 from fedguard.toy_task import successor_sequences
-from fedguard.updates import ClientUpdate
 from fedguard.watermark.keys import SignKey
 from fedguard.watermark.sign import SignWatermark, make_sign_key
 from fedguard.watermark.targets import prepare_norm_targets
@@ -122,12 +123,12 @@ def run_federated(config: SimulationConfig, *, watermark: bool = True) -> Simula
 
     history, detections = [], []
     for r in range(1, config.rounds + 1):
-        global_vec = flatten(model, layout)
-        updates = []
-        for c in range(config.clients):
+
+        def client_step(c: int, global_vec: np.ndarray) -> ClientResult:
             load_vector(model, layout, global_vec)
             model.train()
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
+            losses = []
             for _ in range(config.local_steps):
                 idx = torch.randint(0, train[c].shape[0], (config.batch_size,), generator=batch_gen)
                 loss = model(input_ids=train[c][idx], labels=train[c][idx]).loss
@@ -136,9 +137,11 @@ def run_federated(config: SimulationConfig, *, watermark: bool = True) -> Simula
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-            updates.append(ClientUpdate(c, r, flatten(model, layout) - global_vec, int(train[c].shape[0])))
-        outcome = aggregate_updates(updates, aggregator, spec, round_id=r, rng=rng.spawn(f"round/{r}"))
-        load_vector(model, layout, global_vec + outcome.mean)
+                losses.append(float(loss.detach()))
+            return ClientResult(flatten(model, layout) - global_vec, int(train[c].shape[0]), float(np.mean(losses)))
+
+        run_round(r, flatten(model, layout), range(config.clients), client_step, aggregator, spec,
+                  load=lambda v: load_vector(model, layout, v), rng=rng.spawn(f"round/{r}"))
         history.append(evaluate())
         if watermark:
             detections.append([m.detect() for m in marks])

@@ -81,3 +81,53 @@ def test_the_round_table_shows_privacy_columns_only_for_runs_that_have_them(tmp_
                                             "watermark_bits": 32, "watermark_verified": 3,
                                             "bytes_up": 2048, "bytes_down": 1024}))
     assert "1.500" in row and "30/32" in row and "3/3" in row and "2.0" in row
+
+
+def test_an_empty_yaml_is_refused_with_what_a_config_needs(tmp_path: Path) -> None:
+    for text in ("", "# only a comment\n", "{}\n"):
+        path = tmp_path / "empty.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match="is empty; a run config needs at least run_dir, model, data, federation"):
+            TrainConfig.from_yaml(path)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 1.5, True])
+def test_seeds_outside_the_range_are_refused(seed: object) -> None:
+    with pytest.raises(ConfigError, match="seed must be an int in \\[0, 9223372036854775807\\]"):
+        TrainConfig.from_dict({"seed": seed})
+
+
+def test_mode_local_is_refused_at_load_naming_train_compare() -> None:
+    with pytest.raises(ConfigError, match="train-compare"):
+        TrainConfig.from_dict({"mode": "local"})
+
+
+def test_privacy_sections_are_typed_and_checked_with_the_rest_of_the_config() -> None:
+    with pytest.raises(ConfigError) as info:
+        TrainConfig.from_dict({"dp": {"clip_norm": 1.0, "noise_multiplr": 1.0, "target_delta": 1e-3},
+                               "watermark": {"bitz": 3}})
+    text = str(info.value)
+    assert "unknown key 'dp.noise_multiplr'; did you mean 'noise_multiplier'?" in text
+    assert "unknown key 'watermark.bitz'; did you mean 'bits'?" in text
+    with pytest.raises(ConfigError, match="dp.noise_multiplier is required"):
+        TrainConfig.from_dict({"dp": {"clip_norm": 1.0, "target_delta": 1e-3}})
+    with pytest.raises(ConfigError, match="needs a secure aggregator"):
+        TrainConfig.from_dict({"dp": {"clip_norm": 1.0, "noise_multiplier": 1.0, "target_delta": 1e-3,
+                                      "placement": "distributed"}})
+    with pytest.raises(ConfigError, match="watermark needs in-process clients"):
+        TrainConfig.from_dict({"watermark": {}, "training": {"nproc_per_node": 2}})
+    config = TrainConfig.from_dict({"dp": {"clip_norm": 1.0, "noise_multiplier": 1.0, "target_delta": 1e-3},
+                                    "watermark": {"bits": 8}})
+    assert config.dp is not None and config.dp.accounting_backend == "pld" and config.watermark.bits == 8  # type: ignore[union-attr]
+    assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+def test_aggregator_options_are_typed_when_the_config_loads() -> None:
+    with pytest.raises(ConfigError) as info:
+        TrainConfig.from_dict({"federation": {"aggregator": "masking", "aggregator_options": {"neighbors": 2}}})
+    assert "did you mean 'neighbours'?" in str(info.value)
+    config = TrainConfig.from_dict({"federation": {"aggregator": "masking", "aggregator_options": {"neighbours": 2}}})
+    assert config.federation.aggregator_options.neighbours == 2
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="unknown trainer|trainer must be one of"):
+        TrainConfig.from_dict({"trainer": "hommo"})

@@ -116,3 +116,10 @@ def test_prompt_tokens_are_masked_out_of_the_labels() -> None:
     batch = collate(items + tokenize([Example("x", "y")], tok, DataConfig()), tok.pad_token_id)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert int(batch["attention_mask"][1].sum()) == len(tokenize([Example("x", "y")], tok, DataConfig())[0]["input_ids"])
+
+
+def test_jsonl_with_invalid_utf8_names_the_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n')
+    with pytest.raises(ConfigError, match=r"latin1\.jsonl:2: not valid UTF-8"):
+        load_jsonl(path)

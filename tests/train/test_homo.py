@@ -84,8 +84,8 @@ class _Recorder(TrainerHook):
 
     def local_loss(self, client_id: int, model: torch.nn.Module):  # type: ignore[no-untyped-def]
         if self.round == self.poison_round:
-            return lambda loss: loss * float("nan")
-        return lambda loss: loss + 0.0
+            return lambda step: step.loss * float("nan")
+        return lambda step: step.loss + 0.0
 
     def client_update(self, update):  # type: ignore[no-untyped-def]
         self.calls.append(f"update{update.round}/{update.client_id}")
@@ -123,7 +123,7 @@ def test_nan_loss_aborts_the_round_and_keeps_the_last_checkpoint(tmp_path: Path,
         trainer.run()
     ckpt = load_latest(Path(config.run_dir))
     assert ckpt is not None and ckpt.round == 1
-    np.testing.assert_array_equal(trainer._vector(), ckpt.vector)  # the model is back at the last good state
+    np.testing.assert_array_equal(trainer.global_vector(), ckpt.vector)  # the model is back at the last good state
 
 
 def test_an_exhausted_budget_stops_the_run_before_the_round_and_keeps_the_checkpoint(tmp_path: Path, task: Path) -> None:
@@ -167,9 +167,9 @@ def test_zero_stage_three_partitions_the_shared_model_and_still_aggregates(tmp_p
     config = tiny_config(tmp_path, task, federation={"clients": 2, "rounds": 1},
                          training={"local_steps": 2, "batch_size": 4, "lr": 0.01, "zero_stage": 3})
     trainer = FedHomoLLM(config, quiet=True)
-    before = trainer._vector()
+    before = trainer.global_vector()
     result = trainer.run()
-    after = trainer._vector()
+    after = trainer.global_vector()
     assert result.history[0]["clients"] == 2 and "rougeL" in result.history[0]
     assert after.shape == before.shape and not np.array_equal(after, before)
 
@@ -179,8 +179,8 @@ def test_a_client_can_train_as_a_two_process_deepspeed_job(tmp_path: Path, task:
     config = tiny_config(tmp_path, task, federation={"clients": 2, "rounds": 1},
                          training={"local_steps": 2, "batch_size": 2, "lr": 0.01, "nproc_per_node": 2})
     trainer = FedHomoLLM(config, quiet=True)
-    global_vec = trainer._vector()
-    loss, delta = trainer._train_in_torchrun(0, 1, global_vec)
+    global_vec = trainer.global_vector()
+    loss, delta = trainer.train_in_torchrun(0, 1, global_vec)
     assert np.isfinite(loss) and delta.shape == global_vec.shape and np.abs(delta).max() > 0
     result = trainer.run()  # the whole round with torchrun clients
     assert result.history[0]["clients"] == 2
@@ -222,9 +222,9 @@ def test_the_adapters_initial_values_are_fixed_by_the_seed(tmp_path: Path, task:
     model = {"name_or_path": str(tmp_path / "model")}
     adapter = {"method": "p-tuning-v2", "pre_seq_len": 4}
     torch.manual_seed(123)
-    a = FedHomoLLM(tiny_config(tmp_path, task, model=model, adapter=adapter), quiet=True)._vector()
+    a = FedHomoLLM(tiny_config(tmp_path, task, model=model, adapter=adapter), quiet=True).global_vector()
     torch.manual_seed(456)
-    b = FedHomoLLM(tiny_config(tmp_path, task, model=model, adapter=adapter), quiet=True)._vector()
-    c = FedHomoLLM(tiny_config(tmp_path, task, seed=4, model=model, adapter=adapter), quiet=True)._vector()
+    b = FedHomoLLM(tiny_config(tmp_path, task, model=model, adapter=adapter), quiet=True).global_vector()
+    c = FedHomoLLM(tiny_config(tmp_path, task, seed=4, model=model, adapter=adapter), quiet=True).global_vector()
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)

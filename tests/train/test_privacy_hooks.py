@@ -60,7 +60,7 @@ def test_dp_section_errors_are_typed(tmp_path: Path, task: Path) -> None:
         ClientDPHook({"clip_norm": 1.0, "noise_multiplier": 1.0}, n_clients=2)
     with pytest.raises(ConfigError, match="clip_norm must be a finite float > 0, got -1"):
         ClientDPHook({**DP, "clip_norm": -1}, n_clients=2)
-    with pytest.raises(ConfigError, match="unknown dp config key"):
+    with pytest.raises(ConfigError, match="unknown key 'dp.clip'; did you mean 'clip_norm'"):
         ClientDPHook({**DP, "clip": 1}, n_clients=2)
 
 

@@ -1,0 +1,392 @@
+"""What every trainer shares: set-up, the round loop, resume, checkpoints, evaluation and baselines.
+
+A trainer (FedHomoLLM, FedOST, FedHeteroLLM, FedCoLLM) subclasses :class:`Trainer` and supplies three
+things (FATE-LLM §3, Figure 3):
+
+* :meth:`Trainer.setup` — its models and data: it calls :meth:`Trainer.use_travelling_model` with the
+  model whose trainable parameters travel (the adapter; whatever ``requires_grad``);
+* :meth:`Trainer.local_train` — what one client trains locally, from the global travelling vector, to
+  its local vector (the base turns that into ``Δ_k = θ_k − θ_r``);
+* :meth:`Trainer.server_step` — what the server does after aggregation (default: nothing); a server-side
+  model it trains is saved with :meth:`Trainer.server_state` and restored by
+  :meth:`Trainer.load_server_state`, so a checkpoint holds the state *after* the server step.
+
+The base runs each round through the core's :func:`fedguard.federation.round.run_round` (hooks,
+aggregator over real serialised messages, weighted mean; on any failure the model holds the global
+vector again), then the server step, evaluation (ROUGE-1/2/L, BLEU-4, perplexity), the hooks' round-end
+metrics and an atomic checkpoint. Randomness is derived from ``seed`` per (round, client), so a resumed
+run is bit-identical to an uninterrupted one — except for noise drawn from OS entropy on purpose
+(distributed DP noise, protocol keys and masks).
+
+Baselines use the same client step and hooks: ``mode: centralized`` is one party holding the union of
+the clients' data, and :meth:`Trainer.run_local` trains each client alone ("Client-k" in Tables 1-2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+
+from fedguard.encoding import FixedPointSpec
+from fedguard.errors import BudgetExceededError, ConfigError
+from fedguard.federation.protocol import Aggregator
+from fedguard.federation.registry import make_aggregator
+from fedguard.federation.round import ClientResult, RoundResult, run_round
+from fedguard.params import AdapterLayout, flatten, layout_of, load_vector, parameter_counts
+from fedguard.rng import SecureRNG
+from fedguard_train.checkpoint import load_latest, load_round_metrics, save_checkpoint
+from fedguard_train.config import TrainConfig
+from fedguard_train.data import load_examples, partition, partition_report, tokenize, train_test_split
+from fedguard_train.engine import TrainingDiverged, gathered
+from fedguard_train.hooks import HookList, TrainerHook
+from fedguard_train.metrics import evaluate
+
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "report.md", "curves.png")
+"""What a run writes into its run directory (``keys/`` of a watermark run is never removed)."""
+
+
+class RunExistsError(ConfigError):
+    """The run directory already holds a run and neither ``--resume`` nor ``--overwrite`` was given."""
+
+
+class Observer(Protocol):
+    """What a trainer tells the person watching: the number of local steps to come, each step, each row."""
+
+    def start(self, total_steps: int) -> None: ...
+
+    def step(self, loss: float) -> None: ...
+
+    def row(self, values: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class RunResult:
+    history: list[dict[str, Any]] = field(default_factory=list)
+    baseline: dict[str, Any] = field(default_factory=dict)
+    run_dir: Path = Path(".")
+    trainable_share: float = 0.0
+    stopped: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LocalOutcome:
+    """One client's local training: its local travelling vector ``θ_k``, mean loss and FedAvg weight;
+    ``delta``: ``θ_k − θ_r`` when the client computed it itself (e.g. in another process)."""
+
+    vector: np.ndarray
+    loss: float
+    weight: int
+    delta: np.ndarray | None = None
+
+
+def seed_of(*parts: object) -> int:
+    """A 63-bit seed derived from ``parts`` (e.g. run seed, round, client): reproducible, independent."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def check_run_dir(path: Path) -> None:
+    """Make sure ``path`` is (or can become) a writable directory; :class:`ConfigError` naming the
+    problem otherwise (a regular file on the way, no permission). Runs before any model loads."""
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"run_dir {str(path)!r} cannot be created: {str(parent)!r} is a regular file")
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ConfigError(f"run_dir {str(path)!r} is not writable: {err.strerror or err}") from err
+
+
+def existing_run(path: Path) -> list[str]:
+    """The run files already in ``path`` (empty: no run there)."""
+    return [name for name in RUN_FILES if (path / name).exists()]
+
+
+def prepare_run_dir(path: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a new run over an existing one unless told (``overwrite`` removes the old run's
+    files, never its watermark keys); ``resume`` continues it."""
+    check_run_dir(path)
+    if resume:
+        return
+    found = existing_run(path)
+    if found and not overwrite:
+        raise RunExistsError(f"{str(path)!r} already holds a run ({', '.join(found)}): pass --resume to continue it "
+                             f"or --overwrite to replace it (or choose another --run-dir)")
+    for name in found:
+        target = path / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+
+
+class Trainer(ABC):
+    """The round skeleton of every trainer (see the module docstring); ``hooks`` attach privacy components.
+
+    ``coordinator=False`` builds a trainer that only trains clients (a ``torchrun`` rank): it builds no
+    aggregator (no MPC parties, no keys).
+    """
+
+    name: ClassVar[str]
+    title: ClassVar[str]  # e.g. "FedHomoLLM", used in tables and reports
+
+    def __init__(self, config: TrainConfig, *, hooks: Sequence[TrainerHook] = (), quiet: bool = False,
+                 coordinator: bool = True) -> None:
+        self.config = config
+        self.hooks = HookList(hooks)
+        self.quiet = quiet
+        self.coordinator = coordinator
+        self.run_dir = Path(config.run_dir)
+        self.observer: Observer | None = None
+        self.aggregator: Aggregator | None = None
+        if coordinator:
+            check_run_dir(self.run_dir)  # before any model loads
+            self.aggregator = self._make_aggregator()  # a bad aggregator config fails before any model loads
+        try:
+            self.setup()
+            self.spec = FixedPointSpec(clip=config.federation.clip, value_bits=config.federation.value_bits,
+                                       ring_bits=64, max_weight=max(1, max(len(i) for i in self.client_items)))
+        except BaseException:
+            self.close()
+            raise
+
+    # -- what a trainer supplies -------------------------------------------------------------------------
+    @abstractmethod
+    def setup(self) -> None:
+        """Load models and data. Must set ``client_items`` (tokenised examples per party) and call
+        :meth:`use_travelling_model`; :meth:`load_federated_data` does the usual data part."""
+
+    @abstractmethod
+    def local_train(self, round_id: int, client: int, start: np.ndarray) -> LocalOutcome:
+        """Train ``client`` from the travelling vector ``start`` (already loaded into the model)."""
+
+    def server_step(self, round_id: int, result: RoundResult) -> np.ndarray:
+        """After aggregation: returns the global travelling vector to keep (default: the aggregate)."""
+        return result.global_vector
+
+    def server_state(self) -> dict[str, np.ndarray]:
+        """Arrays of server-side models to checkpoint each round (default: none)."""
+        return {}
+
+    def load_server_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`server_state` returned (on resume)."""
+
+    def evaluate(self) -> dict[str, Any]:
+        """Scores of the current global model on the held-out split."""
+        with gathered(self._params()):
+            return evaluate(self.model, self.tokenizer, self.test_examples, self.test_items,
+                            max_new_tokens=self.config.eval.max_new_tokens)
+
+    @property
+    def steps_per_round(self) -> int:
+        """Local optimiser steps in one round (for the progress bar)."""
+        return len(self.client_items) * self.config.training.local_steps
+
+    # -- helpers for setup -------------------------------------------------------------------------------
+    def use_travelling_model(self, model: torch.nn.Module, tokenizer: Any) -> None:
+        """``model``'s trainable parameters travel; hooks prepare it first (e.g. mark norm scales)."""
+        self.model, self.tokenizer = model, tokenizer
+        self.hooks.prepare_model(model)
+        self.layout: AdapterLayout = layout_of(model)
+        self.counts = parameter_counts(model, self.layout)
+        self.hooks.on_layout(self.layout.size)
+
+    def load_federated_data(self, tokenizer: Any) -> None:
+        """The run's examples, test split and non-IID partition, tokenised (one party in centralized mode)."""
+        cfg = self.config
+        examples = load_examples(cfg.data, seed=cfg.seed)
+        train, test = train_test_split(examples, cfg.data.test_size, seed=cfg.seed)
+        self.test_examples = test[: cfg.eval.examples]
+        parts = partition(train, cfg.federation.clients, cfg.data.partition, alpha=cfg.data.dirichlet_alpha,
+                          seed=cfg.seed)
+        self.partition = partition_report(parts)
+        if cfg.mode == "centralized":
+            parts = [[ex for part in parts for ex in part]]
+        self.client_items = [tokenize(p, tokenizer, cfg.data) for p in parts]
+        self.test_items = tokenize(self.test_examples, tokenizer, cfg.data)
+
+    # -- the travelling vector ---------------------------------------------------------------------------
+    def _params(self) -> list[torch.nn.Parameter]:
+        return list(self.model.parameters())
+
+    def global_vector(self) -> np.ndarray:
+        """The model's travelling parameters as one float32 vector."""
+        with gathered(self._params()):
+            return flatten(self.model, self.layout)
+
+    def load(self, vector: np.ndarray) -> None:
+        with gathered(self._params(), modify=True):
+            load_vector(self.model, self.layout, vector)
+
+    # -- aggregator ----------------------------------------------------------------------------------------
+    def _make_aggregator(self) -> Aggregator:
+        fed = self.config.federation
+        aggregator = make_aggregator(fed.aggregator, fed.aggregator_options)
+        try:
+            aggregator.check_clients(self.config.n_parties)
+        except BaseException:
+            aggregator.close()
+            raise
+        return aggregator
+
+    @property
+    def aggregator_label(self) -> str:
+        if self.aggregator is not None:
+            return self.aggregator.label
+        return self.config.federation.aggregator
+
+    def close(self) -> None:
+        """Release what the aggregator holds (e.g. MPC compute-party processes); :meth:`run` calls it."""
+        if self.aggregator is not None:
+            self.aggregator.close()
+        self.aggregator = None
+
+    # -- the run ---------------------------------------------------------------------------------------
+    def _log(self, text: str) -> None:
+        if not self.quiet:
+            print(text, flush=True)
+
+    def run(self, *, resume: bool = False, overwrite: bool = False, observer: Observer | None = None) -> RunResult:
+        """Train all rounds (continuing from the last checkpoint with ``resume``; replacing an existing
+        run in ``run_dir`` only with ``overwrite``)."""
+        if not self.coordinator:
+            raise ConfigError("a trainer built with coordinator=False only trains clients; it cannot run rounds")
+        if self.aggregator is None:  # a second run on the same trainer
+            self.aggregator = self._make_aggregator()
+        self.observer = observer
+        try:
+            prepare_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
+            return self._run(resume=resume)
+        finally:
+            self.close()
+
+    def _run(self, *, resume: bool) -> RunResult:
+        cfg = self.config
+        result = RunResult(run_dir=self.run_dir, trainable_share=float(self.counts["share"]))
+        start_round = 1
+        metrics_path = self.run_dir / "metrics.jsonl"
+        checkpoint = load_latest(self.run_dir) if resume else None
+        if resume and checkpoint is None:
+            self._log(f"no checkpoint in {self.run_dir}: starting from round 1")
+            prepare_run_dir(self.run_dir, resume=False, overwrite=True)  # a run killed before round 1
+        if checkpoint is not None:
+            saved = TrainConfig.from_dict(checkpoint.state["config"])
+            diff = saved.differences(cfg)
+            if diff:
+                raise ConfigError(f"cannot resume {self.run_dir}: the config differs from the checkpoint's in {diff}")
+            self.load(checkpoint.vector)
+            self.load_server_state(checkpoint.arrays)
+            self.hooks.load_state_dict(checkpoint.state.get("hooks", {}))
+            result.baseline = checkpoint.state.get("baseline", {})
+            # rebuild the history from the checkpoints themselves (metrics.jsonl may lag a killed run)
+            result.history = [load_round_metrics(self.run_dir, r) for r in range(1, checkpoint.round + 1)]
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in [result.baseline, *result.history]))
+            (self.run_dir / "config.json").write_text(cfg.to_json())  # e.g. more rounds, another run_dir
+            start_round = checkpoint.round + 1
+            self._log(f"resuming {self.run_dir} after round {checkpoint.round}")
+        else:
+            (self.run_dir / "config.json").write_text(cfg.to_json())
+            metrics_path.write_text("")
+            result.baseline = self.evaluate()
+            result.baseline["round"] = 0
+            with metrics_path.open("a") as out:
+                out.write(json.dumps(result.baseline) + "\n")
+        self._baseline = result.baseline
+        if self.observer is not None:
+            if start_round == 1:
+                self.observer.row(result.baseline)
+            self.observer.start(max(0, cfg.federation.rounds - start_round + 1) * self.steps_per_round)
+        for round_id in range(start_round, cfg.federation.rounds + 1):
+            try:
+                row = self._round(round_id)
+            except BudgetExceededError as err:
+                result.stopped = f"stopped before round {round_id}: {err}"
+                self._log(result.stopped + f" (last checkpoint kept in {self.run_dir / 'checkpoints'})")
+                break
+            result.history.append(row)
+            with metrics_path.open("a") as out:
+                out.write(json.dumps(row) + "\n")
+            if self.observer is not None:
+                self.observer.row(row)
+        return result
+
+    def client_step(self, round_id: int, client: int, start: np.ndarray) -> ClientResult:
+        """Load ``start``, train ``client`` locally, return its update ``θ_k − start`` (a non-finite one aborts
+        the round, naming the client)."""
+        self.load(start)
+        try:
+            local = self.local_train(round_id, client, start)
+            delta = local.delta if local.delta is not None else local.vector - start
+            if not np.all(np.isfinite(delta)):
+                raise TrainingDiverged(f"client {client}'s update has non-finite values")
+        except TrainingDiverged as err:
+            raise TrainingDiverged(f"round {round_id} aborted: client {client}: {err}; the last good "
+                                   f"checkpoint in {self.run_dir / 'checkpoints'} is kept") from err
+        return ClientResult(delta, local.weight, local.loss)
+
+    def _round(self, round_id: int) -> dict[str, Any]:
+        cfg = self.config
+        start = time.perf_counter()
+        if self.aggregator is None:
+            raise ConfigError("the trainer's aggregator is closed")
+        # Quantisation is seeded (the run is reproducible); the protocol's keys and masks come from OS entropy.
+        result = run_round(round_id, self.global_vector(), range(len(self.client_items)),
+                           lambda client, start_vec: self.client_step(round_id, client, start_vec),
+                           self.aggregator, self.spec, hooks=self.hooks, load=self.load,
+                           rng=SecureRNG.for_testing(f"{cfg.seed}/aggregate/{round_id}"), protocol_rng=SecureRNG())
+        final = self.server_step(round_id, result)
+        row: dict[str, Any] = {"round": round_id, "train_loss": result.mean_loss, "clients": len(result.contributors),
+                               "bytes_up": result.bytes_up, "bytes_down": result.bytes_down}
+        if round_id % cfg.eval.every == 0 or round_id == cfg.federation.rounds:
+            row.update(self.evaluate())
+        self.hooks.on_round_end(round_id, self.model, row)
+        row["seconds"] = time.perf_counter() - start
+        with gathered(self._params()):
+            save_checkpoint(self.run_dir, round_id, self.model, final,
+                            {"config": cfg.to_dict(), "hooks": self.hooks.state_dict(), "baseline": self._baseline,
+                             "layout": json.loads(self.layout.to_json()), "metrics": row, "trainer": self.name},
+                            arrays=self.server_state())
+        return row
+
+    # -- baselines -----------------------------------------------------------------------------------------
+    def run_local(self) -> list[dict[str, Any]]:
+        """Each client alone ("Client-k" in the paper's Tables 1-2): the client step (with the hooks) for as
+        many rounds as the federated run, no aggregation, scored on the same test split."""
+        start = self.global_vector()
+        rows = []
+        if self.observer is not None:
+            self.observer.start(self.config.federation.rounds * self.steps_per_round)
+        for client in range(len(self.client_items)):
+            vector, losses = start, []
+            for round_id in range(1, self.config.federation.rounds + 1):
+                self.load(vector)
+                local = self.local_train(round_id, client, vector)
+                vector, _ = local.vector, losses.append(local.loss)
+            self.load(vector)
+            row: dict[str, Any] = {"client": client, "train_loss": float(np.mean(losses))}
+            row.update(self.evaluate())
+            rows.append(row)
+        self.load(start)
+        return rows
+
+
+def env_without_launcher() -> dict[str, str]:
+    """This process's environment without a launcher's rank variables (for starting a new job)."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
