@@ -37,13 +37,13 @@ import copy
 import json
 import math
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from fedguard.checks import check_int, number_problem
 from fedguard.dp.errors import UnsupportedEventError
 from fedguard.dp.events import (
     ComposedEvent,
@@ -59,6 +59,7 @@ from fedguard.dp.events import (
     to_dp_accounting,
 )
 from fedguard.errors import BudgetExceededError, ConfigError
+from fedguard.files import atomic_write
 
 Backend = Literal["pld", "rdp", "prv"]
 BACKENDS: Final[tuple[str, ...]] = ("pld", "rdp", "prv")
@@ -81,9 +82,7 @@ class LedgerEntry:
         unknown = sorted(set(data) - {"event", "count", "label"})
         if unknown:
             raise ConfigError(f"unknown ledger entry key(s) {unknown}")
-        count = data.get("count")
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ConfigError(f"ledger entry count must be an int >= 1, got {count!r}")
+        count = check_int("ledger entry count", data.get("count"), low=1)
         return cls(event_from_dict(data["event"]), count, str(data.get("label", "")))
 
 
@@ -103,11 +102,11 @@ def validate_delta(delta: float, population: int | None = None, *, name: str = "
     A delta of at least ``1/n`` admits the mechanism "publish one random record in the clear", so
     such an (epsilon, delta) statement protects nobody.
     """
-    if not (isinstance(delta, (int, float)) and not isinstance(delta, bool) and 0 < delta < 1):
-        raise ConfigError(f"{name} must be in (0, 1), got {delta!r}")
+    problem = number_problem(name, delta, low=0, high=1, low_open=True, high_open=True)
+    if problem:
+        raise ConfigError(problem)
     if population is not None:
-        if isinstance(population, bool) or not isinstance(population, int) or population < 1:
-            raise ConfigError(f"population must be an int >= 1, got {population!r}")
+        check_int("population", population, low=1)
         if delta >= 1.0 / population:
             raise ConfigError(
                 f"{name} must be < 1/n = {1.0 / population:.3g} for a population of n={population}, got {delta!r}"
@@ -134,26 +133,25 @@ class PrivacyAccountant:
         population: int | None = None,
         pld_discretization: float = 1e-4,
     ) -> None:
-        problems: list[str] = []
+        problems: list[str | None] = []
         try:
             validate_delta(target_delta, population, name="target_delta")
         except ConfigError as err:
             problems.extend(err.problems)
-        if epsilon_budget is not None and not (
-            isinstance(epsilon_budget, (int, float)) and not isinstance(epsilon_budget, bool) and epsilon_budget > 0
-        ):
-            problems.append(f"epsilon_budget must be a float > 0 or None, got {epsilon_budget!r}")
+        if epsilon_budget != math.inf:  # an infinite budget is allowed (and never binds)
+            problems.append(number_problem("epsilon_budget", epsilon_budget, low=0, low_open=True, optional=True))
         if backend not in BACKENDS:
             problems.append(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-        if not (isinstance(pld_discretization, float) and 0 < pld_discretization < 1):
-            problems.append(f"pld_discretization must be a float in (0, 1), got {pld_discretization!r}")
-        if problems:
-            raise ConfigError.collect(problems)
+        problems.append(number_problem("pld_discretization", pld_discretization, low=0, high=1,
+                                       low_open=True, high_open=True))
+        found = [p for p in problems if p]
+        if found:
+            raise ConfigError.collect(found)
         self.target_delta = float(target_delta)
         self.epsilon_budget = None if epsilon_budget is None else float(epsilon_budget)
         self.backend: Backend = backend
-        self.population = population
-        self.pld_discretization = pld_discretization
+        self.population = None if population is None else int(population)
+        self.pld_discretization = float(pld_discretization)
         self._ledger: list[LedgerEntry] = []
         self._cache: dict[float, float] = {}
         self._allowance: dict[Event, tuple[int, int]] = {}
@@ -245,7 +243,7 @@ class PrivacyAccountant:
 
     def epsilon_if(self, event: Event, count: int = 1, delta: float | None = None) -> float:
         """Epsilon the ledger would have after also recording ``event`` ``count`` times."""
-        _check_count(count)
+        count = check_int("count", count, low=1)
         self.check_supported(event)
         d = self.target_delta if delta is None else delta
         validate_delta(d, self.population)
@@ -285,7 +283,7 @@ class PrivacyAccountant:
 
     def would_exceed(self, event: Event, count: int = 1) -> bool:
         """Whether recording ``event`` ``count`` times would take epsilon above the budget."""
-        _check_count(count)
+        count = check_int("count", count, low=1)
         if self.epsilon_budget is None:
             self.check_supported(event)
             return False
@@ -300,7 +298,7 @@ class PrivacyAccountant:
         Raises :class:`BudgetExceededError` (ledger unchanged) if the budget would be exceeded,
         :class:`UnsupportedEventError` if the backend cannot account the event.
         """
-        _check_count(count)
+        count = check_int("count", count, low=1)
         if self.would_exceed(event, count):
             raise BudgetExceededError(
                 f"{label or type(event).__name__} x{count} would raise epsilon from {self.epsilon():.4g} to "
@@ -314,7 +312,7 @@ class PrivacyAccountant:
 
     def record(self, event: Event, count: int = 1, *, label: str = "") -> None:
         """Record a release that *has already happened*, whatever the budget (the ledger never lies)."""
-        _check_count(count)
+        count = check_int("count", count, low=1)
         self.check_supported(event)
         last = self._ledger[-1] if self._ledger else None
         if last is not None and last.event == event and last.label == label:
@@ -376,20 +374,11 @@ class PrivacyAccountant:
         return cls.from_dict(data)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the ledger atomically (temp file + ``os.replace``) next to a checkpoint."""
+        """Write the ledger atomically (:func:`fedguard.files.atomic_write`) next to a checkpoint, creating
+        the directory if needed."""
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(self.to_json())
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return target
+        return atomic_write(target, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> PrivacyAccountant:
@@ -405,7 +394,3 @@ class PrivacyAccountant:
             f"entries={len(self._ledger)}, steps={self.steps})"
         )
 
-
-def _check_count(count: int) -> None:
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ConfigError(f"count must be an int >= 1, got {count!r}")

@@ -19,8 +19,7 @@ Mathematically every epsilon > 0 is reachable as ``z -> ∞``; in practice a tar
 
 from __future__ import annotations
 
-import math
-
+from fedguard.checks import check_int, check_number, number_problem
 from fedguard.dp.accountant import Backend, PrivacyAccountant, validate_delta
 from fedguard.dp.errors import UnreachableTargetError
 from fedguard.dp.events import Event, GaussianEvent, PoissonSampledEvent, SelfComposedEvent
@@ -34,8 +33,9 @@ def gaussian_round_event(noise_multiplier: float, sampling_rate: float) -> Event
 
 
 def check_sampling_rate(q: float, name: str = "sampling_rate") -> None:
-    if not (isinstance(q, (int, float)) and not isinstance(q, bool) and 0 < q <= 1):
-        raise ConfigError(f"{name} must be in (0, 1], got {q!r}")
+    problem = number_problem(name, q, low=0, high=1, low_open=True)
+    if problem:
+        raise ConfigError(problem)
 
 
 def epsilon_for(
@@ -70,18 +70,15 @@ def calibrate_noise_multiplier(
             sampling rate outside (0, 1].
         UnreachableTargetError: even ``max_noise_multiplier`` does not meet the target.
     """
-    problems = []
-    if not (isinstance(target_epsilon, (int, float)) and not isinstance(target_epsilon, bool)
-            and math.isfinite(target_epsilon) and target_epsilon > 0):
-        problems.append(f"target_epsilon must be a finite float > 0, got {target_epsilon!r}")
-    for check in (lambda: validate_delta(target_delta, population, name="target_delta"),
-                  lambda: check_sampling_rate(sampling_rate)):
+    problems: list[str] = []
+    for check in (lambda: check_number("target_epsilon", target_epsilon, low=0, low_open=True),
+                  lambda: validate_delta(target_delta, population, name="target_delta"),
+                  lambda: check_sampling_rate(sampling_rate),
+                  lambda: check_int("steps", steps, low=1)):
         try:
             check()
         except ConfigError as err:
             problems.extend(err.problems)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        problems.append(f"steps must be an int >= 1, got {steps!r}")
     if not (isinstance(max_noise_multiplier, (int, float)) and max_noise_multiplier > 0):
         problems.append(f"max_noise_multiplier must be > 0, got {max_noise_multiplier!r}")
     if problems:

@@ -53,17 +53,19 @@ client's update. With ``denominator="expected"`` the released model does not dep
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 import numpy as np
 
+from fedguard.checks import check_int, int_problem, number_problem
 from fedguard.dp.accountant import PrivacyAccountant, validate_delta
 from fedguard.dp.calibration import check_sampling_rate, gaussian_round_event
 from fedguard.dp.distributed import DistributedDiscreteGaussian
 from fedguard.dp.errors import InsufficientNoiseError
-from fedguard.dp.events import Event, NonPrivateEvent
+from fedguard.dp.events import Event, NonPrivateEvent, _store_plain
 from fedguard.encoding import FixedPointSpec
 from fedguard.errors import BudgetExceededError, ConfigError, InvalidUpdateError
 from fedguard.rng import SecureRNG
@@ -74,7 +76,8 @@ Denominator = Literal["expected", "participants"]
 
 
 def _real(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A real number, not a ``bool`` (possibly infinite or NaN: a guard for the cross-checks)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -93,15 +96,14 @@ class AdaptiveClipping:
     count_noise_stddev: float = 1.0
 
     def __post_init__(self) -> None:
-        problems = []
-        if not (_real(self.target_quantile) and 0 < self.target_quantile < 1):
-            problems.append(f"target_quantile must be in (0, 1), got {self.target_quantile!r}")
-        if not (_real(self.learning_rate) and math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            problems.append(f"learning_rate must be a finite float > 0, got {self.learning_rate!r}")
-        if not (_real(self.count_noise_stddev) and math.isfinite(self.count_noise_stddev) and self.count_noise_stddev > 0):
-            problems.append(f"count_noise_stddev must be a finite float > 0, got {self.count_noise_stddev!r}")
+        problems = [p for p in (
+            number_problem("target_quantile", self.target_quantile, low=0, high=1, low_open=True, high_open=True),
+            number_problem("learning_rate", self.learning_rate, low=0, low_open=True),
+            number_problem("count_noise_stddev", self.count_noise_stddev, low=0, low_open=True),
+        ) if p]
         if problems:
             raise ConfigError.collect(problems)
+        _store_plain(self, "target_quantile", "learning_rate", "count_noise_stddev")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -143,16 +145,16 @@ class ClientDPConfig:
         c, z = self.clip_norm, self.noise_multiplier
         if not (_real(c) and c > 0 and (math.isfinite(c) or self.allow_non_private)):
             p.append(f"clip_norm must be a finite float > 0, got {c!r}")
-        if not (_real(z) and math.isfinite(z) and (z > 0 or (z == 0 and self.allow_non_private))):
-            p.append(f"noise_multiplier must be a finite float > 0, got {z!r}")
+        problem = number_problem("noise_multiplier", z, low=0, low_open=not self.allow_non_private)
+        if problem:
+            p.append(problem)
         try:
             check_sampling_rate(self.sampling_rate)
         except ConfigError as err:
             p.extend(err.problems)
-        if self.population is not None and (
-            isinstance(self.population, bool) or not isinstance(self.population, int) or self.population < 1
-        ):
-            p.append(f"population must be an int >= 1, got {self.population!r}")
+        problem = int_problem("population", self.population, low=1, optional=True)
+        if problem:
+            p.append(problem)
         if self.placement not in ("central", "distributed"):
             p.append(f"placement must be 'central' or 'distributed', got {self.placement!r}")
         if self.denominator not in ("expected", "participants"):
@@ -170,18 +172,21 @@ class ClientDPConfig:
             elif _real(z) and z == 0:
                 p.append("adaptive clipping needs noise_multiplier > 0, got 0")
         if self.placement == "distributed":
-            ms = self.min_survivors
-            if isinstance(ms, bool) or not isinstance(ms, int) or ms < 1:
-                p.append(f"min_survivors must be an int >= 1 for placement='distributed', got {ms!r}")
+            problem = int_problem("min_survivors", self.min_survivors, low=1)
+            if problem:
+                p.append(f"{problem} (placement='distributed' needs it)")
             if _real(z) and z == 0:
                 p.append("placement='distributed' needs noise_multiplier > 0, got 0")
             if _real(c) and not math.isfinite(c):
                 p.append(f"placement='distributed' needs a finite clip_norm, got {c!r}")
-        if isinstance(self.colluding, bool) or not isinstance(self.colluding, int) or self.colluding < 0:
-            p.append(f"colluding must be an int >= 0, got {self.colluding!r}")
+        problem = int_problem("colluding", self.colluding, low=0)
+        if problem:
+            p.append(problem)
         if p:
             raise ConfigError.collect(p)
         FixedPointSpec(clip=1.0, value_bits=self.value_bits, ring_bits=self.ring_bits, max_weight=1)
+        _store_plain(self, "clip_norm", "noise_multiplier", "sampling_rate", "population", "min_survivors",
+                     "colluding", "value_bits", "ring_bits")
 
     @property
     def private(self) -> bool:
@@ -360,14 +365,12 @@ class ClientLevelDP:
         ``dimension`` (the update length) is required for distributed placement.
         Raises :class:`BudgetExceededError` when the round would overspend (state unchanged).
         """
-        if isinstance(round_id, bool) or not isinstance(round_id, int) or round_id < 0:
-            raise ConfigError(f"round_id must be an int >= 0, got {round_id!r}")
+        round_id = check_int("round_id", round_id, low=0)
         if self._open is not None:
             raise ConfigError(f"round {self._open} is still open: finalize it before beginning round {round_id}")
         if round_id < self.next_round:
             raise ConfigError(f"round {round_id} was already finalized (next round is {self.next_round})")
-        if dimension is not None and (isinstance(dimension, bool) or not isinstance(dimension, int) or dimension < 1):
-            raise ConfigError(f"dimension must be an int >= 1, got {dimension!r}")
+        dimension = check_int("dimension", dimension, low=1, optional=True)
         full_dim = None if dimension is None else dimension + (1 if self.config.adaptive else 0)
         if self.config.placement == "distributed" and full_dim is None:
             raise ConfigError("placement='distributed' needs begin_round(..., dimension=<update length>)")
@@ -440,9 +443,7 @@ class ClientLevelDP:
             mean, m = getattr(aggregate, "mean", None), getattr(aggregate, "total_weight", total_weight)
         if not isinstance(mean, np.ndarray) or mean.ndim != 1:
             raise InvalidUpdateError(f"aggregate must be a 1-D array or have a 1-D .mean, got {type(mean).__name__}")
-        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
-            raise ConfigError(f"total_weight (the number of contributors) must be an int >= 1, got {m!r}")
-        m = int(m)
+        m = check_int("total_weight (the number of contributors)", m, low=1)
         width = mean.size
         if self._dimension is not None and width != self._dimension:
             raise InvalidUpdateError(f"aggregate has length {width}, expected {self._dimension}")

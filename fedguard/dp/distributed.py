@@ -45,7 +45,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from fedguard.dp.events import DistributedDiscreteGaussianEvent
+from fedguard.checks import check_number, int_problem, is_int, number_problem
+from fedguard.dp.events import DistributedDiscreteGaussianEvent, _store_plain
 from fedguard.encoding import FixedPointSpec, encode_weighted, ring_add, to_ring
 from fedguard.errors import ConfigError, RingOverflowError
 from fedguard.rng import SecureRNG
@@ -155,8 +156,7 @@ def discrete_gaussian_pmf(values: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def _check_sigma(sigma: float) -> None:
-    if not (isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and math.isfinite(sigma) and sigma > 0):
-        raise ConfigError(f"sigma must be a finite float > 0, got {sigma!r}")
+    check_number("sigma", sigma, low=0, low_open=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,8 +166,7 @@ def _check_sigma(sigma: float) -> None:
 
 def integer_sensitivity(spec: FixedPointSpec, clip_norm: float, dimension: int) -> tuple[float, float]:
     """``(Δ2, Δ1)`` of one client's quantised vector (see the module doc)."""
-    if not (math.isfinite(clip_norm) and clip_norm > 0):
-        raise ConfigError(f"clip_norm must be a finite float > 0, got {clip_norm!r}")
+    check_number("clip_norm", clip_norm, low=0, low_open=True)
     if dimension < 1:
         raise ConfigError(f"dimension must be >= 1, got {dimension}")
     l2 = min(spec.scale * clip_norm, spec.max_int * math.sqrt(dimension)) + math.sqrt(dimension)
@@ -198,22 +197,19 @@ class DistributedDiscreteGaussian:
     exact: bool = False
 
     def __post_init__(self) -> None:
-        problems = []
-        z = self.noise_multiplier
-        if not (isinstance(z, (int, float)) and math.isfinite(z) and z > 0):
-            problems.append(f"noise_multiplier must be a finite float > 0, got {z!r}")
-        if not (isinstance(self.clip_norm, (int, float)) and math.isfinite(self.clip_norm) and self.clip_norm > 0):
-            problems.append(f"clip_norm must be a finite float > 0, got {self.clip_norm!r}")
-        if isinstance(self.dimension, bool) or not isinstance(self.dimension, int) or self.dimension < 1:
-            problems.append(f"dimension must be an int >= 1, got {self.dimension!r}")
-        if isinstance(self.min_survivors, bool) or not isinstance(self.min_survivors, int) or self.min_survivors < 1:
-            problems.append(f"min_survivors must be an int >= 1, got {self.min_survivors!r}")
-        if isinstance(self.colluding, bool) or not isinstance(self.colluding, int) or self.colluding < 0:
-            problems.append(f"colluding must be an int >= 0, got {self.colluding!r}")
-        elif isinstance(self.min_survivors, int) and self.colluding >= self.min_survivors:
+        problems = [p for p in (
+            number_problem("noise_multiplier", self.noise_multiplier, low=0, low_open=True),
+            number_problem("clip_norm", self.clip_norm, low=0, low_open=True),
+            int_problem("dimension", self.dimension, low=1),
+            int_problem("min_survivors", self.min_survivors, low=1),
+            int_problem("colluding", self.colluding, low=0),
+        ) if p]
+        if (is_int(self.colluding) and self.colluding >= 0 and is_int(self.min_survivors)
+                and self.colluding >= self.min_survivors):
             problems.append(f"colluding must be < min_survivors={self.min_survivors}, got {self.colluding}")
         if problems:
             raise ConfigError.collect(problems)
+        _store_plain(self, "noise_multiplier", "clip_norm", "dimension", "min_survivors", "colluding")
         if self.local_stddev < 1.0:
             raise ConfigError(
                 f"per-client discrete Gaussian scale {self.local_stddev:.3g} < 1 integer unit: raise value_bits "

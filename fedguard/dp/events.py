@@ -38,19 +38,23 @@ True
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, TypeAlias
 
+from fedguard.checks import check_int, check_number, int_problem, number_problem
 from fedguard.errors import ConfigError
 
 
-def _is_real(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _is_count(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def _store_plain(obj: object, *names: str) -> None:
+    """After the checks passed: store a numpy scalar they accepted (any other ``numbers.Real``) as the Python
+    ``int``/``float`` it equals, JSON-ready and hashing like its Python twin. ``int``, ``float`` and
+    non-numbers are left as they are."""
+    for name in names:
+        v = getattr(obj, name)
+        if isinstance(v, numbers.Real) and not isinstance(v, (int, float)):
+            object.__setattr__(obj, name, int(v) if isinstance(v, numbers.Integral) else float(v))
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +64,8 @@ class GaussianEvent:
     noise_multiplier: float
 
     def __post_init__(self) -> None:
-        z = self.noise_multiplier
-        if not (_is_real(z) and math.isfinite(z) and z > 0):
-            raise ConfigError(f"noise_multiplier must be a finite float > 0, got {z!r}")
+        check_number("noise_multiplier", self.noise_multiplier, low=0, low_open=True)
+        _store_plain(self, "noise_multiplier")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +76,9 @@ class PoissonSampledEvent:
     event: Event
 
     def __post_init__(self) -> None:
-        q = self.sampling_probability
-        if not (_is_real(q) and 0 < q <= 1):
-            raise ConfigError(f"sampling_probability must be in (0, 1], got {q!r}")
+        check_number("sampling_probability", self.sampling_probability, low=0, high=1, low_open=True)
         _check_event(self.event, "event")
+        _store_plain(self, "sampling_probability")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +90,8 @@ class SelfComposedEvent:
 
     def __post_init__(self) -> None:
         _check_event(self.event, "event")
-        if not (_is_count(self.count) and self.count >= 1):
-            raise ConfigError(f"count must be an int >= 1, got {self.count!r}")
+        check_int("count", self.count, low=1)
+        _store_plain(self, "count")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,10 +115,9 @@ class ZCDPEvent:
     xi: float = 0.0
 
     def __post_init__(self) -> None:
-        if not (_is_real(self.rho) and math.isfinite(self.rho) and self.rho > 0):
-            raise ConfigError(f"rho must be a finite float > 0, got {self.rho!r}")
-        if not (_is_real(self.xi) and math.isfinite(self.xi) and self.xi >= 0):
-            raise ConfigError(f"xi must be a finite float >= 0, got {self.xi!r}")
+        check_number("rho", self.rho, low=0, low_open=True)
+        check_number("xi", self.xi, low=0)
+        _store_plain(self, "rho", "xi")
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,19 +140,16 @@ class DistributedDiscreteGaussianEvent:
     dimension: int
 
     def __post_init__(self) -> None:
-        problems = []
-        if not (_is_real(self.local_stddev) and math.isfinite(self.local_stddev) and self.local_stddev >= 0.5):
-            problems.append(f"local_stddev must be a finite float >= 0.5, got {self.local_stddev!r}")
-        if not (_is_count(self.n_clients) and self.n_clients >= 1):
-            problems.append(f"n_clients must be an int >= 1, got {self.n_clients!r}")
-        for name in ("l2_sensitivity", "l1_sensitivity"):
-            v = getattr(self, name)
-            if not (_is_real(v) and math.isfinite(v) and v > 0):
-                problems.append(f"{name} must be a finite float > 0, got {v!r}")
-        if not (_is_count(self.dimension) and self.dimension >= 1):
-            problems.append(f"dimension must be an int >= 1, got {self.dimension!r}")
+        problems = [p for p in (
+            number_problem("local_stddev", self.local_stddev, low=0.5),
+            int_problem("n_clients", self.n_clients, low=1),
+            number_problem("l2_sensitivity", self.l2_sensitivity, low=0, low_open=True),
+            number_problem("l1_sensitivity", self.l1_sensitivity, low=0, low_open=True),
+            int_problem("dimension", self.dimension, low=1),
+        ) if p]
         if problems:
             raise ConfigError.collect(problems)
+        _store_plain(self, "local_stddev", "n_clients", "l2_sensitivity", "l1_sensitivity", "dimension")
 
     @property
     def tau(self) -> float:

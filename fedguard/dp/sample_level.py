@@ -45,10 +45,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from fedguard.checks import int_problem, number_problem
 from fedguard.dp.accountant import PrivacyAccountant, validate_delta
 from fedguard.dp.calibration import check_sampling_rate
 from fedguard.dp.errors import UnsupportedModelError
-from fedguard.dp.events import Event, GaussianEvent, PoissonSampledEvent
+from fedguard.dp.events import Event, GaussianEvent, PoissonSampledEvent, _store_plain
 from fedguard.errors import BudgetExceededError, ConfigError
 from fedguard.rng import SecureRNG
 
@@ -77,26 +78,23 @@ class DPSGDConfig:
     grad_sample_mode: GradSampleMode = "hooks"
 
     def __post_init__(self) -> None:
-        p = []
-        z, c = self.noise_multiplier, self.max_grad_norm
-        if not (isinstance(z, (int, float)) and math.isfinite(z) and z > 0):
-            p.append(f"noise_multiplier must be a finite float > 0, got {z!r}")
-        if not (isinstance(c, (int, float)) and math.isfinite(c) and c > 0):
-            p.append(f"max_grad_norm must be a finite float > 0, got {c!r}")
+        p = [q for q in (
+            number_problem("noise_multiplier", self.noise_multiplier, low=0, low_open=True),
+            number_problem("max_grad_norm", self.max_grad_norm, low=0, low_open=True),
+        ) if q]
         try:
             check_sampling_rate(self.sampling_rate)
         except ConfigError as err:
             p.extend(err.problems)
-        n = self.dataset_size
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            p.append(f"dataset_size must be an int >= 1, got {n!r}")
-        b = self.max_physical_batch_size
-        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-            p.append(f"max_physical_batch_size must be an int >= 1, got {b!r}")
+        p.extend(q for q in (
+            int_problem("dataset_size", self.dataset_size, low=1),
+            int_problem("max_physical_batch_size", self.max_physical_batch_size, low=1),
+        ) if q)
         if self.grad_sample_mode not in _MODES:
             p.append(f"grad_sample_mode must be one of {list(_MODES)}, got {self.grad_sample_mode!r}")
         if p:
             raise ConfigError.collect(p)
+        _store_plain(self, "noise_multiplier", "max_grad_norm", "sampling_rate", "dataset_size", "max_physical_batch_size")
 
     @property
     def expected_batch_size(self) -> float:

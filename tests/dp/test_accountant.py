@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
 from dp_accounting.pld import PLDAccountant
@@ -136,7 +137,7 @@ def test_pld_backend_rejects_zcdp_events_with_a_typed_error_naming_the_fix():
 @pytest.mark.parametrize(
     "kwargs,needle",
     [
-        ({"target_delta": 0.0}, "target_delta must be in (0, 1), got 0.0"),
+        ({"target_delta": 0.0}, "target_delta must be a finite number in (0, 1), got 0.0"),
         ({"target_delta": 1e-3, "population": 10000}, "got 0.001"),
         ({"target_delta": 1e-5, "epsilon_budget": -1.0}, "got -1.0"),
         ({"target_delta": 1e-5, "backend": "gdp"}, "'gdp'"),
@@ -151,9 +152,9 @@ def test_bad_configuration_is_a_typed_error_naming_the_value(kwargs, needle):
 @pytest.mark.parametrize(
     "make,needle",
     [
-        (lambda: GaussianEvent(0.0), "noise_multiplier must be a finite float > 0, got 0.0"),
+        (lambda: GaussianEvent(0.0), "noise_multiplier must be a finite number > 0, got 0.0"),
         (lambda: GaussianEvent(-1.0), "got -1.0"),
-        (lambda: PoissonSampledEvent(1.5, GaussianEvent(1.0)), "sampling_probability must be in (0, 1], got 1.5"),
+        (lambda: PoissonSampledEvent(1.5, GaussianEvent(1.0)), "sampling_probability must be a finite number in (0, 1], got 1.5"),
         (lambda: PoissonSampledEvent(0.0, GaussianEvent(1.0)), "got 0.0"),
         (lambda: SelfComposedEvent(GaussianEvent(1.0), 0), "count must be an int >= 1, got 0"),
     ],
@@ -162,6 +163,29 @@ def test_bad_events_are_typed_errors_naming_the_value(make, needle):
     with pytest.raises(ConfigError) as err:
         make()
     assert needle in str(err.value)
+
+
+def test_numpy_scalars_are_accepted_and_stored_as_python_numbers_but_bools_are_not():
+    e = SelfComposedEvent(PoissonSampledEvent(np.float32(0.5), GaussianEvent(np.float64(1.5))), np.int64(3))
+    assert type(e.count) is int and type(e.event.sampling_probability) is float
+    assert e == SelfComposedEvent(PoissonSampledEvent(0.5, GaussianEvent(1.5)), 3)
+    assert event_from_dict(json.loads(json.dumps(event_to_dict(e)))) == e
+    acc = PrivacyAccountant(target_delta=np.float64(1e-5), population=np.int64(1000))
+    acc.record(GaussianEvent(1.0), np.int32(2))
+    assert acc.steps == 2 and type(acc.ledger[0].count) is int and type(acc.population) is int
+    assert json.loads(acc.to_json())["population"] == 1000
+    for make in (lambda: GaussianEvent(True), lambda: SelfComposedEvent(GaussianEvent(1.0), True),
+                 lambda: acc.record(GaussianEvent(1.0), True)):
+        with pytest.raises(ConfigError, match="got True"):
+            make()
+
+
+def test_an_infinite_budget_is_still_accepted_and_never_binds():
+    acc = PrivacyAccountant(target_delta=1e-5, epsilon_budget=math.inf)
+    acc.spend(GaussianEvent(0.5), 100)
+    assert acc.remaining() == math.inf
+    with pytest.raises(ConfigError, match="epsilon_budget"):
+        PrivacyAccountant(target_delta=1e-5, epsilon_budget=math.nan)
 
 
 def test_events_round_trip_through_json_and_unknown_keys_are_named():

@@ -28,8 +28,8 @@ def test_unreachable_target_is_a_typed_error_naming_the_target():
 @pytest.mark.parametrize(
     "kwargs,needle",
     [
-        ({"target_epsilon": -1.0}, "target_epsilon must be a finite float > 0, got -1.0"),
-        ({"sampling_rate": 0.0}, "sampling_rate must be in (0, 1], got 0.0"),
+        ({"target_epsilon": -1.0}, "target_epsilon must be a finite number > 0, got -1.0"),
+        ({"sampling_rate": 0.0}, "sampling_rate must be a finite number in (0, 1], got 0.0"),
         ({"sampling_rate": 1.2}, "got 1.2"),
         ({"target_delta": 0.01, "population": 1000}, "got 0.01"),
         ({"steps": 0}, "steps must be an int >= 1, got 0"),

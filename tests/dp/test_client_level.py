@@ -195,9 +195,9 @@ def test_poisson_client_sampling_has_the_configured_rate():
     [
         ({"clip_norm": 0.0}, "clip_norm must be a finite float > 0, got 0.0"),
         ({"clip_norm": -1.0}, "got -1.0"),
-        ({"noise_multiplier": 0.0}, "noise_multiplier must be a finite float > 0, got 0.0"),
+        ({"noise_multiplier": 0.0}, "noise_multiplier must be a finite number > 0, got 0.0"),
         ({"noise_multiplier": -2.0}, "got -2.0"),
-        ({"sampling_rate": 0.0}, "sampling_rate must be in (0, 1], got 0.0"),
+        ({"sampling_rate": 0.0}, "sampling_rate must be a finite number in (0, 1], got 0.0"),
         ({"sampling_rate": 1.5}, "got 1.5"),
         ({"placement": "distributed"}, "min_survivors must be an int >= 1"),
         ({"adaptive": AdaptiveClipping(count_noise_stddev=0.4)}, "count_noise_stddev must be > noise_multiplier/2"),
@@ -226,6 +226,20 @@ def test_config_round_trips_and_rejects_unknown_keys():
     assert ClientDPConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="clip"):
         ClientDPConfig.from_dict({"clip": 1.0, "noise_multiplier": 1.0})
+
+
+def test_numpy_scalars_in_the_config_are_stored_as_python_numbers():
+    import json
+
+    config = ClientDPConfig(clip_norm=np.float32(1.0), noise_multiplier=np.float64(1.0), population=np.int64(10),
+                            placement="distributed", min_survivors=np.int64(3), colluding=np.int64(1),
+                            adaptive=AdaptiveClipping(count_noise_stddev=np.float32(2.0)))
+    assert config == ClientDPConfig(clip_norm=1.0, noise_multiplier=1.0, population=10, placement="distributed",
+                                    min_survivors=3, colluding=1, adaptive=AdaptiveClipping(count_noise_stddev=2.0))
+    assert type(config.population) is int and type(config.clip_norm) is float
+    assert ClientDPConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ConfigError, match="colluding must be an int >= 0, got True"):
+        ClientDPConfig(clip_norm=1.0, noise_multiplier=1.0, population=10, colluding=True)
 
 
 def test_distributed_placement_with_a_pld_accountant_is_refused_up_front():

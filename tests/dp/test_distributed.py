@@ -114,8 +114,8 @@ def test_ring_headroom_is_checked_before_encoding():
 @pytest.mark.parametrize(
     "kw,needle",
     [
-        ({"noise_multiplier": 0.0}, "noise_multiplier must be a finite float > 0, got 0.0"),
-        ({"clip_norm": -1.0}, "clip_norm must be a finite float > 0, got -1.0"),
+        ({"noise_multiplier": 0.0}, "noise_multiplier must be a finite number > 0, got 0.0"),
+        ({"clip_norm": -1.0}, "clip_norm must be a finite number > 0, got -1.0"),
         ({"min_survivors": 0}, "min_survivors must be an int >= 1, got 0"),
         ({"colluding": 8}, "colluding must be < min_survivors=8, got 8"),
         ({"noise_multiplier": 0.05, "spec": FixedPointSpec(clip=1.0, value_bits=3, ring_bits=64, max_weight=1)}, "raise value_bits"),

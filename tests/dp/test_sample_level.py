@@ -164,9 +164,9 @@ def test_unsupported_trainable_module_is_a_typed_error_naming_it():
 @pytest.mark.parametrize(
     "kw,needle",
     [
-        ({"noise_multiplier": 0.0}, "noise_multiplier must be a finite float > 0, got 0.0"),
-        ({"max_grad_norm": -1.0}, "max_grad_norm must be a finite float > 0, got -1.0"),
-        ({"sampling_rate": 2.0}, "sampling_rate must be in (0, 1], got 2.0"),
+        ({"noise_multiplier": 0.0}, "noise_multiplier must be a finite number > 0, got 0.0"),
+        ({"max_grad_norm": -1.0}, "max_grad_norm must be a finite number > 0, got -1.0"),
+        ({"sampling_rate": 2.0}, "sampling_rate must be a finite number in (0, 1], got 2.0"),
         ({"grad_sample_mode": "ew"}, "'ew'"),
     ],
 )
