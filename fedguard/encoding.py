@@ -37,6 +37,7 @@ from typing import Literal
 
 import numpy as np
 
+from fedguard.checks import int_problem, number_problem
 from fedguard.errors import ConfigError, InvalidUpdateError, RingOverflowError
 from fedguard.rng import SecureRNG
 
@@ -78,17 +79,18 @@ class FixedPointSpec:
     max_weight: int = 1 << 16
 
     def __post_init__(self) -> None:
-        problems = []
-        if not (isinstance(self.clip, (int, float)) and np.isfinite(self.clip) and self.clip > 0):
-            problems.append(f"clip must be a finite float > 0, got {self.clip!r}")
-        if not (isinstance(self.value_bits, int) and 2 <= self.value_bits <= MAX_VALUE_BITS):
-            problems.append(f"value_bits must be an int in [2, {MAX_VALUE_BITS}], got {self.value_bits!r}")
-        if not (isinstance(self.ring_bits, int) and 2 <= self.ring_bits <= 64):
-            problems.append(f"ring_bits must be an int in [2, 64], got {self.ring_bits!r}")
-        if not (isinstance(self.max_weight, int) and self.max_weight >= 1):
-            problems.append(f"max_weight must be an int >= 1, got {self.max_weight!r}")
+        problems = [p for p in (
+            number_problem("clip", self.clip, low=0, low_open=True),
+            int_problem("value_bits", self.value_bits, low=2, high=MAX_VALUE_BITS),
+            int_problem("ring_bits", self.ring_bits, low=2, high=64),
+            int_problem("max_weight", self.max_weight, low=1),
+        ) if p]
         if problems:
             raise ConfigError.collect(problems)
+        for name in ("value_bits", "ring_bits", "max_weight"):  # numpy ints would overflow in 1 << ring_bits
+            object.__setattr__(self, name, int(getattr(self, name)))
+        if not isinstance(self.clip, (int, float)):
+            object.__setattr__(self, "clip", float(self.clip))
         if required_ring_bits(self.value_bits, self.max_weight) > self.ring_bits:
             raise RingOverflowError(
                 f"one client at max_weight={self.max_weight} with value_bits={self.value_bits} needs "
@@ -222,8 +224,9 @@ def encode_weighted(
     rounding: Rounding = "stochastic",
 ) -> np.ndarray:
     """One client's ring input ``[w·q (mod 2^k), w]`` (length ``len(vector) + 1``, uint64)."""
-    if isinstance(weight, bool) or not isinstance(weight, (int, np.integer)) or not 1 <= weight <= spec.max_weight:
-        raise InvalidUpdateError(f"weight must be an int in [1, max_weight={spec.max_weight}], got {weight!r}")
+    problem = int_problem("weight", weight, low=1, high=spec.max_weight)
+    if problem:
+        raise InvalidUpdateError(problem)
     q = quantize(vector, spec, rng=rng, rounding=rounding).reshape(-1)
     out = np.empty(q.size + 1, dtype=np.uint64)
     out[:-1] = to_ring(q * np.int64(weight), spec.ring_bits)

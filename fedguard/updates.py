@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedguard.checks import int_problem
 from fedguard.errors import ConfigError, InvalidUpdateError
 
 
@@ -24,15 +25,15 @@ class ClientUpdate:
     weight: int
 
     def __post_init__(self) -> None:
-        problems = []
-        if isinstance(self.client_id, bool) or not isinstance(self.client_id, int) or self.client_id < 0:
-            problems.append(f"client_id must be an int >= 0, got {self.client_id!r}")
-        if isinstance(self.round, bool) or not isinstance(self.round, int) or self.round < 0:
-            problems.append(f"round must be an int >= 0, got {self.round!r}")
-        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, np.integer)) or self.weight < 1:
-            problems.append(f"weight must be an int >= 1 (a sample count), got {self.weight!r}")
+        problems = [p for p in (
+            int_problem("client_id", self.client_id, low=0),
+            int_problem("round", self.round, low=0),
+            int_problem("weight (a sample count)", self.weight, low=1),
+        ) if p]
         if problems:
             raise ConfigError.collect(problems)
+        object.__setattr__(self, "client_id", int(self.client_id))  # numpy ints are accepted as Python ints
+        object.__setattr__(self, "round", int(self.round))
         v = self.vector
         if not isinstance(v, np.ndarray) or v.dtype != np.float32 or v.ndim != 1:
             raise InvalidUpdateError(

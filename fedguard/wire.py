@@ -40,6 +40,7 @@ from typing import Any, Final
 
 import numpy as np
 
+from fedguard.checks import int_problem, is_int
 from fedguard.errors import MessageError
 
 MAGIC: Final[bytes] = b"FGWM"
@@ -134,9 +135,9 @@ def _header(msg: Message, *, materialize: bool = True) -> tuple[bytes, list[np.n
     if not isinstance(msg.kind, str) or not msg.kind or not isinstance(msg.stage, str):
         raise MessageError(f"kind and stage must be non-empty strings, got {msg.kind!r}, {msg.stage!r}")
     for fname in ("round", "sender", "recipient"):
-        v = getattr(msg, fname)
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise MessageError(f"{fname} must be an int, got {v!r}")
+        problem = int_problem(fname, getattr(msg, fname))
+        if problem:
+            raise MessageError(problem)
     _check_meta(dict(msg.meta), "meta")
     specs, arrays, payload = [], [], 0
     for name, arr in msg.arrays.items():
@@ -269,8 +270,9 @@ def _from_header(header: Any, data: bytes, start: int, payload_len: int) -> Mess
     }:
         raise MessageError("header must be an object with exactly kind, round, stage, sender, recipient, meta, arrays")
     for key in ("round", "sender", "recipient"):
-        if isinstance(header[key], bool) or not isinstance(header[key], int):
-            raise MessageError(f"header {key} must be an int, got {header[key]!r}")
+        problem = int_problem(f"header {key}", header[key])
+        if problem:
+            raise MessageError(problem)
     for key in ("kind", "stage"):
         if not isinstance(header[key], str):
             raise MessageError(f"header {key} must be a string, got {header[key]!r}")
@@ -285,7 +287,7 @@ def _from_header(header: Any, data: bytes, start: int, payload_len: int) -> Mess
         name, dt, shape = spec
         if dt not in ALLOWED_DTYPES:
             raise MessageError(f"array {name!r} has dtype {dt!r}, allowed: {sorted(ALLOWED_DTYPES)}")
-        if not isinstance(shape, list) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
+        if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
             raise MessageError(f"array {name!r} has an invalid shape {shape!r}")
         if name in arrays:
             raise MessageError(f"array {name!r} appears twice")

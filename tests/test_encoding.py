@@ -131,7 +131,16 @@ def test_spec_collects_all_problems() -> None:
     with pytest.raises(ConfigError) as info:
         FixedPointSpec(clip=-1.0, value_bits=80, ring_bits=65, max_weight=0)
     assert len(info.value.problems) == 4
-    assert "clip must be a finite float > 0, got -1.0" in str(info.value)
+    assert "clip must be a finite number > 0, got -1.0" in str(info.value)
+
+
+def test_spec_takes_numpy_ints_as_python_ints_and_refuses_bools() -> None:
+    spec = FixedPointSpec(clip=np.float32(2.0), value_bits=np.int64(16), ring_bits=np.int64(64), max_weight=np.int32(4))
+    assert spec == FixedPointSpec(clip=2.0, value_bits=16, ring_bits=64, max_weight=4)
+    assert all(type(v) is int for v in (spec.value_bits, spec.ring_bits, spec.max_weight)) and type(spec.clip) is float
+    assert spec.max_clients() == FixedPointSpec(clip=2.0, value_bits=16, ring_bits=64, max_weight=4).max_clients()
+    with pytest.raises(ConfigError, match="max_weight must be an int >= 1, got True"):
+        FixedPointSpec(max_weight=True)
 
 
 def test_spec_refuses_a_ring_too_small_for_one_client() -> None:
