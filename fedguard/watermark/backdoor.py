@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fedguard.checks import check_number
 from fedguard.errors import ConfigError, KeyMismatchError
 from fedguard.rng import SecureRNG, random_seed
 from fedguard.watermark.keys import BackdoorKey
@@ -59,8 +60,7 @@ class BackdoorWatermark:
     def __init__(self, key: BackdoorKey, *, ratio: float = 0.1) -> None:
         if not isinstance(key, BackdoorKey):
             raise ConfigError(f"BackdoorWatermark needs a BackdoorKey, got {type(key).__name__}")
-        if not 0 < ratio < 1:
-            raise ConfigError(f"ratio must be in (0, 1), got {ratio}")
+        check_number("ratio", ratio, low=0, high=1, low_open=True, high_open=True)
         self.key = key
         self.ratio = ratio
         triggers, responses = key.triggers_and_responses()

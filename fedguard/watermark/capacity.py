@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from scipy.stats import binom
 
+from fedguard.checks import check_int, check_number
 from fedguard.errors import ConfigError
 
 
@@ -45,8 +46,7 @@ def realisable_fraction(total_bits: int, dims: int) -> float:
 
 def min_bits_for(significance: float) -> int:
     """Smallest N with ``2^-N ≤ significance``: fewer bits can never yield a verdict."""
-    if not 0 < significance < 1:
-        raise ConfigError(f"significance must be in (0, 1), got {significance}")
+    significance = check_number("significance", significance, low=0, high=1, low_open=True, high_open=True)
     return max(1, math.ceil(-math.log2(significance) - 1e-12))
 
 
@@ -98,10 +98,8 @@ def plan_capacity(
     block_names: Sequence[str] | None = None,
 ) -> CapacityPlan:
     """Check a plan against FedIPR's bound; raise :class:`CapacityError` naming the numbers if it fails."""
-    if isinstance(n_clients, bool) or not isinstance(n_clients, int) or n_clients < 1:
-        raise ConfigError(f"n_clients must be an int >= 1, got {n_clients!r}")
-    if isinstance(bits_per_client, bool) or not isinstance(bits_per_client, int) or bits_per_client < 1:
-        raise ConfigError(f"bits must be an int >= 1, got {bits_per_client!r}")
+    n_clients = check_int("n_clients", n_clients, low=1)
+    bits_per_client = check_int("bits", bits_per_client, low=1)
     dims = [int(d) for d in block_dims]
     need = min_bits_for(significance)
     if bits_per_client < need:

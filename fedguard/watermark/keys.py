@@ -31,7 +31,6 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Any, Final, Literal
 import numpy as np
 
 from fedguard.errors import ConfigError, FedGuardError
+from fedguard.files import atomic_write
 from fedguard.rng import SEED_BYTES, SecureRNG
 
 KEY_FORMAT: Final[str] = "fedguard-watermark-key"
@@ -389,21 +389,7 @@ def save_key(key: WatermarkKey, path: str | os.PathLike[str]) -> Path:
     if marker is not None:
         raise ConfigError(f"refusing to write a secret key into {parent}: it is a model checkpoint "
                           f"(it holds {marker}); store keys apart from models")
-    text = key_to_json(key)
-    fd, tmp = tempfile.mkstemp(prefix=".fedguard-key-", dir=parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    os.chmod(target, 0o600)
-    return target
+    return atomic_write(target, key_to_json(key), mode=0o600)
 
 
 def load_key(path: str | os.PathLike[str]) -> WatermarkKey:

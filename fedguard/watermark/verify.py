@@ -23,6 +23,7 @@ from typing import Any
 
 from scipy.stats import binom
 
+from fedguard.checks import check_number
 from fedguard.errors import ConfigError
 
 DEFAULT_SIGNIFICANCE = 1e-6
@@ -32,17 +33,15 @@ def binomial_p_value(matched: int, n: int, p_null: float = 0.5) -> float:
     """``P[Binomial(n, p_null) ≥ matched]``, exact."""
     if n < 0 or not 0 <= matched <= n:
         raise ConfigError(f"need 0 <= matched <= n, got matched={matched}, n={n}")
-    if not 0 < p_null < 1:
-        raise ConfigError(f"p_null must be in (0, 1), got {p_null}")
+    check_number("p_null", p_null, low=0, high=1, low_open=True, high_open=True)
     if matched == 0:
         return 1.0
     return float(binom.sf(matched - 1, n, p_null))
 
 
 def check_significance(significance: float) -> float:
-    if not (isinstance(significance, float | int) and 0 < significance < 1) or isinstance(significance, bool):
-        raise ConfigError(f"significance must be in (0, 1), got {significance!r}")
-    return float(significance)
+    """``significance`` as a float in (0, 1), or :class:`ConfigError`."""
+    return check_number("significance", significance, low=0, high=1, low_open=True, high_open=True)
 
 
 @dataclass(frozen=True, slots=True)

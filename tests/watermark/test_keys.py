@@ -50,6 +50,15 @@ def test_key_round_trips_through_its_file_with_mode_0600(key: SignKey, tmp_path)
     assert load_key(path) == key
 
 
+def test_saving_again_replaces_the_file_atomically_and_a_missing_directory_is_refused(key: SignKey, tmp_path) -> None:
+    path = save_key(key, tmp_path / "k.key")
+    save_key(key, path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and load_key(path) == key
+    assert [p.name for p in tmp_path.iterdir()] == ["k.key"]  # no temporary file left behind
+    with pytest.raises(ConfigError, match="does not exist"):
+        save_key(key, tmp_path / "nowhere" / "k.key")
+
+
 def test_key_file_holds_the_seed_not_the_projection(key: SignKey, tmp_path) -> None:
     path = save_key(key, tmp_path / "alice.key")
     doc = json.loads(path.read_text())

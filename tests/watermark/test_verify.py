@@ -40,7 +40,7 @@ def test_detection_serialises_its_decision() -> None:
     assert "30/32 bits matched" in d.summary()
 
 
-@pytest.mark.parametrize("bad", [0.0, 1.0, -1e-6, 2])
+@pytest.mark.parametrize("bad", [0.0, 1.0, -1e-6, 2, True, math.nan, "0.01"])
 def test_bad_significance_is_refused(bad: float) -> None:
     with pytest.raises(ConfigError, match="significance"):
         detection(key_id="k", owner="", scheme="sign", bits=20, matched=20, significance=bad)
