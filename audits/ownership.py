@@ -152,7 +152,7 @@ def write_ownership_report(report: OwnershipReport, out_dir: str | os.PathLike[s
 def register_cli(commands: Any) -> None:
     """Register ``fedguard audit ownership`` (entry point ``audits.ownership:register_cli``)."""
     p = commands.subcommand("audit", "ownership", help="is my watermark in this model? (p-value and verdict)",
-                            group_help="audits: ownership, DP, leakage")
+                            group_help="audits with reports (ownership)")
     p.add_argument("--model", required=True, help="model directory (full model or peft adapter directory)")
     p.add_argument("--base", default=None, help="base model directory of a peft adapter")
     p.add_argument("--key", action="append", required=True, help="a claimant's key file (repeatable)")
