@@ -11,7 +11,8 @@ One process run measures, on the *same* encoded inputs (10 clients x 1M paramete
 * ``mpc-clip``: the norm check with ``norm_action="clip"`` (over-bound updates scaled into the bound under
   MPC; here the one far-over client is beyond the clip range and excluded, so the result is checked
   against the same sum);
-* ``mpc-in-process``: the simulated parties (no CrypTen), to separate protocol cost from process cost.
+* ``mpc-in-process``: ``backend: simulated`` parties (no CrypTen, no protection), to separate protocol cost
+  from process cost.
 
 Every secure result is checked against the plaintext sum (exact equality). Timings on a shared 2-core
 machine are noisy: the JSON records the machine's load average next to the numbers.
@@ -38,7 +39,7 @@ from fedguard.federation import make_aggregator
 from fedguard.federation.protocol import AggregateResult, Aggregator, RoundSpec
 from fedguard.rng import SecureRNG
 from fedguard.secagg.mpc import NORM_CHECK_DROPPED, MpcAggregator
-from fedguard.secagg.mpc_parties import CryptenParties, InProcessParties
+from fedguard.secagg.mpc.parties import CryptenParties, SimulatedParties
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mpc.json"
 
@@ -93,7 +94,7 @@ def main() -> None:
     norm_bound = 0.02 * float(np.sqrt(n_params))  # ~2x an honest client's norm (0.01·sqrt(n))
     rng = SecureRNG.for_testing("bench-mpc/quantise")
     inputs = {c: encode_weighted(v, 100 + c, enc, rng=rng.spawn(str(c))) for c, v in vectors.items()}
-    spec = RoundSpec(0, tuple(range(n_clients)), n_params + 1, 64)
+    spec = RoundSpec(0, tuple(range(n_clients)), n_params + 1, 64, fixed_point=enc)  # the norm check reads enc
     expected_all = ring_sum(list(inputs.values()), 64)
     expected_kept = ring_sum([inputs[c] for c in range(n_clients - 1)], 64)
 
@@ -102,7 +103,8 @@ def main() -> None:
     def measure(name: str, agg: Aggregator, expected: np.ndarray, rspec: RoundSpec = spec) -> None:
         runs = []
         for r in range(args.repeats):
-            out = run_round(agg, RoundSpec(r, rspec.participants, rspec.vector_length, 64), inputs, f"{name}/{r}")
+            out = run_round(agg, RoundSpec(r, rspec.participants, rspec.vector_length, 64, fixed_point=rspec.fixed_point),
+                            inputs, f"{name}/{r}")
             if not np.array_equal(out["result"].ring_sum, expected):
                 raise SystemExit(f"{name}: the secure sum differs from the plaintext sum")
             runs.append(out)
@@ -125,7 +127,7 @@ def main() -> None:
         print(f"{'masking':>16}: unavailable ({err})")
     else:
         measure("masking", masking, expected_all)
-    measure("mpc-in-process", MpcAggregator(parties=InProcessParties(3)), expected_all)
+    measure("mpc-in-process", MpcAggregator(parties=SimulatedParties(3)), expected_all)
 
     t = time.perf_counter()
     with CryptenParties(3, norm_check=not args.no_norm, timeout_s=300.0) as parties:
@@ -134,9 +136,9 @@ def main() -> None:
               "not counted below)")
         measure("mpc-sum", MpcAggregator(parties=parties), expected_all)
         if not args.no_norm:
-            measure("mpc-norm", MpcAggregator(parties=parties, norm_bound=norm_bound, encoding=enc), expected_kept)
+            measure("mpc-norm", MpcAggregator(parties=parties, norm_bound=norm_bound), expected_kept)
             # clipping: honest clients are within the bound (factor 1, exact), the 50x one is beyond 2^2: excluded
-            measure("mpc-clip", MpcAggregator(parties=parties, norm_bound=norm_bound, encoding=enc,
+            measure("mpc-clip", MpcAggregator(parties=parties, norm_bound=norm_bound,
                                               norm_action="clip", clip_halvings=2), expected_kept)
     if not args.no_norm and rows["mpc-norm"]["dropped"].get(NORM_CHECK_DROPPED) != [n_clients - 1]:
         raise SystemExit("mpc-norm: the over-bound client was not the one excluded")

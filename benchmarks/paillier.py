@@ -45,14 +45,14 @@ from fedguard.encoding import FixedPointSpec, encode_weighted, ring_sum
 from fedguard.federation.protocol import RoundSpec
 from fedguard.rng import SecureRNG
 from fedguard.secagg.paillier import decrypt_sum, encrypt_vector, sum_ciphertexts
-from fedguard.secagg.paillier_keys import (
+from fedguard.secagg.paillier.keys import (
     OBFUSCATOR_METHODS,
     ObfuscatorMethod,
     ObfuscatorPool,
     PaillierPrivateKey,
     PaillierPublicKey,
 )
-from fedguard.secagg.paillier_packing import SlotLayout
+from fedguard.secagg.paillier.packing import SlotLayout
 
 RESULTS = Path(__file__).resolve().parent / "results" / "paillier.json"
 
@@ -88,8 +88,8 @@ def _layout_table(key_bits: int, clients: int) -> list[dict[str, Any]]:
         ("24-bit values, weights <= 65536 (FixedPointSpec default)", FixedPointSpec(), 64),
         ("uniform ring elements mod 2^64 (no fixed-point spec)", None, 64),
     ):
-        spec = RoundSpec(0, tuple(range(clients)), 1_000_001, ring_bits)
-        lay = SlotLayout.derive(modulus_bits=key_bits, round_spec=spec, fixed_point=fp)
+        spec = RoundSpec(0, tuple(range(clients)), 1_000_001, ring_bits, fixed_point=fp)
+        lay = SlotLayout.derive(modulus_bits=key_bits, round_spec=spec)
         rows.append({"encoding": label, "slot_bits": lay.slot_bits, "slots_per_ciphertext": lay.slots_per_ciphertext,
                      "bytes_per_value": round(lay.bytes_per_value(width), 3)})
     return rows
@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pub = PaillierPublicKey.from_phe(phe_pub)
     priv = PaillierPrivateKey.from_phe(pub, phe_priv)
     fp = FixedPointSpec(clip=1.0, value_bits=args.value_bits, ring_bits=32, max_weight=args.max_weight)
-    spec = RoundSpec(0, tuple(range(args.clients)), args.values + 1, fp.ring_bits)
-    layout = SlotLayout.derive(modulus_bits=pub.bits, round_spec=spec, fixed_point=fp)
+    spec = RoundSpec(0, tuple(range(args.clients)), args.values + 1, fp.ring_bits, fixed_point=fp)
+    layout = SlotLayout.derive(modulus_bits=pub.bits, round_spec=spec)
     rng = SecureRNG.for_testing("benchmark/paillier")
     update = (rng.normal(args.values) * 0.3).astype(np.float32)
     ring = encode_weighted(update, args.max_weight, fp, rng=rng.spawn("quantise"))
@@ -143,17 +143,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # -- fedguard, per obfuscator method ----------------------------------------------------------------
     n_enc = args.values + 1 if args.fraction >= 1 else max(layout.slots_per_ciphertext,
                                                             int((args.values + 1) * args.fraction))
-    enc_spec = RoundSpec(0, spec.participants, n_enc, fp.ring_bits)
-    enc_layout = SlotLayout.derive(modulus_bits=pub.bits, round_spec=enc_spec, fixed_point=fp,
-                                   max_clients=args.clients)
+    enc_spec = RoundSpec(0, spec.participants, n_enc, fp.ring_bits, fixed_point=fp)
+    enc_layout = SlotLayout.derive(modulus_bits=pub.bits, round_spec=enc_spec, max_clients=args.clients)
     enc_ring = ring[:n_enc].copy()
     scale = (args.values + 1) / n_enc
     # single-process measurements on a slice of whole ciphertexts, large enough that the DJN table (built
     # once per key and process, ~0.3 s at 2048 bits) does not dominate
     slice_cts = max(4, min(layout.n_ciphertexts, args.slice_ciphertexts))
     n_slice = min(args.values, slice_cts * layout.slots_per_ciphertext)
-    sub_layout = SlotLayout.derive(modulus_bits=pub.bits, round_spec=RoundSpec(0, spec.participants, n_slice, fp.ring_bits),
-                                   fixed_point=fp, max_clients=args.clients)
+    sub_layout = SlotLayout.derive(modulus_bits=pub.bits,
+                                   round_spec=RoundSpec(0, spec.participants, n_slice, fp.ring_bits, fixed_point=fp),
+                                   max_clients=args.clients)
     methods: dict[str, dict[str, float]] = {}
     data = b""
     slice_ring = ring[:n_slice].copy()

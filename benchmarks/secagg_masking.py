@@ -48,7 +48,7 @@ from fedguard.encoding import FixedPointSpec, encode_weighted
 from fedguard.federation.protocol import AggregateResult, RoundSpec
 from fedguard.rng import SecureRNG
 from fedguard.secagg.masking import MaskingAggregator
-from fedguard.secagg.masking_crypto import (
+from fedguard.secagg.masking.crypto import (
     PAIR_MASK_NONCE,
     PURPOSE_MASK,
     Mask,

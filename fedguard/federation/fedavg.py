@@ -63,6 +63,9 @@ def aggregate_updates(
     their randomness, and masks derived from a seed the server knows would protect nothing.
     ``encoder`` replaces :func:`encode_weighted` (its output is checked: uint64 of length ``d + 1``).
 
+    The round's :class:`RoundSpec` carries ``spec`` as its ``fixed_point`` when the updates are encoded here
+    (the inputs then obey its bounds), and ``None`` with a custom ``encoder``, whose outputs may exceed them.
+
     All checks (rounds, lengths, ids, ring capacity, weights, finiteness) run before anything is encoded.
     Raises :class:`~fedguard.errors.ProtocolAbort` when too many clients drop.
     """
@@ -84,7 +87,9 @@ def aggregate_updates(
     rng = rng if rng is not None else SecureRNG()
     protocol_rng = protocol_rng if protocol_rng is not None else rng
     width = updates[0].vector.size + 1
-    round_spec = RoundSpec(round_id, tuple(ids), width, spec.ring_bits)
+    # the round carries the encoding when every input is known to obey it (Paillier sizes its slots from it,
+    # MPC's norm check reads q and s from it); a custom encoder (e.g. noise added in the ring) may exceed it
+    round_spec = RoundSpec(round_id, tuple(ids), width, spec.ring_bits, fixed_point=spec if encoder is None else None)
 
     def encode(u: ClientUpdate) -> np.ndarray:
         quantise_rng = rng.spawn(f"quantise/{u.client_id}")

@@ -8,15 +8,19 @@ for runs where secure aggregation is switched off.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
+from fedguard.checks import int_problem
 from fedguard.encoding import ring_sum
 from fedguard.errors import ConfigError, InvalidUpdateError
 from fedguard.federation.protocol import (
     AggregateResult,
     Aggregator,
+    AggregatorOptions,
     ClientSide,
     Outbox,
     RoundSpec,
@@ -24,7 +28,6 @@ from fedguard.federation.protocol import (
     check_ring_vector,
     ring_input_schema,
 )
-from fedguard.federation.registry import register_aggregator
 from fedguard.rng import SecureRNG
 from fedguard.wire import Message, MessageSchema
 
@@ -63,20 +66,42 @@ class _PlaintextClient(ClientSide):
         return self._reply(kind=_REPLY.kind, arrays={"x": self._x})
 
 
+@dataclass(frozen=True, kw_only=True)
+class PlaintextOptions(AggregatorOptions):
+    """Options of ``aggregator: plaintext``.
+
+    Attributes:
+        min_clients: the fewest inputs the server will aggregate (>= 1).
+    """
+
+    min_clients: int = 1
+
+    def _problems(self) -> list[str]:
+        return [p for p in (int_problem("min_clients", self.min_clients, low=1),) if p]
+
+
 class PlaintextAggregator(Aggregator):
-    """Sum in the clear (no privacy). ``min_clients``: the fewest inputs the server will aggregate."""
+    """Sum in the clear (no privacy). Options: :class:`PlaintextOptions` (or its fields as keywords)."""
 
     name: ClassVar[str] = "plaintext"
     stages: ClassVar[tuple[str, ...]] = (_INPUT,)
     input_stage: ClassVar[str] = _INPUT
 
-    def __init__(self, *, min_clients: int = 1) -> None:
-        if isinstance(min_clients, bool) or not isinstance(min_clients, int) or min_clients < 1:
-            raise ConfigError(f"min_clients must be an int >= 1, got {min_clients!r}")
-        self.min_clients = min_clients
+    def __init__(self, options: PlaintextOptions | Mapping[str, Any] | None = None, **fields: Any) -> None:
+        self.options: PlaintextOptions = PlaintextOptions.build(options, fields)
+        self.min_clients = self.options.min_clients
+
+    def __repr__(self) -> str:
+        return f"PlaintextAggregator(min_clients={self.min_clients})"
 
     def threshold(self, n_clients: int) -> int:
         return min(self.min_clients, n_clients)
+
+    def check_clients(self, n_clients: int) -> None:
+        super().check_clients(n_clients)
+        if self.min_clients > n_clients:
+            raise ConfigError(f"aggregator 'plaintext' needs at least min_clients={self.min_clients} clients, "
+                              f"got {n_clients}: lower aggregator_options.min_clients or add clients")
 
     def server(self, spec: RoundSpec, *, rng: SecureRNG | None = None) -> ServerSide:
         if self.min_clients > spec.n_clients:
@@ -87,6 +112,3 @@ class PlaintextAggregator(Aggregator):
         self, spec: RoundSpec, client_id: int, ring_input: np.ndarray, *, rng: SecureRNG | None = None
     ) -> ClientSide:
         return _PlaintextClient(spec, client_id, ring_input)
-
-
-register_aggregator("plaintext", PlaintextAggregator)

@@ -19,24 +19,112 @@ another stage, replayed within a stage, addressed to someone else, or from a par
 raises :class:`ProtocolViolation` and leaves the receiver's state untouched; a stage that closes with
 fewer survivors than the protocol's threshold raises :class:`ProtocolAbort`, after which the server
 refuses every further call.
+
+Configuration (DESIGN.md §4.3): each aggregator has a frozen, keyword-only options dataclass derived from
+:class:`AggregatorOptions` (what a config file can say: plain JSON values, validated in ``__post_init__``,
+unknown keys named with the nearest valid one). Runtime objects (key pairs, compute parties, generators)
+are constructor arguments, not options. What every party of a round agrees on in public, including the
+fixed-point encoding the ring inputs obey, is the :class:`RoundSpec`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
 from fedguard import wire
-from fedguard.errors import ConfigError, MessageError, ProtocolAbort, ProtocolViolation
+from fedguard.checks import int_problem
+from fedguard.encoding import FixedPointSpec
+from fedguard.errors import ConfigError, MessageError, ProtocolAbort, ProtocolViolation, RingOverflowError
 from fedguard.rng import SecureRNG
 from fedguard.wire import SERVER, Message, MessageSchema
 
 Outbox = dict[int, bytes]
 """Serialised messages of one stage, by recipient client id."""
+
+
+_O = TypeVar("_O", bound="AggregatorOptions")
+_A = TypeVar("_A", bound="Aggregator")
+
+
+def unknown_key_problem(key: object, valid: list[str], prefix: str = "") -> str:
+    """``"unknown key 'p.k'; did you mean 'x'?"`` (or the valid keys listed when none is close)."""
+    shown = f"{prefix}.{key}" if prefix else str(key)
+    close = difflib.get_close_matches(str(key), valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f" (valid keys: {', '.join(valid) or 'none'})"
+    return f"unknown key {shown!r}{hint}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AggregatorOptions:
+    """Base of every aggregator's options: a frozen, keyword-only dataclass of JSON-plain values.
+
+    Subclasses declare their fields and override :meth:`_problems`, which returns one sentence per
+    problem; ``__post_init__`` raises them all at once (:meth:`ConfigError.collect`). Build one from a
+    config mapping with :meth:`from_dict` (unknown keys are refused with the nearest valid key named),
+    write it back with :meth:`to_dict`: ``type(o).from_dict(o.to_dict()) == o``.
+    """
+
+    def __post_init__(self) -> None:
+        problems = self._problems()
+        if problems:
+            raise ConfigError.collect(problems)
+
+    def _problems(self) -> list[str]:
+        """Every problem of these values (empty: valid)."""
+        return []
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        """The option names, in declaration order."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as a JSON-plain mapping (every field, defaults included)."""
+        return {name: getattr(self, name) for name in self.keys()}
+
+    @classmethod
+    def from_dict(cls: type[_O], raw: Mapping[str, Any] | None = None, *, prefix: str = "") -> _O:
+        """Options from a plain mapping. Unknown keys (named as ``prefix.key``, with the nearest valid key)
+        and invalid values are collected into one :class:`ConfigError`."""
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{prefix or cls.__name__} must be a mapping, got {type(raw).__name__}")
+        valid = cls.keys()
+        problems = [unknown_key_problem(k, valid, prefix) for k in raw if k not in valid]
+        known = {k: v for k, v in raw.items() if k in valid}
+        try:
+            options = cls(**known)
+        except ConfigError as err:
+            problems += list(err.problems)
+        if problems:
+            raise ConfigError.collect(problems)
+        return options
+
+    @classmethod
+    def build(cls: type[_O], options: _O | Mapping[str, Any] | None, changes: Mapping[str, Any], *,
+              prefix: str = "") -> _O:
+        """``options`` (an instance, a mapping or ``None`` for the defaults) with ``changes`` applied, checked
+        as one mapping: what aggregator constructors and :func:`~fedguard.federation.registry.make_aggregator`
+        accept."""
+        if options is None:
+            base: dict[str, Any] = {}
+        elif isinstance(options, cls):
+            if not changes:
+                return options
+            base = options.to_dict()
+        elif isinstance(options, Mapping):
+            base = dict(options)
+        else:
+            raise ConfigError(f"options must be a {cls.__name__} or a mapping, got {type(options).__name__}")
+        return cls.from_dict({**base, **changes}, prefix=prefix)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,28 +136,42 @@ class RoundSpec:
         participants: the client ids selected for the round (distinct, >= 0).
         vector_length: length of each client's ring vector (update length + 1 weight slot).
         ring_bits: the ring Z_{2^k} the sum lives in.
+        fixed_point: the encoding every ring input obeys, when it is known: each input is
+            ``[w·q mod 2^k, w]`` with ``|q_j| <= M`` and ``1 <= w <= max_weight``
+            (:func:`fedguard.encoding.encode_weighted`). Aggregators use it to size what they send
+            (Paillier's bounded slots) or to check inputs (MPC's norm bound). ``None``: the inputs are
+            arbitrary ring elements (e.g. a custom encoder that adds noise inside the ring). Its
+            ``ring_bits`` must be the round's, and the round's participants must fit its capacity.
     """
 
     round_id: int
     participants: tuple[int, ...]
     vector_length: int
     ring_bits: int = 64
+    fixed_point: FixedPointSpec | None = None
 
     def __post_init__(self) -> None:
-        problems = []
-        if isinstance(self.round_id, bool) or not isinstance(self.round_id, int) or self.round_id < 0:
-            problems.append(f"round_id must be an int >= 0, got {self.round_id!r}")
+        problems = [p for p in (int_problem("round_id", self.round_id, low=0),
+                                int_problem("vector_length", self.vector_length, low=1),
+                                int_problem("ring_bits", self.ring_bits, low=2, high=64)) if p]
         ids = self.participants
         if not ids:
             problems.append("participants must not be empty")
-        if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in ids):
+        elif any(int_problem("id", c, low=0) for c in ids):
             problems.append(f"participant ids must be ints >= 0, got {ids!r}")
         elif len(set(ids)) != len(ids):
             problems.append(f"participant ids must be distinct, got {ids!r}")
-        if not isinstance(self.vector_length, int) or self.vector_length < 1:
-            problems.append(f"vector_length must be an int >= 1, got {self.vector_length!r}")
-        if not isinstance(self.ring_bits, int) or not 2 <= self.ring_bits <= 64:
-            problems.append(f"ring_bits must be an int in [2, 64], got {self.ring_bits!r}")
+        fp = self.fixed_point
+        if fp is not None:
+            if not isinstance(fp, FixedPointSpec):
+                problems.append(f"fixed_point must be a FixedPointSpec or None, got {type(fp).__name__}")
+            elif fp.ring_bits != self.ring_bits:
+                problems.append(f"fixed_point.ring_bits={fp.ring_bits} differs from the round's ring_bits={self.ring_bits}")
+            elif ids:
+                try:
+                    fp.check_capacity(len(ids))
+                except RingOverflowError as err:
+                    problems.append(f"fixed_point: {err}")
         if problems:
             raise ConfigError.collect(problems)
 
@@ -299,11 +401,16 @@ class Aggregator(ABC):
     * ``stages``: the client-reply stages, in order;
     * ``input_stage``: the stage whose reply carries the client's input; exactly the clients that replied
       in it are summed.
+
+    An aggregator may hold resources (MPC's party processes): :meth:`close` releases them (idempotent), and
+    ``with make_aggregator(...) as agg:`` closes it on the way out.
     """
 
     name: ClassVar[str]
     stages: ClassVar[tuple[str, ...]]
     input_stage: ClassVar[str]
+    options: AggregatorOptions | None = None
+    """The validated options this aggregator was built with (``None`` for a plug-in without any)."""
 
     @abstractmethod
     def threshold(self, n_clients: int) -> int:
@@ -316,6 +423,38 @@ class Aggregator(ABC):
     def client(
         self, spec: RoundSpec, client_id: int, ring_input: np.ndarray, *, rng: SecureRNG | None = None
     ) -> ClientSide: ...
+
+    @property
+    def label(self) -> str:
+        """How reports and round tables name this aggregator: its ``name``, plus a warning where the
+        configuration protects less than the name suggests (e.g. simulated MPC parties)."""
+        return self.name
+
+    def check_clients(self, n_clients: int) -> None:
+        """Raise :class:`ConfigError` (naming the numbers and the option to change) when this protocol
+        cannot run a round with ``n_clients`` participants. Called before any model is loaded.
+
+        The default asks :meth:`threshold` and turns whatever it raises into a :class:`ConfigError`;
+        protocols with rules beyond the threshold override this."""
+        problem = int_problem("n_clients", n_clients, low=1)
+        if problem:
+            raise ConfigError(problem)
+        try:
+            t = self.threshold(n_clients)
+        except Exception as err:  # any refusal of the subclass means "cannot run"
+            raise ConfigError(f"aggregator {self.name!r} cannot run a round with {n_clients} clients: {err}") from err
+        if not (isinstance(t, int) and 1 <= t <= n_clients):
+            raise ConfigError(f"aggregator {self.name!r} cannot run a round with {n_clients} clients: "
+                              f"its threshold is {t!r}")
+
+    def close(self) -> None:
+        """Release what this aggregator holds (nothing by default). Idempotent."""
+
+    def __enter__(self: _A) -> _A:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def survives(self, spec: RoundSpec, alive_per_stage: list[set[int]]) -> bool:
         """Whether the protocol completes when the clients in ``alive_per_stage[i]`` reply in stage ``i``

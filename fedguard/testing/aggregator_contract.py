@@ -14,7 +14,12 @@ What it proves, on the same quantised inputs (uniform ring vectors: the hardest 
 * a foreign-round, out-of-order, replayed, misattributed or corrupted message raises
   :class:`ProtocolViolation` / :class:`MessageError`, changes nothing, and the round still completes
   with the exact sum;
-* bytes on the wire are recorded for every stage.
+* bytes on the wire are recorded for every stage;
+* the aggregator accepts the round sizes it is tested with (:meth:`Aggregator.check_clients`), names itself
+  (:attr:`Aggregator.label`), and :meth:`Aggregator.close` is idempotent and runs on leaving ``with``.
+
+Set the class attribute ``fixed_point`` to run every round with that fixed-point encoding in its
+:class:`RoundSpec` (and override :meth:`AggregatorContract.make_inputs` to draw inputs that obey it).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedguard import wire
-from fedguard.encoding import ring_sum
+from fedguard.encoding import FixedPointSpec, ring_sum
 from fedguard.errors import MessageError, ProtocolAbort, ProtocolViolation
 from fedguard.federation.protocol import AggregateResult, Aggregator, ClientSide, RoundSpec, ServerSide
 from fedguard.federation.transport import InProcessTransport
@@ -49,6 +54,7 @@ class AggregatorContract(ABC):
     vector_length: ClassVar[int] = 17
     min_clients: ClassVar[int] = 3
     max_clients: ClassVar[int] = 6
+    fixed_point: ClassVar[FixedPointSpec | None] = None
 
     @abstractmethod
     def make_aggregator(self, n_clients: int) -> Aggregator:
@@ -56,7 +62,8 @@ class AggregatorContract(ABC):
 
     # -- helpers -------------------------------------------------------------------------------------
     def make_round(self, n_clients: int, round_id: int = 7) -> RoundSpec:
-        return RoundSpec(round_id, tuple(range(10, 10 + n_clients)), self.vector_length, self.ring_bits)
+        return RoundSpec(round_id, tuple(range(10, 10 + n_clients)), self.vector_length, self.ring_bits,
+                         fixed_point=self.fixed_point)
 
     def make_inputs(self, spec: RoundSpec, seed: int) -> dict[int, np.ndarray]:
         rng = SecureRNG.for_testing(f"contract-inputs/{seed}")
@@ -78,6 +85,21 @@ class AggregatorContract(ABC):
         expected = self.expected_sum(spec, inputs, contributors)
         assert result.ring_sum.dtype == np.uint64
         np.testing.assert_array_equal(result.ring_sum, expected)
+
+    # -- configuration and lifecycle -------------------------------------------------------------------
+    def test_check_clients_accepts_the_tested_round_sizes(self) -> None:
+        for n in (self.min_clients, self.max_clients):
+            self.make_aggregator(n).check_clients(n)
+
+    def test_label_starts_with_the_name(self) -> None:
+        agg = self.make_aggregator(self.min_clients)
+        assert isinstance(agg.label, str) and agg.label.startswith(agg.name)
+
+    def test_close_is_idempotent_and_runs_on_leaving_with(self) -> None:
+        agg = self.make_aggregator(self.min_clients)
+        with agg as entered:
+            assert entered is agg
+        agg.close()  # a second close does nothing
 
     # -- exact equality --------------------------------------------------------------------------------
     def test_sum_equals_plaintext_without_dropouts(self) -> None:
