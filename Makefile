@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt Makefile
 	$(PIP) install --quiet -c constraints/cpu.txt -e '.[train,dp,mpc,dev]'
 	# CrypTen 0.4.1 is installed without its declared dependencies: they pull torchvision (which breaks
 	# transformers' imports beside this torch) and the dead `sklearn` package. Its real runtime
-	# dependencies come from the `mpc` extra above; fedguard.secagg.mpc patches its torch-2.13 breakage.
+	# dependencies come from the `mpc` extra above; fedguard.secagg.mpc.crypten_compat patches its torch-2.13 breakage.
 	$(PIP) install --quiet --no-deps crypten==0.4.1
 	touch $(STAMP)
 
