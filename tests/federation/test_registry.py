@@ -3,6 +3,8 @@ lifecycle (close, with, label, check_clients)."""
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import json
 import subprocess
 import sys
@@ -40,6 +42,19 @@ NON_DEFAULT: dict[str, dict[str, Any]] = {
             "norm_bound": 2.5, "norm_action": "clip", "clip_halvings": 3, "timeout_s": 12.0,
             "startup_timeout_s": 60.0, "listen": "0.0.0.0:29400", "control_key_file": "control.key"},
 }
+
+
+@pytest.mark.parametrize("module", [
+    "fedguard.federation.registry",
+    "fedguard.secagg.masking.options",
+    "fedguard.secagg.masking.aggregator",
+    "fedguard.secagg.paillier.options",
+    "fedguard.secagg.mpc.options",
+    "fedguard.secagg.mpc.aggregator",
+])
+def test_docstring_examples_run(module: str) -> None:
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
 
 
 # -- names ------------------------------------------------------------------------------------------------

@@ -88,6 +88,7 @@ from typing import Any, ClassVar
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from fedguard.checks import check_int
 from fedguard.errors import ConfigError, InvalidUpdateError, MessageError, ProtocolAbort, ProtocolViolation
 from fedguard.federation.protocol import (
     AggregateResult,
@@ -586,10 +587,11 @@ class MaskingAggregator(Aggregator):
 
     def check_clients(self, n_clients: int) -> None:
         """:class:`ConfigError` unless ``neighbours`` and ``threshold`` fit a round of ``n_clients``."""
+        check_int("n_clients", n_clients, low=1)
         try:
             super().check_clients(n_clients)
         except ConfigError as err:
-            raise ConfigError(f"{err} (change aggregator_options.neighbours / threshold, or the number of "
+            raise ConfigError(f"{err} (change aggregator_options.neighbours or threshold, or the number of "
                               f"clients)") from err
 
     def params(self, n_clients: int) -> MaskingParams:

@@ -45,7 +45,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -234,7 +234,7 @@ def _int(meta: Mapping[str, Any], key: str) -> int:
     value = meta.get(key)
     if not is_int(value):
         raise MessageError(f"control message field {key!r} must be an int, got {value!r}")
-    return int(value)  # type: ignore[call-overload]
+    return int(cast(int, value))
 
 
 def _ints(meta: Mapping[str, Any], key: str) -> list[int]:
@@ -490,11 +490,12 @@ class NetworkParties(ComputeParties):
 
     def _admit(self, channel: ControlChannel, msg: wire.Message) -> None:
         meta = msg.meta
-        rank = meta.get("rank")
+        raw_rank = meta.get("rank")
         problem = None
-        if msg.kind != "mpc-ready" or not is_int(rank):
+        if msg.kind != "mpc-ready" or not is_int(raw_rank):
             channel.close()
             raise ConfigError("expected an mpc-ready message with an int rank")
+        rank = int(cast(int, raw_rank))
         if not 0 <= rank < self.n_parties or rank in self._channels:
             problem = f"rank {rank} is out of range or already connected"
         elif meta.get("n_parties") != self.n_parties or meta.get("norm_check") is not self.norm_check:

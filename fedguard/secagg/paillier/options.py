@@ -115,7 +115,7 @@ class PaillierOptions(AggregatorOptions):
             int_problem("max_clients", self.max_clients, low=1, optional=True),
             int_problem("workers", self.workers, low=0),
         ) if p]
-        if not is_int(self.min_clients) or self.min_clients < 1:  # type: ignore[operator]
+        if not is_int(self.min_clients) or self.min_clients < 1:
             problems.append(f"min_clients must be an int >= {MIN_CLIENTS}, got {self.min_clients!r}")
         elif self.min_clients < MIN_CLIENTS:
             problems.append(
