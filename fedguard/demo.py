@@ -23,6 +23,7 @@ import torch
 from fedguard.console import Column, RoundTable
 from fedguard.encoding import FixedPointSpec
 from fedguard.errors import ConfigError, ProtocolAbort
+from fedguard.federation.protocol import Aggregator
 from fedguard.federation.registry import make_aggregator
 from fedguard.federation.round import ClientResult, run_round
 from fedguard.params import flatten, layout_of, load_vector
@@ -79,7 +80,11 @@ def _loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 def run_demo(config: DemoConfig, *, table: RoundTable | None = None) -> list[dict[str, Any]]:
     """Run the simulation; returns one metrics dict per round."""
-    aggregator = make_aggregator(config.aggregator)
+    with make_aggregator(config.aggregator) as aggregator:  # closed at the end (MPC's party processes)
+        return _simulate(config, aggregator, table)
+
+
+def _simulate(config: DemoConfig, aggregator: Aggregator, table: RoundTable | None) -> list[dict[str, Any]]:
     rng = SecureRNG.for_testing(f"demo/{config.seed}")
     data_rng = rng.spawn("data").numpy_generator()
     perm = data_rng.permutation(VOCAB)
@@ -109,7 +114,7 @@ def run_demo(config: DemoConfig, *, table: RoundTable | None = None) -> list[dic
         start = time.perf_counter()
         losses: list[float] = []
 
-        def client_step(c: int, global_vec: np.ndarray) -> ClientResult:
+        def client_step(c: int, global_vec: np.ndarray, losses: list[float] = losses) -> ClientResult:
             load_vector(model, layout, global_vec)  # the shared base weights stay; only adapters swap
             model.train()
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)

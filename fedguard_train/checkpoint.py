@@ -94,7 +94,7 @@ def save_checkpoint(run_dir: Path, round_id: int, model: Any, vector: np.ndarray
     np.save(tmp / "global.npy", vector.astype(np.float32, copy=False))
     (tmp / "state.json").write_text(json.dumps({"round": round_id, **state}, indent=2, sort_keys=True))
     if arrays:
-        np.savez(tmp / "server.npz", **arrays)
+        np.savez(tmp / "server.npz", **arrays)  # type: ignore[arg-type]
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -149,7 +149,7 @@ class FederationConfig:
                 try:
                     object.__setattr__(self, "aggregator_options", aggregator_options(self.aggregator, options))
                 except ConfigError as err:
-                    problems += [f"aggregator_options: {p}" if not p.startswith("unknown aggregator") else p
+                    problems += [p if p.startswith(("unknown", "aggregator_options")) else f"aggregator_options.{p}"
                                  for p in err.problems]
         _problems_of(self, [(False, p) for p in problems])
 
@@ -233,7 +233,7 @@ class DPSection:
         _problems_of(self, [(False, p) for p in problems])
 
     @property
-    def accounting_backend(self) -> str:
+    def accounting_backend(self) -> DPBackend:
         return self.backend or ("rdp" if self.placement == "distributed" else "pld")
 
     def client_config(self, n_clients: int) -> Any:
@@ -411,19 +411,24 @@ def _build(cls: type[T], raw: Any, path: str) -> T:
     if raw.get("mode") == "local" and cls.__name__ == "TrainConfig":
         problems.append("mode 'local' (each client alone) is a column of `fedguard train-compare`, not a run mode; "
                         "use mode 'federated' or 'centralized'")
-    if problems:
-        raise ConfigError.collect(problems)
     kwargs: dict[str, Any] = {}
     for name, value in raw.items():
+        if name not in hints:
+            continue
         hint = hints[name]
         section = _section_type(hint)
-        if section is not None:
-            if value is None and _is_optional(hint):
-                kwargs[name] = None
+        try:
+            if section is not None:
+                if value is None and _is_optional(hint):
+                    kwargs[name] = None
+                else:
+                    kwargs[name] = _build(section, value if value is not None else {}, f"{path}{name}.")
             else:
-                kwargs[name] = _build(section, value if value is not None else {}, f"{path}{name}.")
-        else:
-            kwargs[name] = _coerce(value, hint, path + name)
+                kwargs[name] = _coerce(value, hint, path + name)
+        except ConfigError as err:  # every section's problems, reported at once
+            problems += list(err.problems)
+    if problems:
+        raise ConfigError.collect(problems)
     try:
         return cls(**kwargs)
     except ConfigError as err:

@@ -42,6 +42,7 @@ from fedguard.updates import ClientUpdate
 from fedguard_train.config import DPSection, TrainConfig, section_from_mapping
 from fedguard_train.hooks import RingEncoding, TrainerHook
 
+
 class ClientDPHook(TrainerHook):
     """Client-level DP-FedAvg with central or distributed noise and a budgeted accountant, as a trainer hook."""
 

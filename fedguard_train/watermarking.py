@@ -29,6 +29,7 @@ from fedguard.rng import SecureRNG
 from fedguard_train.config import TrainConfig, WatermarkSection, section_from_mapping
 from fedguard_train.hooks import LossFn, TrainerHook
 
+
 class WatermarkHook(TrainerHook):
     """Per-client FedIPR sign watermarks embedded during federated training."""
 
@@ -61,7 +62,7 @@ class WatermarkHook(TrainerHook):
         else:
             self.key_dir.mkdir(parents=True, exist_ok=True)
             rng = self._rng if self._rng is not None else SecureRNG()
-            keys = [make_sign_key(model, bits=self.bits, target=self.target, n_clients=self.n_clients,  # type: ignore[arg-type]
+            keys = [make_sign_key(model, bits=self.bits, target=self.target, n_clients=self.n_clients,
                                   alpha=self.alpha, gamma0=self.gamma0, owner=f"client-{c}", rng=rng)
                     for c in range(self.n_clients)]
             for c, key in enumerate(keys):

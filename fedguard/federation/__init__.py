@@ -18,9 +18,14 @@ from fedguard.federation.registry import (
     options_class,
     register_aggregator,
 )
+from fedguard.federation.round import ClientResult, RingEncoding, RoundHooks, RoundResult, run_round
 from fedguard.federation.transport import InProcessTransport, RoundOutcome, TrafficLog
 
 __all__ = [
+    "ClientResult",
+    "RingEncoding",
+    "RoundHooks",
+    "RoundResult",
     "AggregateResult",
     "Aggregator",
     "AggregatorOptions",
@@ -36,6 +41,7 @@ __all__ = [
     "ServerSide",
     "TrafficLog",
     "aggregate_updates",
+    "run_round",
     "aggregator_options",
     "available_aggregators",
     "make_aggregator",

@@ -377,7 +377,8 @@ class Trainer(ABC):
             for round_id in range(1, self.config.federation.rounds + 1):
                 self.load(vector)
                 local = self.local_train(round_id, client, vector)
-                vector, _ = local.vector, losses.append(local.loss)
+                vector = local.vector
+                losses.append(local.loss)
             self.load(vector)
             row: dict[str, Any] = {"client": client, "train_loss": float(np.mean(losses))}
             row.update(self.evaluate())
