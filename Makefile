@@ -39,7 +39,9 @@ $(WORDNET):
 	 else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base; fi
 
 demo: $(STAMP) $(MODEL_STAMP) $(WORDNET)
-	$(VENV)/bin/fedguard train examples/homo_lora.yaml
+	# --resume: a second `make demo` continues (or re-reports) runs/homo_lora instead of replacing it;
+	# `fedguard train examples/homo_lora.yaml --overwrite` starts it again.
+	$(VENV)/bin/fedguard train examples/homo_lora.yaml --resume
 
 # the in-process runtime simulation on a tiny random model (seconds; no downloads)
 demo-sim: $(STAMP)

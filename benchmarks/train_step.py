@@ -89,7 +89,7 @@ def peak_rss_of_simulation(model_name: str) -> dict[str, float]:
         "    cfg = TrainConfig.from_dict({'run_dir': '/tmp/fedguard-rss', 'model': {'name_or_path': %r},"
         " 'data': {'max_examples': 300, 'test_size': 8}, 'federation': {'clients': 3, 'rounds': 1},"
         " 'training': {'local_steps': 2, 'batch_size': 4}, 'eval': {'examples': 4, 'max_new_tokens': 4}})\n"
-        "    FedHomoLLM(cfg, quiet=True).run()\n"
+        "    FedHomoLLM(cfg, quiet=True).run(overwrite=True)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
     ) % (str(ROOT), model_name, model_name)
     out = {}

@@ -283,7 +283,7 @@ class Trainer(ABC):
         metrics_path = self.run_dir / "metrics.jsonl"
         checkpoint = load_latest(self.run_dir) if resume else None
         if resume and checkpoint is None:
-            self._log(f"no checkpoint in {self.run_dir}: starting from round 1")
+            self._log(f"no checkpoint in {self.run_dir} yet: starting from round 1")
             prepare_run_dir(self.run_dir, resume=False, overwrite=True)  # a run killed before round 1
         if checkpoint is not None:
             saved = TrainConfig.from_dict(checkpoint.state["config"])
