@@ -309,8 +309,8 @@ class Trainer(ABC):
                 out.write(json.dumps(result.baseline) + "\n")
         self._baseline = result.baseline
         if self.observer is not None:
-            if start_round == 1:
-                self.observer.row(result.baseline)
+            for done in [result.baseline, *result.history]:  # on resume, the rounds so far first
+                self.observer.row(done)
             self.observer.start(max(0, cfg.federation.rounds - start_round + 1) * self.steps_per_round)
         for round_id in range(start_round, cfg.federation.rounds + 1):
             try:
