@@ -1,6 +1,6 @@
 """One client's local training as its own (possibly multi-rank) DeepSpeed job.
 
-Run by FedHomoLLM's client step when ``training.nproc_per_node > 1``::
+Run by a trainer's client step (FedHomoLLM's) when ``training.nproc_per_node > 1``::
 
     torchrun --nproc-per-node N -m fedguard_train.client_worker \\
         --config resolved.json --client K --round R --global global.npy --out update.npz
@@ -18,6 +18,7 @@ import io
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,11 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from fedguard_train.config import TrainConfig
+    from fedguard_train.trainers import trainer_class
     from fedguard_train.trainers.base import seed_of
-    from fedguard_train.trainers.homo import FedHomoLLM
 
     config = TrainConfig.from_dict(json.loads(Path(args.config).read_text()))
-    trainer = FedHomoLLM(config, quiet=True, coordinator=False)  # a rank trains; only the coordinator aggregates
+    # a rank only trains: it builds no aggregator (no MPC parties, no keys); the coordinator aggregates
+    trainer: Any = trainer_class(config.trainer)(config, quiet=True, coordinator=False)
     global_vec = np.load(args.global_path, allow_pickle=False)
     trainer.load(global_vec)
     local = trainer.local.train(trainer.model, trainer.client_items[args.client],
