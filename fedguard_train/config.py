@@ -31,6 +31,7 @@ from typing import Any, Literal, TypeVar, get_args, get_type_hints
 import yaml
 
 from fedguard.checks import int_problem
+from fedguard.dp.client_level import AdaptiveClipping
 from fedguard.errors import ConfigError
 
 T = TypeVar("T")
@@ -43,7 +44,7 @@ DPPlacement = Literal["central", "distributed"]
 DPBackend = Literal["pld", "rdp", "prv"]
 WatermarkTarget = Literal["norm", "lora", "prompt"]
 
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**64 - 1  # torch.manual_seed's range
 REQUIRED_SECTIONS = ("run_dir", "model", "data", "federation")
 
 
@@ -216,6 +217,9 @@ class DPSection:
     min_survivors: int | None = None  # distributed: default every client
     colluding: int = 0
     value_bits: int = 24
+    ring_bits: int = 64
+    adaptive: AdaptiveClipping | None = None  # adaptive clipping (Andrew et al. 2021): target_quantile, ...
+    allow_non_private: bool = False  # zero noise / unbounded clipping, for testing (epsilon is infinite)
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -224,7 +228,7 @@ class DPSection:
         if self.epsilon_budget is not None and not self.epsilon_budget > 0:
             problems.append(f"epsilon_budget must be > 0, got {self.epsilon_budget}")
         if self.placement == "distributed" and self.backend not in (None, "rdp"):
-            problems.append(f"dp.backend must be 'rdp' for distributed placement (its release is a zCDP bound), "
+            problems.append(f"backend must be 'rdp' for distributed placement (its release is a zCDP bound), "
                             f"got {self.backend!r}")
         try:
             self.client_config(self.min_survivors or 1)
@@ -242,7 +246,9 @@ class DPSection:
 
         raw: dict[str, Any] = {"clip_norm": self.clip_norm, "noise_multiplier": self.noise_multiplier,
                                "population": n_clients, "denominator": "participants", "placement": self.placement,
-                               "colluding": self.colluding, "value_bits": self.value_bits}
+                               "colluding": self.colluding, "value_bits": self.value_bits,
+                               "ring_bits": self.ring_bits, "adaptive": self.adaptive,
+                               "allow_non_private": self.allow_non_private}
         if self.placement == "distributed":
             raw["min_survivors"] = self.min_survivors if self.min_survivors is not None else n_clients
         return ClientDPConfig.from_dict(raw)
@@ -396,7 +402,7 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _build(cls: type[T], raw: Any, path: str) -> T:
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"section {path or '<root>'!r} must be a mapping, got {type(raw).__name__}")
+        raise ConfigError(f"section {path.rstrip('.') or '<root>'!r} must be a mapping, got {type(raw).__name__}")
     hints = get_type_hints(cls)
     known = [f.name for f in fields(cls)]  # type: ignore[arg-type]
     problems = []
@@ -435,8 +441,16 @@ def _build(cls: type[T], raw: Any, path: str) -> T:
         if not path:
             raise
         # name the section in each problem (e.g. "dp.clip_norm must be ...")
-        raise ConfigError.collect([p.replace(f"{cls.__name__}: ", path, 1) if p.startswith(f"{cls.__name__}: ")
-                                   else f"{path}{p}" for p in err.problems]) from err
+        raise ConfigError.collect([_in_section(p, cls.__name__, path) for p in err.problems]) from err
+
+
+def _in_section(problem: str, class_name: str, path: str) -> str:
+    """``problem`` of a section's dataclass, with the section's dotted ``path`` in front of the key."""
+    if problem.startswith(f"{class_name}: "):
+        problem = problem[len(class_name) + 2:]
+    if problem.startswith("unknown key '"):
+        return problem.replace("unknown key '", f"unknown key '{path}", 1)
+    return problem if problem.startswith(path) else f"{path}{problem}"
 
 
 def _is_optional(hint: Any) -> bool:
@@ -491,6 +505,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)

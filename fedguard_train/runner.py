@@ -110,7 +110,8 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
     """Train with a progress bar and a per-round table; write metrics.jsonl, checkpoints and report.md.
 
     An existing run in ``run_dir`` is refused (before any model loads) unless ``resume`` or ``overwrite``."""
-    prepare_run_dir(Path(config.run_dir), resume=resume, overwrite=overwrite)
+    # refuse before any model loads; the old run's files go only when the new run starts
+    prepare_run_dir(Path(config.run_dir), resume=resume, overwrite=overwrite, remove=False)
     trainer = build_trainer(config, quiet=quiet)
     if not quiet:
         tqdm.write(f"{trainer.title}: {config.n_parties} {'party' if config.n_parties == 1 else 'clients'}, "
@@ -138,24 +139,31 @@ def compare_modes(config: TrainConfig, out: Path, *, overwrite: bool = False) ->
 
     The columns compare the training methods themselves, so ``dp:`` and ``watermark:`` sections are
     refused here (client-level DP has no meaning for one centralized party or a client alone); run them
-    with ``fedguard train``."""
+    with ``fedguard train``. The one-party columns (centralized, each client alone) aggregate nothing, so
+    they use ``plaintext`` whatever the federated column's aggregator; every trainer is built (and its
+    configuration checked) before any of them trains."""
     privacy = [f"{name}:" for name in ("dp", "watermark") if getattr(config, name) is not None]
     if privacy:
         raise ConfigError(f"train-compare compares the plain methods (paper Tables 1-2) and does not apply a "
                           f"{' or '.join(privacy)} section: remove it, or run `fedguard train` with it")
     base = Path(config.run_dir)
     for name in ("federated", "centralized"):  # refuse before training anything
-        prepare_run_dir(base / name, resume=False, overwrite=overwrite)
-    fed = build_trainer(replace(config, mode="federated", run_dir=str(base / "federated")), quiet=True).run()
-    central_cfg = replace(config, mode="centralized", run_dir=str(base / "centralized"),
+        prepare_run_dir(base / name, resume=False, overwrite=overwrite, remove=False)
+    one_party = replace(config.federation, aggregator="plaintext", aggregator_options={})
+    central_cfg = replace(config, mode="centralized", run_dir=str(base / "centralized"), federation=one_party,
                           training=replace(config.training,
                                            local_steps=config.training.local_steps * config.federation.clients))
-    central = build_trainer(central_cfg, quiet=True).run()
-    alone = build_trainer(replace(config, mode="federated", run_dir=str(base / "local")), quiet=True)
+    trainers = [build_trainer(replace(config, mode="federated", run_dir=str(base / "federated")), quiet=True)]
     try:
-        local_rows = alone.run_local()
+        trainers.append(build_trainer(central_cfg, quiet=True))
+        trainers.append(build_trainer(replace(config, mode="federated", run_dir=str(base / "local"),
+                                              federation=one_party), quiet=True))
+        fed = trainers[0].run(overwrite=overwrite)
+        central = trainers[1].run(overwrite=overwrite)
+        local_rows = trainers[2].run_local()
     finally:
-        alone.close()
+        for trainer in trainers:
+            trainer.close()
     columns = {"Federated": fed.history[-1], "Centralized": central.history[-1]}
     columns.update({f"Client-{r['client'] + 1}": r for r in local_rows})
     columns["Before training"] = fed.baseline  # the base model with the freshly initialised adapter

@@ -57,8 +57,17 @@ class WatermarkHook(TrainerHook):
 
         if self.target == "norm":
             prepare_norm_targets(model)
-        if all(self._path(c).is_file() for c in range(self.n_clients)):
+        present = [c for c in range(self.n_clients) if self._path(c).exists()]
+        if present and len(present) < self.n_clients:
+            raise ConfigError(f"{self.key_dir} holds watermark keys of clients {present} but not of the others: "
+                              f"keys are never replaced; move them away or set watermark.key_dir")
+        if present:
             keys = [load_key(self._path(c)) for c in range(self.n_clients)]  # resume: the same secrets
+            problems = [f"{self._path(c)}: {what}" for c, key in enumerate(keys) for what in self._mismatch(key, c)]
+            if problems:
+                raise ConfigError.collect([*problems, f"the keys in {self.key_dir} belong to another watermark "
+                                           f"configuration and are never replaced: move them away or set "
+                                           f"watermark.key_dir"])
         else:
             self.key_dir.mkdir(parents=True, exist_ok=True)
             rng = self._rng if self._rng is not None else SecureRNG()
@@ -68,6 +77,13 @@ class WatermarkHook(TrainerHook):
             for c, key in enumerate(keys):
                 save_key(key, self._path(c))
         self.marks = [SignWatermark(key, model) for key in keys]  # type: ignore[arg-type]
+
+    def _mismatch(self, key: Any, client: int) -> list[str]:
+        """How a stored key differs from what this section would generate for ``client``."""
+        wanted = {"scheme": "sign", "n_bits": self.bits, "alpha": self.alpha, "gamma0": self.gamma0,
+                  "owner": f"client-{client}"}
+        return [f"{name} is {getattr(key, name, None)!r}, the config says {value!r}"
+                for name, value in wanted.items() if getattr(key, name, None) != value]
 
     def local_loss(self, client_id: int, model: torch.nn.Module) -> LossFn | None:
         mark = self.marks[client_id]

@@ -71,6 +71,9 @@ class AggregatorOptions:
     write it back with :meth:`to_dict`: ``type(o).from_dict(o.to_dict()) == o``.
     """
 
+    removed: ClassVar[dict[str, str]] = {}
+    """Options that existed once, with what replaces them (named when a config still uses one)."""
+
     def __post_init__(self) -> None:
         problems = self._problems()
         if problems:
@@ -98,7 +101,8 @@ class AggregatorOptions:
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{prefix or cls.__name__} must be a mapping, got {type(raw).__name__}")
         valid = cls.keys()
-        problems = [unknown_key_problem(k, valid, prefix) for k in raw if k not in valid]
+        problems = [f"{prefix + '.' if prefix else ''}{k} was removed: {cls.removed[k]}" if k in cls.removed
+                    else unknown_key_problem(k, valid, prefix) for k in raw if k not in valid]
         known = {k: v for k, v in raw.items() if k in valid}
         try:
             options = cls(**known)
@@ -446,6 +450,13 @@ class Aggregator(ABC):
         if not (isinstance(t, int) and 1 <= t <= n_clients):
             raise ConfigError(f"aggregator {self.name!r} cannot run a round with {n_clients} clients: "
                               f"its threshold is {t!r}")
+
+    def check_round(self, spec: RoundSpec) -> None:
+        """Raise :class:`ConfigError` when a round with these public parameters cannot run (e.g. no packing
+        fits, a norm bound the encoding cannot hold, a designated key holder who is not a participant).
+        Starts nothing and draws no keys: trainers call it before any model trains. Default:
+        :meth:`check_clients`."""
+        self.check_clients(spec.n_clients)
 
     def close(self) -> None:
         """Release what this aggregator holds (nothing by default). Idempotent."""

@@ -15,8 +15,8 @@ The base runs each round through the core's :func:`fedguard.federation.round.run
 aggregator over real serialised messages, weighted mean; on any failure the model holds the global
 vector again), then the server step, evaluation (ROUGE-1/2/L, BLEU-4, perplexity), the hooks' round-end
 metrics and an atomic checkpoint. Randomness is derived from ``seed`` per (round, client), so a resumed
-run is bit-identical to an uninterrupted one — except for noise drawn from OS entropy on purpose
-(distributed DP noise, protocol keys and masks).
+run is bit-identical to an uninterrupted one — except for what is drawn from OS entropy on purpose
+(DP noise, central or distributed; protocol keys and masks, which do not change an exact aggregate).
 
 Baselines use the same client step and hooks: ``mode: centralized`` is one party holding the union of
 the clients' data, and :meth:`Trainer.run_local` trains each client alone ("Client-k" in Tables 1-2).
@@ -41,7 +41,7 @@ import torch
 
 from fedguard.encoding import FixedPointSpec
 from fedguard.errors import BudgetExceededError, ConfigError
-from fedguard.federation.protocol import Aggregator
+from fedguard.federation.protocol import Aggregator, RoundSpec
 from fedguard.federation.registry import make_aggregator
 from fedguard.federation.round import ClientResult, RoundResult, run_round
 from fedguard.params import AdapterLayout, flatten, layout_of, load_vector, parameter_counts
@@ -115,19 +115,42 @@ def check_run_dir(path: Path) -> None:
 
 def existing_run(path: Path) -> list[str]:
     """The run files already in ``path`` (empty: no run there)."""
-    return [name for name in RUN_FILES if (path / name).exists()]
+    return [name for name in RUN_FILES if (path / name).exists() or (path / name).is_symlink()]
 
 
-def prepare_run_dir(path: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to start a new run over an existing one unless told (``overwrite`` removes the old run's
-    files, never its watermark keys); ``resume`` continues it."""
+def is_fedguard_run(path: Path) -> bool:
+    """Whether ``path`` holds a run this package wrote: its ``config.json`` is a run config (a directory
+    that merely has files of the same names — a project root, a home directory — is not)."""
+    try:
+        saved = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"run_dir", "model", "federation", "training"} <= set(saved)
+
+
+def prepare_run_dir(path: Path, *, resume: bool, overwrite: bool, remove: bool = True) -> None:
+    """Refuse to start a new run over an existing one unless told: ``resume`` continues it, ``overwrite``
+    removes the old run's files (:data:`RUN_FILES`, never its watermark keys). Files of those names that
+    are not a fedguard run are never removed, and neither is anything behind a symbolic link.
+    ``remove=False`` only checks (e.g. before a model loads; the files go when the run starts)."""
     check_run_dir(path)
     if resume:
         return
     found = existing_run(path)
-    if found and not overwrite:
+    if not found:
+        return
+    if not overwrite:
         raise RunExistsError(f"{str(path)!r} already holds a run ({', '.join(found)}): pass --resume to continue it "
                              f"or --overwrite to replace it (or choose another --run-dir)")
+    if not is_fedguard_run(path):
+        raise RunExistsError(f"{str(path)!r} holds {', '.join(found)} but no fedguard run config.json: these are not "
+                             f"a run's files and are not removed; choose another run_dir")
+    links = [name for name in found if (path / name).is_symlink()]
+    if links:
+        raise RunExistsError(f"{str(path)!r}: {', '.join(links)} {'is a' if len(links) == 1 else 'are'} symbolic "
+                             f"link(s); --overwrite removes only plain files and directories: remove them yourself")
+    if not remove:
+        return
     for name in found:
         target = path / name
         if target.is_dir():
@@ -162,6 +185,11 @@ class Trainer(ABC):
             self.setup()
             self.spec = FixedPointSpec(clip=config.federation.clip, value_bits=config.federation.value_bits,
                                        ring_bits=64, max_weight=max(1, max(len(i) for i in self.client_items)))
+            if self.aggregator is not None:  # e.g. a packing or norm bound that cannot hold: before any training
+                encoding = self.hooks.ring_encoding()
+                self.aggregator.check_round(RoundSpec(
+                    1, tuple(range(len(self.client_items))), self.layout.size + 1, 64,
+                    fixed_point=self.spec if encoding is None else None))
         except BaseException:
             self.close()
             raise
@@ -177,7 +205,9 @@ class Trainer(ABC):
         """Train ``client`` from the travelling vector ``start`` (already loaded into the model)."""
 
     def server_step(self, round_id: int, result: RoundResult) -> np.ndarray:
-        """After aggregation: returns the global travelling vector to keep (default: the aggregate)."""
+        """After aggregation (the model holds ``result.global_vector``): returns the global travelling vector
+        to keep (default: the aggregate). The base loads a different vector into the model, evaluates it
+        and checkpoints it."""
         return result.global_vector
 
     def server_state(self) -> dict[str, np.ndarray]:
@@ -283,6 +313,9 @@ class Trainer(ABC):
         metrics_path = self.run_dir / "metrics.jsonl"
         checkpoint = load_latest(self.run_dir) if resume else None
         if resume and checkpoint is None:
+            if existing_run(self.run_dir) and not is_fedguard_run(self.run_dir):
+                raise RunExistsError(f"{str(self.run_dir)!r} holds {', '.join(existing_run(self.run_dir))} but no "
+                                     f"fedguard run to resume: choose another run_dir")
             self._log(f"no checkpoint in {self.run_dir} yet: starting from round 1")
             prepare_run_dir(self.run_dir, resume=False, overwrite=True)  # a run killed before round 1
         if checkpoint is not None:
@@ -351,6 +384,8 @@ class Trainer(ABC):
                            self.aggregator, self.spec, hooks=self.hooks, load=self.load,
                            rng=SecureRNG.for_testing(f"{cfg.seed}/aggregate/{round_id}"), protocol_rng=SecureRNG())
         final = self.server_step(round_id, result)
+        if final is not result.global_vector:
+            self.load(final)
         row: dict[str, Any] = {"round": round_id, "train_loss": result.mean_loss, "clients": len(result.contributors),
                                "bytes_up": result.bytes_up, "bytes_down": result.bytes_down}
         if round_id % cfg.eval.every == 0 or round_id == cfg.federation.rounds:

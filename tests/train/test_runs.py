@@ -62,6 +62,14 @@ def test_bad_run_dirs_and_aggregators_fail_before_the_model_loads(tmp_path: Path
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="is a regular file"):
         FedHomoLLM(tiny_config(tmp_path, task, run_dir=str(blocker / "run")), quiet=True)
+    # a designated Paillier key holder who is not a participant: said at construction, not in round 1
+    holder = tiny_config(tmp_path, task, federation={"clients": 3, "rounds": 1, "aggregator": "paillier",
+                                                     "aggregator_options": {"key_bits": 1024, "key_holder": 5,
+                                                                            "allow_insecure_test_keys": True}})
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="key_holder 5 is not a participant"):
+        FedHomoLLM(holder, quiet=True)
+    _no_model_loads(monkeypatch)
     # Paillier keeps two clients besides the key holder: 2 clients cannot run it; said at construction
     paillier = tiny_config(tmp_path, task, federation={"clients": 2, "rounds": 1, "aggregator": "paillier",
                                                        "aggregator_options": {"key_bits": 1024,
@@ -159,9 +167,7 @@ class _ServerSide(FedHomoLLM):
 
     def server_step(self, round_id: int, result: RoundResult) -> np.ndarray:
         self.server_model = self.server_model + np.float32(round_id)
-        shrunk = (result.global_vector * np.float32(0.5)).astype(np.float32)
-        self.load(shrunk)
-        return shrunk
+        return (result.global_vector * np.float32(0.5)).astype(np.float32)  # the base loads it
 
     def server_state(self) -> dict[str, np.ndarray]:
         return {"server_model": self.server_model}
@@ -196,3 +202,28 @@ def test_a_torchrun_rank_builds_no_aggregator(tmp_path: Path, task: Path) -> Non
     assert rank.aggregator is None  # no MPC party processes were started for a training rank
     with pytest.raises(ConfigError, match="only trains clients"):
         rank.run()
+
+
+def test_files_that_are_not_a_fedguard_run_are_never_removed(tmp_path: Path, task: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.json").write_text('{"my": "own config"}')
+    (project / "checkpoints").mkdir()
+    (project / "checkpoints" / "model.pt").write_text("weights")
+    config = tiny_config(tmp_path, task, run_dir=str(project), federation={"clients": 2, "rounds": 1})
+    for kwargs in ({"overwrite": True}, {"resume": True}, {}):
+        with pytest.raises(RunExistsError):
+            run_training(config, quiet=True, **kwargs)
+    assert (project / "checkpoints" / "model.pt").read_text() == "weights"
+    assert (project / "config.json").read_text() == '{"my": "own config"}'
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_config_fails(tmp_path: Path, task: Path) -> None:
+    config = tiny_config(tmp_path, task, federation={"clients": 2, "rounds": 1})
+    run_training(config, quiet=True)
+    broken = tiny_config(tmp_path, task, federation={"clients": 2, "rounds": 1, "aggregator": "paillier",
+                                                     "aggregator_options": {"key_bits": 1024,
+                                                                            "allow_insecure_test_keys": True}})
+    with pytest.raises(ConfigError):
+        run_training(broken, quiet=True, overwrite=True)  # 2 clients cannot run Paillier
+    assert load_latest(Path(config.run_dir)).round == 1  # type: ignore[union-attr]

@@ -41,3 +41,26 @@ def test_watermark_section_errors_are_typed(tmp_path: Path, task: Path) -> None:
         WatermarkHook({"bitz": 3}, config=config)
     with pytest.raises(ConfigError, match="watermark.target must be one of"):
         WatermarkHook({"target": "weights"}, config=config)
+
+
+def test_stored_keys_of_another_configuration_are_refused_never_replaced(tmp_path: Path, task: Path) -> None:
+    from fedguard.watermark import load_key
+
+    config = tiny_config(tmp_path, task, watermark={"bits": 20, "key_dir": str(tmp_path / "keys")},
+                         federation={"clients": 2, "rounds": 1})
+    FedHomoLLM(config, hooks=[WatermarkHook(config.watermark or {}, config=config,  # type: ignore[arg-type]
+                                            rng=SecureRNG.for_testing("k"))], quiet=True)
+    kept = (tmp_path / "keys" / "client-0.key").read_bytes()
+    more_bits = tiny_config(tmp_path, task, watermark={"bits": 24, "key_dir": str(tmp_path / "keys")},
+                            federation={"clients": 2, "rounds": 1})
+    with pytest.raises(ConfigError, match="n_bits is 20, the config says 24"):
+        FedHomoLLM(more_bits, hooks=[WatermarkHook(more_bits.watermark or {}, config=more_bits)],  # type: ignore[arg-type]
+                   quiet=True)
+    more_clients = tiny_config(tmp_path, task, watermark={"bits": 20, "key_dir": str(tmp_path / "keys")},
+                               federation={"clients": 3, "rounds": 1})
+    with pytest.raises(ConfigError, match="holds watermark keys of clients \\[0, 1\\] but not"):
+        FedHomoLLM(more_clients, hooks=[WatermarkHook(more_clients.watermark or {}, config=more_clients)],  # type: ignore[arg-type]
+                   quiet=True)
+    assert (tmp_path / "keys" / "client-0.key").read_bytes() == kept
+    assert not (tmp_path / "keys" / "client-2.key").exists()
+    assert load_key(tmp_path / "keys" / "client-0.key").n_bits == 20

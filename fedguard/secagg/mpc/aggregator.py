@@ -297,6 +297,12 @@ class MpcAggregator(Aggregator):
         return NormCheck.for_bound(self.norm_bound, encoding, spec.vector_length - 1,
                                    clip_halvings=self.clip_halvings, n_clients=spec.n_clients)
 
+    def check_round(self, spec: RoundSpec) -> None:
+        """The client-count rules and, with ``norm_bound``, that the round's encoding can hold the bound
+        (the norm check's plan is built, no party is started)."""
+        self.check_clients(spec.n_clients)
+        self._norm(spec)
+
     def server(self, spec: RoundSpec, *, rng: SecureRNG | None = None) -> ServerSide:
         if self.min_clients > spec.n_clients:
             raise ConfigError(f"min_clients={self.min_clients} exceeds the {spec.n_clients} participants")

@@ -15,7 +15,7 @@ fedguard.errors.ConfigError: backend 'in-process' was renamed: use backend='simu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import ClassVar, Final, Literal
 
 from fedguard.checks import int_problem, number_problem
 from fedguard.federation.protocol import AggregatorOptions
@@ -62,6 +62,12 @@ class MpcOptions(AggregatorOptions):
         listen: ``"HOST:PORT"`` the coordinator listens on (``backend="network"`` only).
         control_key_file: the 32-byte control key file shared with the parties (``backend="network"`` only).
     """
+
+    removed: ClassVar[dict[str, str]] = {
+        "encoding": "the fixed-point encoding now travels with each round (RoundSpec.fixed_point; in the "
+                       "trainer: federation.clip and federation.value_bits)",
+    }
+
 
     backend: Backend = "crypten"
     n_parties: int = 3

@@ -556,6 +556,12 @@ class PaillierAggregator(Aggregator):
         return (kh in key and kh in inputs and kh in decrypt and len(key) >= t and len(inputs) >= t
                 and self._cfg.too_few(tuple(sorted(inputs)), kh, spec.n_clients) is None)
 
+    def check_round(self, spec: RoundSpec) -> None:
+        """The client-count rules, the designated key holder and the slot packing of ``spec``'s round."""
+        self.check_clients(spec.n_clients)
+        self._cfg.key_holder_for(spec)
+        self._cfg.layout(spec, self._cfg.key_bits)
+
     def server(self, spec: RoundSpec, *, rng: SecureRNG | None = None) -> ServerSide:
         if self._cfg.min_clients > spec.n_clients:
             raise ConfigError(f"min_clients={self._cfg.min_clients} exceeds the {spec.n_clients} participants")

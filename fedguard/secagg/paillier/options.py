@@ -13,7 +13,7 @@ fedguard.errors.ConfigError: 2 problems: key_bits must be one of (2048, 3072) (1
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import ClassVar, Final, Literal
 
 from fedguard.checks import int_problem, is_int
 from fedguard.errors import ConfigError
@@ -95,6 +95,12 @@ class PaillierOptions(AggregatorOptions):
             :mod:`fedguard.secagg.paillier.keys`). A client-side choice: ciphertexts look the same.
         allow_insecure_test_keys: accept keys below 2048 bits (unit tests only).
     """
+
+    removed: ClassVar[dict[str, str]] = {
+        "fixed_point": "the fixed-point encoding now travels with each round (RoundSpec.fixed_point; in the "
+                       "trainer: federation.clip and federation.value_bits)",
+    }
+
 
     key_bits: int = DEFAULT_KEY_BITS
     key_holder: int | None = None
