@@ -236,7 +236,7 @@ def test_the_encoding_is_the_rounds_not_an_option() -> None:
     with pytest.raises(ConfigError) as info:
         MpcAggregator(norm_bound=-1.0, encoding={"clip": 1.0}, min_clients=0)
     text = str(info.value)
-    for part in ("unknown key 'encoding'", "norm_bound must be None or a finite number > 0.0, got -1",
+    for part in ("encoding was removed: the fixed-point encoding now travels with each round", "norm_bound must be None or a finite number > 0.0, got -1",
                  "min_clients must be an int >= 1, got 0"):
         assert part in text
 

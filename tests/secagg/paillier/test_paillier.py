@@ -347,7 +347,7 @@ def test_registry_builds_paillier_from_a_config_mapping() -> None:
 
 
 def test_the_fixed_point_spec_is_no_longer_an_option() -> None:
-    with pytest.raises(ConfigError, match="unknown key 'aggregator_options.fixed_point'"):
+    with pytest.raises(ConfigError, match="aggregator_options.fixed_point was removed: .*RoundSpec.fixed_point"):
         make_aggregator("paillier", {"fixed_point": {"value_bits": 8}})
 
 
