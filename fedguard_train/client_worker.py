@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 import json
 import os
 from pathlib import Path
@@ -51,8 +52,23 @@ def main(argv: list[str] | None = None) -> int:
         np.savez(buffer, delta=delta, loss=np.float64(local.mean_loss),
                  world_size=np.int64(int(os.environ.get("WORLD_SIZE", "1"))))
         atomic_write(args.out, buffer.getvalue())
+    _leave_process_group()
     return 0
 
 
+def _leave_process_group() -> None:
+    """Wait until every rank is done (rank 0 has written the update), then leave the process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    # Exit without running C++ static destructors: on CPU, a rank sometimes aborted at interpreter exit
+    # ("terminate called without an active exception", SIGABRT) after its work was done, failing the job.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

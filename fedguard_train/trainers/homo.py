@@ -72,7 +72,10 @@ class FedHomoLLM(Trainer):
                    "--out", str(work / "update.npz")]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
-                raise TrainingDiverged(f"torchrun client {client} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+                log = self.run_dir / f"torchrun-client{client}-round{round_id}.log"
+                log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+                raise TrainingDiverged(f"torchrun client {client} failed ({proc.returncode}; full output in {log}): "
+                                       f"{proc.stderr[-2000:]}")
             with np.load(work / "update.npz") as data:
                 if int(data["world_size"]) != ranks:
                     raise TrainingDiverged(f"torchrun client {client} ran {int(data['world_size'])} ranks, "
