@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
