@@ -79,6 +79,7 @@ class AdapterConfig:
     target_modules: tuple[str, ...] | None = None
     pre_seq_len: int = 16  # P-Tuning-v2 (deep prefix) virtual tokens
     num_virtual_tokens: int = 8  # prompt tuning
+    freeze_lora_a: bool = False  # FFA-LoRA: A stays at its (seeded, shared) initialisation; only B trains and travels
 
     def __post_init__(self) -> None:
         _problems_of(self, [
@@ -87,6 +88,8 @@ class AdapterConfig:
             (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
             (self.pre_seq_len >= 1, f"pre_seq_len must be >= 1, got {self.pre_seq_len}"),
             (self.num_virtual_tokens >= 1, f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}"),
+            (not self.freeze_lora_a or self.method == "lora",
+             f"freeze_lora_a applies to method 'lora' only, got method {self.method!r}"),
         ])
 
 

@@ -219,6 +219,27 @@ def attach_adapter(model: torch.nn.Module, family: ModelFamily, adapter: Any) ->
     else:
         peft_config = PromptTuningConfig(num_virtual_tokens=adapter.num_virtual_tokens, task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, peft_config)
+        wrapped = get_peft_model(model, peft_config)
     except ValueError as err:  # e.g. target modules not found in the model
         raise ConfigError(f"cannot attach {adapter.method} to a {family.name} model: {err}") from err
+    if getattr(adapter, "freeze_lora_a", False):
+        freeze_lora_a(wrapped)
+    return wrapped
+
+
+def freeze_lora_a(model: torch.nn.Module) -> int:
+    """FFA-LoRA (Sun et al., ICLR 2024): keep every LoRA ``A`` at its initialisation and train ``B`` only.
+
+    With the same ``A`` on every client (the trainer seeds the adapter's initialisation from the run seed),
+    the update ``ΔW = (s/r)·B·A`` is linear in ``B``, so FedAvg of the ``B``s is exactly FedAvg of the
+    ``ΔW``s — plain LoRA's average of ``B_k A_k`` products is not — and only ``B`` travels: half the upload
+    of LoRA with ``r`` rows and columns of equal size. ``A`` stays in the saved adapter, so a checkpoint
+    loads with plain peft. Returns the number of frozen parameters."""
+    frozen = 0
+    for name, param in model.named_parameters():
+        if "lora_A" in name and param.requires_grad:
+            param.requires_grad_(False)
+            frozen += param.numel()
+    if frozen == 0:
+        raise ConfigError("freeze_lora_a found no trainable LoRA A matrices to freeze")
+    return frozen
