@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -93,8 +92,9 @@ def peak_rss_of_simulation(model_name: str) -> dict[str, float]:
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
     ) % (str(ROOT), model_name, model_name)
     out = {}
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    from fedguard_train.trainers.base import env_without_launcher
+
+    env = env_without_launcher()
     for mode in ("model", "simulation"):
         res = subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, env=env)
         if res.returncode != 0:

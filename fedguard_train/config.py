@@ -49,9 +49,14 @@ REQUIRED_SECTIONS = ("run_dir", "model", "data", "federation")
 
 
 def _problems_of(obj: Any, checks: list[tuple[bool, str]]) -> None:
-    bad = [message for ok, message in checks if not ok]
-    if bad:
-        raise ConfigError.collect([f"{type(obj).__name__}: {m}" for m in bad])
+    _raise_problems(obj, [message for ok, message in checks if not ok])
+
+
+def _raise_problems(obj: Any, problems: list[str]) -> None:
+    """One :class:`ConfigError` with every problem, each tagged with the section's class (which
+    :func:`_build` replaces by the section's dotted path)."""
+    if problems:
+        raise ConfigError.collect([f"{type(obj).__name__}: {m}" for m in problems])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,7 +160,7 @@ class FederationConfig:
                 except ConfigError as err:
                     problems += [p if p.startswith(("unknown", "aggregator_options")) else f"aggregator_options.{p}"
                                  for p in err.problems]
-        _problems_of(self, [(False, p) for p in problems])
+        _raise_problems(self, problems)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -237,7 +242,7 @@ class DPSection:
             self.client_config(self.min_survivors or 1)
         except ConfigError as err:
             problems += list(err.problems)
-        _problems_of(self, [(False, p) for p in problems])
+        _raise_problems(self, problems)
 
     @property
     def accounting_backend(self) -> DPBackend:
@@ -296,7 +301,7 @@ class WatermarkSection:
             problems.append(f"alpha must be > 0, got {self.alpha}")
         if not self.gamma0 > 0:
             problems.append(f"gamma0 must be > 0, got {self.gamma0}")
-        _problems_of(self, [(False, p) for p in problems])
+        _raise_problems(self, problems)
 
 
 @dataclass(frozen=True, kw_only=True)

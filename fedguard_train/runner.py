@@ -99,10 +99,9 @@ class ConsoleObserver:
             self.bar = None
 
 
-def build_trainer(config: TrainConfig, *, quiet: bool = False, **kwargs: Any) -> Trainer:
+def build_trainer(config: TrainConfig, *, quiet: bool = False) -> Trainer:
     """The trainer the config's ``trainer:`` key selects, with the privacy hooks its sections ask for."""
-    cls = trainer_class(config.trainer)
-    return cls(config, hooks=kwargs.pop("hooks", None) or hooks_from_config(config), quiet=quiet, **kwargs)
+    return trainer_class(config.trainer)(config, hooks=hooks_from_config(config), quiet=quiet)
 
 
 def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,

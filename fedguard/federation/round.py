@@ -30,7 +30,7 @@ trainer's (``fedguard_train.hooks.TrainerHook`` extends :class:`RoundHooks`).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -103,7 +103,7 @@ class RoundResult:
     losses: Mapping[int, float]
     aggregation: FedAvgOutcome
     broadcast_bytes: int
-    participants: tuple[int, ...] = field(default=())
+    participants: tuple[int, ...]
 
     @property
     def contributors(self) -> tuple[int, ...]:

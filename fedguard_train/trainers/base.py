@@ -313,11 +313,9 @@ class Trainer(ABC):
         metrics_path = self.run_dir / "metrics.jsonl"
         checkpoint = load_latest(self.run_dir) if resume else None
         if resume and checkpoint is None:
-            if existing_run(self.run_dir) and not is_fedguard_run(self.run_dir):
-                raise RunExistsError(f"{str(self.run_dir)!r} holds {', '.join(existing_run(self.run_dir))} but no "
-                                     f"fedguard run to resume: choose another run_dir")
+            # a run killed before round 1 is cleaned; files that are not a fedguard run are refused, not removed
+            prepare_run_dir(self.run_dir, resume=False, overwrite=True)
             self._log(f"no checkpoint in {self.run_dir} yet: starting from round 1")
-            prepare_run_dir(self.run_dir, resume=False, overwrite=True)  # a run killed before round 1
         if checkpoint is not None:
             saved = TrainConfig.from_dict(checkpoint.state["config"])
             diff = saved.differences(cfg)

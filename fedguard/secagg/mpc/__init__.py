@@ -17,8 +17,9 @@ below resolve on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fedguard.secagg._lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from fedguard.secagg.mpc.aggregator import (
@@ -55,8 +56,4 @@ __all__ = [
     "unweighted_input",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

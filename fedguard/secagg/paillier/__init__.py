@@ -13,8 +13,9 @@ Importing this package loads nothing heavy; the names below resolve on first use
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fedguard.secagg._lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from fedguard.secagg.paillier.aggregator import (
@@ -78,8 +79,4 @@ __all__ = [
     "sum_ciphertexts",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

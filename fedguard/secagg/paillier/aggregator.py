@@ -85,8 +85,6 @@ from fedguard.federation.protocol import (
 )
 from fedguard.rng import SecureRNG
 from fedguard.secagg.paillier.errors import (
-    CiphertextError,
-    DecryptionError,
     ForeignKeyError,
     SlotLayoutError,
     SlotOverflowError,
@@ -108,24 +106,7 @@ from fedguard.secagg.paillier.options import (
 from fedguard.secagg.paillier.packing import SlotLayout
 from fedguard.wire import Message, MessageSchema, bytes_array
 
-__all__ = [
-    "CiphertextError",
-    "DecryptionError",
-    "ForeignKeyError",
-    "ObfuscatorPool",
-    "PaillierAggregator",
-    "PaillierKeypair",
-    "PaillierOptions",
-    "PaillierPrivateKey",
-    "PaillierPublicKey",
-    "SlotLayout",
-    "SlotLayoutError",
-    "SlotOverflowError",
-    "decrypt_sum",
-    "encrypt_vector",
-    "generate_keypair",
-    "sum_ciphertexts",
-]
+__all__ = ["PaillierAggregator", "decrypt_sum", "encrypt_vector", "sum_ciphertexts"]
 
 _KEY, _INPUT, _DECRYPT = "key", "input", "decrypt"
 _LAYOUT_META = SlotLayout.meta_schema()
