@@ -39,7 +39,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 
 from fedguard import wire
-from fedguard.checks import int_problem
+from fedguard.checks import int_problem, is_int
 from fedguard.encoding import FixedPointSpec
 from fedguard.errors import ConfigError, MessageError, ProtocolAbort, ProtocolViolation, RingOverflowError
 from fedguard.rng import SecureRNG
@@ -146,6 +146,12 @@ class RoundSpec:
             (Paillier's bounded slots) or to check inputs (MPC's norm bound). ``None``: the inputs are
             arbitrary ring elements (e.g. a custom encoder that adds noise inside the ring). Its
             ``ring_bits`` must be the round's, and the round's participants must fit its capacity.
+        min_contributors: the fewest clients whose inputs may be in a revealed sum (default 1). An
+            aggregator must abort with :class:`ProtocolAbort` *before decoding anything* when fewer
+            clients survive to the reveal: the server refuses to unmask (masking), the key holder
+            refuses to decrypt (Paillier), the parties refuse to open (MPC). Differential privacy
+            with distributed noise sets it to ``min_survivors``, so that a dropout can never release
+            a sum carrying less noise than planned.
     """
 
     round_id: int
@@ -153,14 +159,19 @@ class RoundSpec:
     vector_length: int
     ring_bits: int = 64
     fixed_point: FixedPointSpec | None = None
+    min_contributors: int = 1
 
     def __post_init__(self) -> None:
         problems = [p for p in (int_problem("round_id", self.round_id, low=0),
                                 int_problem("vector_length", self.vector_length, low=1),
-                                int_problem("ring_bits", self.ring_bits, low=2, high=64)) if p]
+                                int_problem("ring_bits", self.ring_bits, low=2, high=64),
+                                int_problem("min_contributors", self.min_contributors, low=1)) if p]
         ids = self.participants
         if not ids:
             problems.append("participants must not be empty")
+        elif is_int(self.min_contributors) and self.min_contributors > len(ids):
+            problems.append(f"min_contributors={self.min_contributors} exceeds the {len(ids)} participants: "
+                            "no round could ever reveal")
         elif any(int_problem("id", c, low=0) for c in ids):
             problems.append(f"participant ids must be ints >= 0, got {ids!r}")
         elif len(set(ids)) != len(ids):
