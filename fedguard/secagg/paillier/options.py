@@ -21,6 +21,7 @@ from fedguard.federation.protocol import AggregatorOptions
 
 __all__ = [
     "DEFAULT_KEY_BITS",
+    "DEFAULT_OBFUSCATOR",
     "MIN_CLIENTS",
     "MIN_OTHER_CONTRIBUTORS",
     "MIN_TEST_KEY_BITS",
@@ -41,6 +42,8 @@ MIN_TEST_KEY_BITS: Final[int] = 256
 
 ObfuscatorMethod = Literal["standard", "djn"]
 OBFUSCATOR_METHODS: Final[tuple[str, ...]] = ("standard", "djn")
+DEFAULT_OBFUSCATOR: Final[ObfuscatorMethod] = "djn"
+"""Fixed-base obfuscators with a long exponent: DCR-secure (see :mod:`fedguard.secagg.paillier.keys`)."""
 BadInputPolicy = Literal["abort", "exclude"]
 BAD_INPUT_POLICIES: Final[tuple[str, ...]] = ("abort", "exclude")
 
@@ -90,9 +93,9 @@ class PaillierOptions(AggregatorOptions):
         workers: processes used for encryption and decryption (``<= 1``: in this process).
         on_bad_input: ``"abort"`` (default) aborts the round when a client sends an unusable ciphertext;
             ``"exclude"`` drops that client and goes on.
-        obfuscator: ``"standard"`` (default: ``r^n`` with a full-length uniform ``r``, DCR only) or ``"djn"``
-            (the explicit fast path, ~10x faster encryption, adds DJN's short-exponent assumption; see
-            :mod:`fedguard.secagg.paillier.keys`). A client-side choice: ciphertexts look the same.
+        obfuscator: ``"djn"`` (default: ``h_s^α`` from a fixed-base table with a ``2·bits(n)+40``-bit ``α``,
+            about 4x faster than ``r^n``, DCR only) or ``"standard"`` (``r^n`` with a fresh uniform ``r``, DCR
+            only); see :mod:`fedguard.secagg.paillier.keys`. A client-side choice: ciphertexts look the same.
         allow_insecure_test_keys: accept keys below 2048 bits (unit tests only).
     """
 
@@ -108,7 +111,7 @@ class PaillierOptions(AggregatorOptions):
     min_clients: int = MIN_CLIENTS
     workers: int = 1
     on_bad_input: BadInputPolicy = "abort"
-    obfuscator: ObfuscatorMethod = "standard"
+    obfuscator: ObfuscatorMethod = DEFAULT_OBFUSCATOR
     allow_insecure_test_keys: bool = False
 
     def _problems(self) -> list[str]:
