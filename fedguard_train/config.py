@@ -36,7 +36,7 @@ from fedguard.errors import ConfigError
 
 T = TypeVar("T")
 
-PeftMethod = Literal["lora", "p-tuning-v2", "prompt-tuning"]
+PeftMethod = Literal["lora", "p-tuning-v2", "prompt-tuning", "bottleneck"]
 Partition = Literal["attribute", "dirichlet", "iid"]
 Mode = Literal["federated", "centralized"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -75,7 +75,9 @@ class ModelConfig:
 @dataclass(frozen=True, kw_only=True)
 class AdapterConfig:
     """The parameter-efficient method (FATE-LLM §3.1). LoRA defaults follow FATE-LLM's tutorial:
-    r=8, alpha=32, dropout 0.1. ``target_modules: null`` picks the family's attention projections."""
+    r=8, alpha=32, dropout 0.1. ``target_modules: null`` picks the family's attention projections (LoRA) or
+    its attention and feed-forward output projections (``bottleneck``: Houlsby adapters of
+    ``bottleneck_size`` hidden units, fedguard_train/bottleneck.py)."""
 
     method: PeftMethod = "lora"
     r: int = 8
@@ -84,6 +86,7 @@ class AdapterConfig:
     target_modules: tuple[str, ...] | None = None
     pre_seq_len: int = 16  # P-Tuning-v2 (deep prefix) virtual tokens
     num_virtual_tokens: int = 8  # prompt tuning
+    bottleneck_size: int = 16  # Houlsby bottleneck adapters: hidden units m of each adapter
     freeze_lora_a: bool = False  # FFA-LoRA: A stays at its (seeded, shared) initialisation; only B trains and travels
 
     def __post_init__(self) -> None:
@@ -93,6 +96,7 @@ class AdapterConfig:
             (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
             (self.pre_seq_len >= 1, f"pre_seq_len must be >= 1, got {self.pre_seq_len}"),
             (self.num_virtual_tokens >= 1, f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}"),
+            (self.bottleneck_size >= 1, f"bottleneck_size must be >= 1, got {self.bottleneck_size}"),
             (not self.freeze_lora_a or self.method == "lora",
              f"freeze_lora_a applies to method 'lora' only, got method {self.method!r}"),
         ])

@@ -38,6 +38,8 @@ class ModelFamily:
         lora_targets: attention projections LoRA adapts by default (FATE-LLM applies LoRA to attention).
         fan_in_fan_out: GPT-2 stores its projections as Conv1D (weights transposed).
         final_norm: ``fnmatch`` pattern of the final norm scale (a watermark target).
+        adapter_targets: the attention and feed-forward output projections, after which Houlsby bottleneck
+            adapters go (``adapter.method: bottleneck``, :mod:`fedguard_train.bottleneck`).
     """
 
     name: str
@@ -46,6 +48,7 @@ class ModelFamily:
     fan_in_fan_out: bool
     final_norm: str
     tiny_config: Callable[..., Any]
+    adapter_targets: tuple[str, ...] = ()
 
 
 def _tiny_gpt2(vocab: int, **ids: Any) -> Any:
@@ -91,13 +94,18 @@ def _tiny_glm(vocab: int, **ids: Any) -> Any:
 FAMILIES: dict[str, ModelFamily] = {
     f.name: f
     for f in [
-        ModelFamily("gpt2", ("gpt2",), ("c_attn",), True, "*.ln_f.weight", _tiny_gpt2),
-        ModelFamily("llama", ("llama",), ("q_proj", "v_proj"), False, "*.model.norm.weight", _tiny_llama),
-        ModelFamily("bloom", ("bloom",), ("query_key_value",), False, "*.ln_f.weight", _tiny_bloom),
-        ModelFamily("opt", ("opt",), ("q_proj", "v_proj"), False, "*.final_layer_norm.weight", _tiny_opt),
-        ModelFamily("qwen2", ("qwen2",), ("q_proj", "v_proj"), False, "*.model.norm.weight", _tiny_qwen2),
+        ModelFamily("gpt2", ("gpt2",), ("c_attn",), True, "*.ln_f.weight", _tiny_gpt2,
+                    adapter_targets=("c_proj",)),
+        ModelFamily("llama", ("llama",), ("q_proj", "v_proj"), False, "*.model.norm.weight", _tiny_llama,
+                    adapter_targets=("o_proj", "down_proj")),
+        ModelFamily("bloom", ("bloom",), ("query_key_value",), False, "*.ln_f.weight", _tiny_bloom,
+                    adapter_targets=("self_attention.dense", "dense_4h_to_h")),
+        ModelFamily("opt", ("opt",), ("q_proj", "v_proj"), False, "*.final_layer_norm.weight", _tiny_opt,
+                    adapter_targets=("out_proj", "fc2")),
+        ModelFamily("qwen2", ("qwen2",), ("q_proj", "v_proj"), False, "*.model.norm.weight", _tiny_qwen2,
+                    adapter_targets=("o_proj", "down_proj")),
         ModelFamily("glm", ("glm", "glm4", "chatglm"), ("q_proj", "v_proj"), False, "*.model.norm.weight",
-                    _tiny_glm),
+                    _tiny_glm, adapter_targets=("o_proj", "down_proj")),
     ]
 }
 
@@ -203,10 +211,19 @@ def load_base_model(config: ModelConfig, *, seed: int = 0) -> tuple[torch.nn.Mod
 
 
 def attach_adapter(model: torch.nn.Module, family: ModelFamily, adapter: Any) -> Any:
-    """Wrap ``model`` with the peft method of ``adapter`` (an ``AdapterConfig``): LoRA, P-Tuning-v2 (deep
-    prefix tuning: trainable key/value prefixes in every layer, no reparametrisation) or prompt tuning."""
+    """Wrap ``model`` with the parameter-efficient method of ``adapter`` (an ``AdapterConfig``): LoRA,
+    P-Tuning-v2 (deep prefix tuning: trainable key/value prefixes in every layer, no reparametrisation) or
+    prompt tuning through peft, or Houlsby bottleneck adapters (:mod:`fedguard_train.bottleneck`)."""
     from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
+    if adapter.method == "bottleneck":
+        from fedguard_train.bottleneck import BottleneckModel
+
+        targets = tuple(adapter.target_modules or family.adapter_targets)
+        try:
+            return BottleneckModel(model, target_modules=targets, bottleneck_size=adapter.bottleneck_size)
+        except ConfigError as err:
+            raise ConfigError(f"cannot attach bottleneck adapters to a {family.name} model: {err}") from err
     if adapter.method == "lora":
         peft_config: Any = LoraConfig(
             r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,

@@ -17,7 +17,7 @@ from fedguard_train.config import TrainConfig
         ({"trainig": {}}, "unknown key 'trainig'; did you mean 'training'?"),
         ({"training": {"zero_stage": 1}}, "training.zero_stage must be one of [0, 2, 3], got 1"),
         ({"adapter": {"r": "8"}}, "adapter.r must be an integer, got '8'"),
-        ({"adapter": {"method": "qlora"}}, "adapter.method must be one of ['lora', 'p-tuning-v2', 'prompt-tuning']"),
+        ({"adapter": {"method": "qlora"}}, "adapter.method must be one of ['lora', 'p-tuning-v2', 'prompt-tuning', 'bottleneck']"),
         ({"data": {"source": "jsonl"}}, "source 'jsonl' needs a path"),
         ({"federation": {"rounds": 0, "clients": 0}}, "2 problems"),
         ({"adapter": {"target_modules": "q_proj"}}, "adapter.target_modules must be a list of strings"),

@@ -17,7 +17,7 @@ from fedguard_train.models import FAMILIES, attach_adapter, family_of, load_base
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("method", ["lora", "p-tuning-v2", "prompt-tuning"])
+@pytest.mark.parametrize("method", ["lora", "p-tuning-v2", "prompt-tuning", "bottleneck"])
 def test_every_family_trains_and_generates_with_every_method(family: str, method: str) -> None:
     base, tok = load_base_model(ModelConfig(name_or_path=f"tiny:{family}"))
     assert family_of(base).name == family
