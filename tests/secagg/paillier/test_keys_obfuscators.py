@@ -24,6 +24,7 @@ from fedguard.rng import SecureRNG
 from fedguard.secagg.paillier.keys import (
     STATISTICAL_BITS,
     DJNObfuscators,
+    ObfuscatorPool,
     PaillierPrivateKey,
     PaillierPublicKey,
     best_window,
@@ -156,3 +157,17 @@ def test_djn_half_length_exponent_fails_the_same_test() -> None:
     counts = Counter(int(priv.decrypt(pow(z, rng.randbelow(1 << short_bits), n2))) for _ in range(SAMPLES // 4))
     assert len(counts) <= 1 << short_bits
     assert _p_value(counts, set(range(N))) < 1e-30  # type: ignore[arg-type]
+
+
+@pytest.mark.multiprocess
+def test_default_tables_in_worker_processes_and_pool_fill_encrypt_correctly() -> None:
+    kp = small_keypair()
+    assert best_window(kp.public.bits, 40) is not None  # 40 per worker: each builds its own secret table
+    plaintexts = list(range(1000, 1080))
+    cts = encrypt_many(kp.public, plaintexts, rng=SecureRNG.for_testing("workers"), workers=2)
+    assert [int(m) for m in kp.private.decrypt_many(cts)] == plaintexts
+    assert len({int(c) for c in cts}) == len(cts)
+    pool = ObfuscatorPool(kp.public, rng=SecureRNG.for_testing("pool-workers"))  # default method
+    pool.fill(80, workers=2)
+    values = pool.take(80)
+    assert len({int(v) for v in values}) == 80 and all(kp.private.decrypt(v) == 0 for v in values)
