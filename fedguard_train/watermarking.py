@@ -46,44 +46,64 @@ class WatermarkHook(TrainerHook):
         self.bits, self.target, self.alpha, self.gamma0 = section.bits, section.target, section.alpha, section.gamma0
         self.key_dir = Path(section.key_dir or Path(config.run_dir) / "keys")
         self.n_clients = config.n_parties
+        self.run_dir = config.run_dir
         self.marks: list[Any] = []
+        self.commitments: list[str] = []
         self._rng = rng
 
     def _path(self, client: int) -> Path:
         return self.key_dir / f"client-{client}.key"
 
+    def _commitment_path(self, client: int) -> Path:
+        return self.key_dir / f"client-{client}.commitment.json"
+
     def prepare_model(self, model: torch.nn.Module) -> None:
         from fedguard.watermark import SignWatermark, load_key, make_sign_key, prepare_norm_targets, save_key
+        from fedguard.watermark.commitment import commit, make_commitment, save_commitment
 
         if self.target == "norm":
             prepare_norm_targets(model)
-        present = [c for c in range(self.n_clients) if self._path(c).exists()]
+        paths = [self._path(c) for c in range(self.n_clients)]
+        present = [c for c, path in enumerate(paths) if path.exists() or path.is_symlink()]
         if present and len(present) < self.n_clients:
-            raise ConfigError(f"{self.key_dir} holds watermark keys of clients {present} but not of the others: "
-                              f"keys are never replaced; move them away or set watermark.key_dir")
+            missing = [str(paths[c]) for c in range(self.n_clients) if c not in present]
+            raise ConfigError(f"watermark key file(s) missing: {', '.join(missing)} ({self.key_dir} holds the keys "
+                              f"of clients {present}); keys are never regenerated or replaced, so no key was "
+                              f"touched: restore the missing file(s), or move all keys away / set "
+                              f"watermark.key_dir for new ones")
         if present:
-            keys = [load_key(self._path(c)) for c in range(self.n_clients)]  # resume: the same secrets
-            problems = [f"{self._path(c)}: {what}" for c, key in enumerate(keys) for what in self._mismatch(key, c)]
+            keys = [load_key(path) for path in paths]  # resume: the same secrets
+            problems = [f"{paths[c]}: {what}" for c, key in enumerate(keys) for what in self._mismatch(key, c)]
             if problems:
                 raise ConfigError.collect([*problems, f"the keys in {self.key_dir} belong to another watermark "
                                            f"configuration and are never replaced: move them away or set "
                                            f"watermark.key_dir"])
+            self.commitments = [commit(key) for key in keys]
         else:
             self.key_dir.mkdir(parents=True, exist_ok=True)
             rng = self._rng if self._rng is not None else SecureRNG()
             keys = [make_sign_key(model, bits=self.bits, target=self.target, n_clients=self.n_clients,
                                   alpha=self.alpha, gamma0=self.gamma0, owner=f"client-{c}", rng=rng)
                     for c in range(self.n_clients)]
+            # round 0: each key is committed to (public hash, see fedguard.watermark.commitment) before
+            # any training, beside the key and in every checkpoint's state
             for c, key in enumerate(keys):
-                save_key(key, self._path(c))
+                save_key(key, paths[c])
+                save_commitment(make_commitment(key, context=f"run {self.run_dir}, client {c}, round 0"),
+                                self._commitment_path(c))
+            self.commitments = [commit(key) for key in keys]
         self.marks = [SignWatermark(key, model) for key in keys]  # type: ignore[arg-type]
 
     def _mismatch(self, key: Any, client: int) -> list[str]:
         """How a stored key differs from what this section would generate for ``client``."""
         wanted = {"scheme": "sign", "n_bits": self.bits, "alpha": self.alpha, "gamma0": self.gamma0,
                   "owner": f"client-{client}"}
-        return [f"{name} is {getattr(key, name, None)!r}, the config says {value!r}"
-                for name, value in wanted.items() if getattr(key, name, None) != value]
+        out = [f"{name} is {getattr(key, name, None)!r}, the config says {value!r}"
+               for name, value in wanted.items() if getattr(key, name, None) != value]
+        kinds = sorted({b.kind for b in getattr(key, "blocks", ())})
+        if kinds != [self.target]:
+            out.append(f"target is {', '.join(kinds) or None!r}, the config says {self.target!r}")
+        return out
 
     def local_loss(self, client_id: int, model: torch.nn.Module) -> LossFn | None:
         mark = self.marks[client_id]
@@ -97,4 +117,4 @@ class WatermarkHook(TrainerHook):
         metrics["watermark_max_p"] = max(d.p_value for d in detections) if detections else 1.0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"key_dir": str(self.key_dir)}
+        return {"key_dir": str(self.key_dir), "key_commitments": list(self.commitments)}

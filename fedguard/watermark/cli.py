@@ -30,8 +30,9 @@ def register_cli(commands: Commands) -> None:
     p.add_argument("--out", required=True, help="where to write the key (mode 0600; not inside a checkpoint)")
     p.add_argument("--scheme", choices=("sign", "backdoor"), default="sign")
     p.add_argument("--target", choices=("norm", "lora", "prompt"), default="norm")
-    p.add_argument("--mode", choices=("invariant", "plain"), default=None,
-                   help="default: invariant for norm targets, plain otherwise")
+    p.add_argument("--mode", choices=("invariant", "gram", "plain"), default=None,
+                   help="default: invariant for norm targets, plain otherwise; gram also survives "
+                   "output-side permutations and rotations (docs/watermark.md)")
     p.add_argument("--reference", choices=("initial", "zero"), default="initial")
     p.add_argument("--clients", type=int, default=1, help="clients K embedding into the same targets")
     p.add_argument("--gamma0", type=float, default=1.0, help="hinge margin in units of the features' RMS (default 1.0)")

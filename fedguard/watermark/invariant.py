@@ -115,6 +115,22 @@ def effective_response(consumer: Any, r: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def gram_norm_features(gamma: torch.Tensor, consumer: Any, u: torch.Tensor) -> torch.Tensor:
+    """``φ = G u`` with the Gram matrix ``G = diag(γ) W_eff W_effᵀ diag(γ)`` (``W_eff`` as ``[in, out]``).
+
+    ``M = diag(γ) W_eff`` is the map from the normalised input to the consumer's output. ``G = M Mᵀ`` is
+    unchanged by (i) the norm fold ``γ ← s⊙γ, W ← diag(s)^-1 W`` (M itself is unchanged) and (ii) every
+    orthogonal transform Q of the consumer's *output* side, ``M ← M Q`` (``M Q Qᵀ Mᵀ = M Mᵀ``): permuting
+    MLP hidden units (with the down projection compensated), permuting heads, rotating each head's
+    values (undone in the output projection) or its queries and keys jointly. Read along a secret unit
+    direction ``u`` of the input space, one scalar per channel: ``φ = γ ⊙ (W_eff (W_effᵀ (γ ⊙ u)))``, two
+    mat-vecs. Not invariant to a rotation of the residual stream itself (``M ← R M`` gives ``R G Rᵀ``).
+    """
+    w = weight_in_out(consumer).to(u.dtype)  # [in, out], LoRA deltas included
+    g = gamma.to(u.dtype)
+    return g * (w @ (w.t() @ (g * u)))
+
+
 def invariant_norm_features(gamma: torch.Tensor, consumer: torch.nn.Module, r: torch.Tensor) -> torch.Tensor:
     """``φ = γ ⊙ (W_eff r)`` with ``W_eff`` as ``[in, out]``: the norm block's invariant feature."""
     resp = effective_response(consumer, r)

@@ -54,7 +54,7 @@ _CHECKPOINT_MARKERS: Final[tuple[str, ...]] = (
 )
 
 BlockKind = Literal["norm", "lora", "prompt"]
-Mode = Literal["plain", "invariant"]
+Mode = Literal["plain", "invariant", "gram"]
 Reference = Literal["initial", "zero"]
 
 
@@ -189,8 +189,8 @@ class SignKey:
             problems.append(f"seed must be {SEED_BYTES} bytes")
         if not self.blocks:
             problems.append("a sign key needs at least one target block")
-        if self.mode not in ("plain", "invariant"):
-            problems.append(f"mode must be 'plain' or 'invariant', got {self.mode!r}")
+        if self.mode not in ("plain", "invariant", "gram"):
+            problems.append(f"mode must be 'plain', 'invariant' or 'gram', got {self.mode!r}")
         if self.reference not in ("initial", "zero"):
             problems.append(f"reference must be 'initial' or 'zero', got {self.reference!r}")
         if not self.gamma0 > 0:
@@ -368,6 +368,11 @@ def key_from_json(text: str, *, source: str = "<string>") -> WatermarkKey:
     raise CorruptKeyError(f"key file {source} has unknown scheme {scheme!r}")
 
 
+_WEIGHT_MARKERS: Final[tuple[str, ...]] = tuple(m for m in _CHECKPOINT_MARKERS if m != "config.json") + (
+    "latest.json",  # the root of a fedguard run's checkpoints/ tree
+)
+
+
 def _looks_like_checkpoint(directory: Path) -> str | None:
     for marker in _CHECKPOINT_MARKERS:
         if (directory / marker).exists():
@@ -375,11 +380,32 @@ def _looks_like_checkpoint(directory: Path) -> str | None:
     return None
 
 
-def save_key(key: WatermarkKey, path: str | os.PathLike[str]) -> Path:
-    """Write ``key`` to ``path`` atomically with mode ``0600``.
+def _ancestor_checkpoint(directory: Path) -> tuple[Path, str] | None:
+    """The nearest strict ancestor of ``directory`` that is a model checkpoint (it holds weights, an
+    adapter, a Hugging Face ``config.json`` with a ``model_type``, or a checkpoint tree's ``latest.json``);
+    None when there is none. A run directory's own ``config.json`` (the run configuration) is no marker."""
+    for parent in directory.parents:
+        for marker in _WEIGHT_MARKERS:
+            if (parent / marker).exists():
+                return parent, marker
+        cfg = parent / "config.json"
+        if cfg.is_file():
+            try:
+                doc = json.loads(cfg.read_text())
+            except (OSError, ValueError, UnicodeDecodeError):
+                continue
+            if isinstance(doc, dict) and "model_type" in doc:
+                return parent, "config.json (a model configuration)"
+    return None
 
-    Refuses (``ConfigError``) a path inside a model checkpoint directory: a secret key shipped with the
-    model it protects proves nothing and leaks the watermark to everyone who gets the model.
+
+def save_key(key: WatermarkKey, path: str | os.PathLike[str]) -> Path:
+    """Write ``key`` to ``path`` atomically with mode ``0600``, never over an existing file.
+
+    Refuses (``ConfigError``) a path anywhere inside a model checkpoint tree (its directory or any
+    directory above it is a checkpoint, e.g. ``<checkpoint>/keys/k.key``): a secret key shipped with the
+    model it protects proves nothing and leaks the watermark to everyone who gets the model. Refuses an
+    existing file too: a key is a client's secret and is never replaced (remove it yourself first).
     """
     target = Path(path)
     parent = target.parent if str(target.parent) else Path(".")
@@ -389,7 +415,14 @@ def save_key(key: WatermarkKey, path: str | os.PathLike[str]) -> Path:
     if marker is not None:
         raise ConfigError(f"refusing to write a secret key into {parent}: it is a model checkpoint "
                           f"(it holds {marker}); store keys apart from models")
-    return atomic_write(target, key_to_json(key), mode=0o600)
+    above = _ancestor_checkpoint(parent.resolve())
+    if above is not None:
+        raise ConfigError(f"refusing to write a secret key under {above[0]}: it is a model checkpoint "
+                          f"(it holds {above[1]}) and {target} is inside its tree; store keys apart from models")
+    if target.exists() or target.is_symlink():
+        raise ConfigError(f"refusing to overwrite {target}: it exists and keys are never replaced "
+                          f"(move it away first)")
+    return atomic_write(target, key_to_json(key), mode=0o600, overwrite=False)
 
 
 def load_key(path: str | os.PathLike[str]) -> WatermarkKey:

@@ -40,7 +40,7 @@ import torch
 from fedguard.errors import ConfigError, KeyMismatchError
 from fedguard.rng import SecureRNG, random_seed
 from fedguard.watermark.capacity import plan_capacity
-from fedguard.watermark.invariant import base_linear, invariant_norm_features, output_dim
+from fedguard.watermark.invariant import base_linear, gram_norm_features, invariant_norm_features, output_dim
 from fedguard.watermark.keys import Mode, Reference, SignKey, TargetBlock, direction, projection_matrix
 from fedguard.watermark.targets import (
     BlockKind,
@@ -86,7 +86,7 @@ class SignWatermark:
             params = block_parameters(model, block)
             consumer = None
             r = None
-            if key.mode == "invariant":
+            if key.mode in ("invariant", "gram"):
                 if block.kind != "norm" or block.consumer is None or block.consumer_shape is None:
                     raise KeyMismatchError(f"invariant key block {block.module!r} has no consumer layer")
                 consumer = resolve_module(model, block.consumer)
@@ -96,7 +96,9 @@ class SignWatermark:
                 if got != block.consumer_shape:
                     raise KeyMismatchError(f"consumer layer {block.consumer!r} has weight shape {got} in the "
                                            f"model but {block.consumer_shape} in the key")
-                r = torch.tensor(direction(key.seed, i, output_dim(consumer)))
+                # invariant: r in the consumer's output space; gram: u in its input (= the norm's) space
+                r = torch.tensor(direction(key.seed, i, output_dim(consumer) if key.mode == "invariant"
+                                           else block.shapes[0][0]))
             dim = self._dim(block)
             e = torch.tensor(projection_matrix(key.seed, i, dim, block.bits))
             bound.append(_Bound(block, params, consumer, e, r, torch.from_numpy(signature[sl].copy()),
@@ -219,9 +221,11 @@ class SignWatermark:
         return self._cache[key]
 
     def _features(self, b: _Bound, r: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if self.key.mode == "invariant":
+        if self.key.mode in ("invariant", "gram"):
             if b.consumer is None:  # __init__ binds a consumer to every invariant block
                 raise KeyMismatchError(f"invariant watermark block {b.block.module!r} has no consuming layer")
+            if self.key.mode == "gram":
+                return gram_norm_features(b.params[0], b.consumer, r)
             return invariant_norm_features(b.params[0], b.consumer, r)
         return torch.cat([p.to(dtype).reshape(-1) for p in b.params])
 
@@ -310,9 +314,18 @@ def make_sign_key(
             blocks=tuple(c.block(n) for c, n in zip(candidates, plan.block_bits, strict=True) if n > 0),
             mode=mode, reference=reference, gamma0=gamma0, alpha=alpha, owner=owner,
         )
-    reference = draft.reference
-    # Calibrate: s_i = RMS of the block's features at θ₀, z₀ = Eᵀφ(θ₀)/s_i (or 0 for reference="zero").
-    probe = SignWatermark(draft, model)
+    return calibrate(draft, model)
+
+
+def calibrate(key: SignKey, reference_model: torch.nn.Module) -> SignKey:
+    """``key`` with each block's scale and offset computed on ``reference_model`` (the public θ₀).
+
+    ``s_i = RMS(φ_i(θ₀))`` (1.0 when it is zero) and ``z₀_i = E_iᵀ φ_i(θ₀) / s_i`` (zeros for
+    ``reference="zero"``). The audit calls this on the base model to *recompute* what a key file states
+    (:func:`fedguard.watermark.calibration.check_calibration`): offsets are not free fields a claimant may
+    choose, since with chosen offsets ``z = Eᵀφ/s − z₀`` takes any sign pattern on any model.
+    """
+    probe = SignWatermark(key, reference_model)
     blocks = []
     with torch.no_grad():
         for i, b in enumerate(probe._bound):
@@ -320,11 +333,9 @@ def make_sign_key(
             phi = probe._features(b, r, torch.float64)
             rms = float(phi.pow(2).mean().sqrt())
             scale = rms if rms > 0 else 1.0
-            if reference == "initial":
+            if key.reference == "initial":
                 offset = tuple(float(v) for v in (phi @ b.projection / scale))
             else:
                 offset = (0.0,) * b.block.bits
-            blk = draft.blocks[i]
-            blocks.append(TargetBlock(blk.kind, blk.module, blk.params, blk.shapes, blk.bits, scale, offset,
-                                      blk.consumer, blk.consumer_shape))
-    return draft.with_blocks(blocks)
+            blocks.append(replace(key.blocks[i], scale=scale, offset=offset))
+    return key.with_blocks(blocks)

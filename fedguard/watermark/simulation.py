@@ -26,7 +26,7 @@ from fedguard.federation.round import ClientResult, run_round
 from fedguard.params import flatten, layout_of, load_vector
 from fedguard.rng import SecureRNG
 from fedguard.toy_task import successor_sequences
-from fedguard.watermark.keys import SignKey
+from fedguard.watermark.keys import Mode, SignKey
 from fedguard.watermark.sign import SignWatermark, make_sign_key
 from fedguard.watermark.targets import prepare_norm_targets
 from fedguard.watermark.verify import Detection
@@ -46,6 +46,7 @@ class SimulationConfig:
     n_layer: int = 4
     gamma0: float = 1.0
     alpha: float = 3e-3
+    mode: Mode = "invariant"
     seed: str = "watermark-simulation"
 
     def __post_init__(self) -> None:
@@ -109,7 +110,8 @@ def run_federated(config: SimulationConfig, *, watermark: bool = True) -> Simula
     if watermark:
         for c in range(config.clients):
             key = make_sign_key(model, bits=config.bits, n_clients=config.clients, gamma0=config.gamma0,
-                                alpha=config.alpha, owner=f"client-{c}", rng=rng.spawn(f"key/{c}"))
+                                alpha=config.alpha, owner=f"client-{c}", rng=rng.spawn(f"key/{c}"),
+                                mode=config.mode)
             keys.append(key)
             marks.append(SignWatermark(key, model))
     spec = FixedPointSpec(clip=1.0, value_bits=24, ring_bits=64, max_weight=1 << 16)

@@ -108,9 +108,9 @@ def discover(
     """
     if kind not in TARGET_KINDS:
         raise ConfigError(f"target kind must be one of {TARGET_KINDS}, got {kind!r}")
-    if mode not in ("plain", "invariant"):
-        raise ConfigError(f"mode must be 'plain' or 'invariant', got {mode!r}")
-    if mode == "invariant" and kind != "norm":
+    if mode not in ("plain", "invariant", "gram"):
+        raise ConfigError(f"mode must be 'plain', 'invariant' or 'gram', got {mode!r}")
+    if mode in ("invariant", "gram") and kind != "norm":
         raise ConfigError(f"invariant extraction is implemented for norm targets only, not {kind!r}; "
                           "use mode='plain'")
     wanted = set(modules)
@@ -121,7 +121,7 @@ def discover(
             gamma: Any = _unwrap(base.get_submodule(path)).weight
             shape = tuple(int(d) for d in gamma.shape)
             consumer = consumer_shape = None
-            if mode == "invariant":
+            if mode in ("invariant", "gram"):
                 paths = consumer_paths(path)
                 mod = resolve_module(model, paths[0]) if paths else None
                 if mod is None:
@@ -156,7 +156,7 @@ def discover(
                                      f"(found: {[c.module for c in found][:8]})")
         found = [c for c in found if c.module in wanted]
     if not found:
-        hint = " with a known consumer linear layer" if kind == "norm" and mode == "invariant" else ""
+        hint = " with a known consumer linear layer" if kind == "norm" and mode != "plain" else ""
         raise MissingTargetError(f"the model ({type(base).__name__}) has no {kind} target modules{hint}")
     return found
 

@@ -64,3 +64,50 @@ def test_stored_keys_of_another_configuration_are_refused_never_replaced(tmp_pat
     assert (tmp_path / "keys" / "client-0.key").read_bytes() == kept
     assert not (tmp_path / "keys" / "client-2.key").exists()
     assert load_key(tmp_path / "keys" / "client-0.key").n_bits == 20
+
+
+def _prepared(tmp_path: Path, task: Path, clients: int, **watermark: object) -> WatermarkHook:
+    from fedguard.watermark.simulation import SimulationConfig, tiny_gpt2_lora
+
+    config = tiny_config(tmp_path, task, watermark={"bits": 24, "key_dir": str(tmp_path / "keys"), **watermark},
+                         federation={"clients": clients, "rounds": 1})
+    hook = WatermarkHook(config.watermark or {}, config=config, rng=SecureRNG.for_testing("hook-keys"))
+    hook.prepare_model(tiny_gpt2_lora(SimulationConfig(n_layer=2), 0))
+    return hook
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_missing_key_file_is_named_and_no_other_key_is_touched(tmp_path: Path, task: Path) -> None:
+    hook = _prepared(tmp_path, task, 3)
+    keys = tmp_path / "keys"
+    before = {p.name: p.read_bytes() for p in sorted(keys.iterdir())}
+    assert set(before) == {f"client-{c}.{ext}" for c in range(3) for ext in ("key", "commitment.json")}
+    assert len(hook.state_dict()["key_commitments"]) == 3
+    (keys / "client-1.key").unlink()
+    with pytest.raises(ConfigError, match=r"key file\(s\) missing: .*client-1\.key"):
+        _prepared(tmp_path, task, 3)
+    after = {p.name: p.read_bytes() for p in sorted(keys.iterdir())}
+    del before["client-1.key"]
+    assert after == before  # byte for byte; nothing regenerated, nothing new
+    # the missing file is reported before any other check (here: another target)
+    with pytest.raises(ConfigError, match="missing"):
+        _prepared(tmp_path, task, 3, target="lora")
+    assert {p.name: p.read_bytes() for p in sorted(keys.iterdir())} == before
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_stored_keys_with_another_target_or_alpha_are_refused(tmp_path: Path, task: Path) -> None:
+    from fedguard.watermark import load_key
+    from fedguard.watermark.commitment import commit, load_commitment
+
+    hook = _prepared(tmp_path, task, 2)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "keys").iterdir()}
+    with pytest.raises(ConfigError, match=r"client-0\.key: alpha is 0\.003, the config says 0\.01"):
+        _prepared(tmp_path, task, 2, alpha=0.01)
+    with pytest.raises(ConfigError, match=r"client-1\.key: target is 'norm', the config says 'lora'"):
+        _prepared(tmp_path, task, 2, target="lora")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "keys").iterdir()} == before
+    # the round-0 commitment on disk and in the run state matches the key
+    key = load_key(tmp_path / "keys" / "client-0.key")
+    assert load_commitment(tmp_path / "keys" / "client-0.commitment.json").matches(key)
+    assert hook.state_dict()["key_commitments"][0] == commit(key)

@@ -50,10 +50,13 @@ def test_key_round_trips_through_its_file_with_mode_0600(key: SignKey, tmp_path)
     assert load_key(path) == key
 
 
-def test_saving_again_replaces_the_file_atomically_and_a_missing_directory_is_refused(key: SignKey, tmp_path) -> None:
+def test_an_existing_key_is_never_replaced_and_a_missing_directory_is_refused(key: SignKey, tmp_path) -> None:
     path = save_key(key, tmp_path / "k.key")
-    save_key(key, path)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and load_key(path) == key
+    before = path.read_bytes()
+    other = make_sign_key(tiny_gpt2_lora(SimulationConfig(n_layer=2), 0), bits=24, rng=SecureRNG.for_testing("o"))
+    with pytest.raises(ConfigError, match="refusing to overwrite"):
+        save_key(other, path)
+    assert path.read_bytes() == before and stat.S_IMODE(path.stat().st_mode) == 0o600
     assert [p.name for p in tmp_path.iterdir()] == ["k.key"]  # no temporary file left behind
     with pytest.raises(ConfigError, match="does not exist"):
         save_key(key, tmp_path / "nowhere" / "k.key")
@@ -115,6 +118,25 @@ def test_key_is_never_written_into_a_model_checkpoint(key: SignKey, model: torch
     with pytest.raises(ConfigError, match="checkpoint"):
         save_key(key, tmp_path / "ckpt" / "secret.key")
     assert not (tmp_path / "ckpt" / "secret.key").exists()
+
+
+def test_key_is_refused_anywhere_under_a_checkpoint_tree(key: SignKey, model: torch.nn.Module, tmp_path) -> None:
+    model.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "keys" / "deeper").mkdir(parents=True)
+    for where in (tmp_path / "ckpt" / "keys", tmp_path / "ckpt" / "keys" / "deeper"):
+        with pytest.raises(ConfigError, match="inside its tree"):
+            save_key(key, where / "secret.key")
+        assert not (where / "secret.key").exists()
+    # a fedguard checkpoints/ tree (latest.json at its root) is refused too; a run directory whose
+    # config.json is the run configuration (no model_type) is not a checkpoint
+    run = tmp_path / "run"
+    (run / "checkpoints" / "keys").mkdir(parents=True)
+    (run / "checkpoints" / "latest.json").write_text("{}")
+    (run / "config.json").write_text(json.dumps({"run_dir": str(run)}))
+    with pytest.raises(ConfigError, match="latest.json"):
+        save_key(key, run / "checkpoints" / "keys" / "k.key")
+    (run / "keys").mkdir()
+    assert save_key(key, run / "keys" / "k.key").exists()
 
 
 def test_binding_to_a_model_with_other_targets_raises_key_mismatch(key: SignKey) -> None:
