@@ -29,19 +29,56 @@ def load_model(path: str | os.PathLike[str], *, base: str | os.PathLike[str] | N
     if adapter_cfg.exists():
         from peft import PeftModel
 
-        try:
-            cfg = json.loads(adapter_cfg.read_text())
-        except ValueError as err:
-            raise ConfigError(f"{adapter_cfg} is not valid JSON: {err}") from err
-        base_path = Path(base) if base is not None else Path(str(cfg.get("base_model_name_or_path") or ""))
-        if not base_path.is_dir():
-            raise ConfigError(f"adapter {directory} needs its base model: {str(base_path)!r} is not a local "
-                              f"directory (pass base=...)")
+        base_path = resolve_base(directory, base)
+        if base_path is None:  # unreachable: an adapter always resolves or raises
+            raise ConfigError(f"adapter {directory} has no base model")
         model: Any = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), directory)
     elif (directory / "config.json").exists():
         model = AutoModelForCausalLM.from_pretrained(directory)
     else:
         raise ConfigError(f"{directory} holds neither a model (config.json) nor a peft adapter "
                           f"(adapter_config.json)")
+    model.eval()
+    return model
+
+
+def resolve_base(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = None) -> Path | None:
+    """The base (starting) model directory for the model at ``path``.
+
+    ``base`` if given (it must be a directory). Else, for a ``peft`` adapter, its
+    ``base_model_name_or_path``, which must be a non-empty local directory: a null or empty field is
+    refused (it used to resolve to the current directory and audit whatever model was there). A full
+    model directory without ``base`` has no known base: None.
+    """
+    directory = Path(path)
+    if base is not None:
+        if not Path(base).is_dir():
+            raise ConfigError(f"base model {str(base)!r} is not a local directory")
+        return Path(base)
+    adapter_cfg = directory / "adapter_config.json"
+    if not adapter_cfg.exists():
+        return None
+    try:
+        cfg = json.loads(adapter_cfg.read_text())
+    except ValueError as err:
+        raise ConfigError(f"{adapter_cfg} is not valid JSON: {err}") from err
+    named = cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None
+    if not isinstance(named, str) or not named.strip():
+        raise ConfigError(f"adapter {directory} does not name its base model (base_model_name_or_path is "
+                          f"{named!r}): pass base=... (--base DIR)")
+    if not Path(named).is_dir():
+        raise ConfigError(f"adapter {directory} needs its base model: {named!r} is not a local directory "
+                          f"(pass base=... / --base DIR)")
+    return Path(named)
+
+
+def load_base(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = None) -> torch.nn.Module | None:
+    """The base model of the model at ``path`` (see :func:`resolve_base`) in eval mode, or None."""
+    from transformers import AutoModelForCausalLM
+
+    base_path = resolve_base(path, base)
+    if base_path is None:
+        return None
+    model: Any = AutoModelForCausalLM.from_pretrained(base_path)
     model.eval()
     return model

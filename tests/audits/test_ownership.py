@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from audits.ownership import audit_ownership, render_markdown
+from audits.ownership import audit_keys, audit_ownership, render_markdown
 from audits.ownership import register_cli as register_audit
 from fedguard.cli import Commands
 from fedguard.watermark import SignWatermark, load_key
@@ -85,14 +85,14 @@ def test_keygen_refuses_an_over_capacity_plan(workspace) -> None:
 
 def test_audit_reports_the_owner_and_rejects_the_other_claimant(workspace, tmp_path, capsys) -> None:
     keys = workspace["keys"]
-    code = run(["audit", "ownership", "--model", str(workspace["final"]), "--key", str(keys / "alice.key"),
-                "--key", str(keys / "bob.key"), "--json", "--out", str(tmp_path / "report")])
+    code = run(["audit", "ownership", "--model", str(workspace["final"]), "--base", str(workspace["root"] / "start"),
+                "--key", str(keys / "alice.key"), "--key", str(keys / "bob.key"), "--out", str(tmp_path / "report")])
     assert code == 0
-    printed = json.loads(capsys.readouterr().out)
+    capsys.readouterr()
     on_disk = json.loads((tmp_path / "report" / "ownership.json").read_text())
-    assert printed == on_disk
     alice, bob = on_disk["claimants"]
     assert alice["owner"] == "alice" and alice["verdict"] and alice["matched"] == 32
+    assert alice["calibration"]["status"] == "recomputed"
     assert alice["p_value"] == pytest.approx(2.0**-32)
     assert bob["owner"] == "bob" and not bob["verdict"] and bob["p_value"] > 1e-6
     assert len(alice["blocks"]) == 4
@@ -100,6 +100,71 @@ def test_audit_reports_the_owner_and_rejects_the_other_claimant(workspace, tmp_p
     assert "| alice |" in md and "ownership claimed" in md and "ownership_agreement.png" in md
     png = (tmp_path / "report" / "ownership_agreement.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    # --json prints the same report and writes no files
+    assert run(["audit", "ownership", "--model", str(workspace["final"]), "--base", str(workspace["root"] / "start"),
+                "--key", str(keys / "alice.key"), "--key", str(keys / "bob.key"), "--json",
+                "--out", str(tmp_path / "nothing")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == on_disk and not (tmp_path / "nothing").exists()
+
+
+def test_a_full_model_without_a_base_is_not_verified(workspace) -> None:
+    report = audit_ownership(workspace["final"], [workspace["keys"] / "alice.key"])
+    (claim,) = report.claimants
+    assert claim.detection.matched == 32 and not claim.claimed
+    assert claim.calibration is not None and claim.calibration.status == "unverifiable"
+
+
+def test_forged_offsets_are_refused_by_recomputation(workspace) -> None:
+    """The forgery of the issue: any seed, offsets chosen so every bit matches. It matches 32/32 on the
+    owner's model and on the public base model; the audit recomputes the offsets and refuses it."""
+    from attacks.watermark.ambiguity import forge_offsets
+    from fedguard.rng import SecureRNG
+    from fedguard.watermark import make_sign_key
+    from fedguard.watermark.loading import load_model
+
+    final = load_model(workspace["final"])
+    start = load_model(workspace["root"] / "start")
+    honest = make_sign_key(start, bits=32, n_clients=2, owner="mallory", rng=SecureRNG.for_testing("mallory"))
+    for target in (final, start):
+        forged = forge_offsets(honest, target)
+        assert SignWatermark(forged, target).detect().matched == 32  # the bits alone would "prove" it
+        report = audit_keys(target, [("forged.key", forged)], base=start)
+        (claim,) = report.claimants
+        assert claim.detection.verdict and not claim.claimed
+        assert claim.calibration is not None and claim.calibration.status == "mismatch"
+
+
+def test_adapter_without_a_base_is_refused_unless_base_is_given(tmp_path, workspace, monkeypatch) -> None:
+    from fedguard.errors import ConfigError
+
+    peft_model = tiny_gpt2_lora(SimulationConfig(n_layer=2), 0)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    cfg_path = tmp_path / "adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = None
+    cfg_path.write_text(json.dumps(cfg))
+    # a model in the current directory must not be picked up as the base
+    monkeypatch.chdir(workspace["root"] / "start")
+    with pytest.raises(ConfigError, match="does not name its base model"):
+        audit_ownership(tmp_path / "adapter", [workspace["keys"] / "alice.key"])
+    report = audit_ownership(tmp_path / "adapter", [workspace["keys"] / "alice.key"],
+                             base=workspace["root"] / "start")
+    assert report.claimants[0].calibration is not None
+
+
+def test_duplicate_owner_labels_are_kept_apart(workspace, tmp_path) -> None:
+    from fedguard.rng import SecureRNG
+    from fedguard.watermark import make_sign_key
+
+    start = tiny_gpt2_lora(SimulationConfig(n_layer=2), 0).merge_and_unload()
+    twins = [(f"k{i}.key", make_sign_key(start, bits=32, owner="acme", rng=SecureRNG.for_testing(f"t{i}")))
+             for i in range(2)]
+    report = audit_keys(start, twins, base=start)
+    a, b = (c.label for c in report.claimants)
+    assert a != b and a.startswith("acme (k0.key") and b.startswith("acme (k1.key")
+    md = render_markdown(report)
+    assert f"| {a} |" in md and f"| {b} |" in md
 
 
 def test_audit_with_a_key_for_another_model_raises_key_mismatch(workspace, tmp_path) -> None:
@@ -112,6 +177,6 @@ def test_audit_with_a_key_for_another_model_raises_key_mismatch(workspace, tmp_p
 
 
 def test_markdown_states_the_decision_rule(workspace) -> None:
-    report = audit_ownership(workspace["final"], [workspace["keys"] / "alice.key"])
+    report = audit_ownership(workspace["final"], [workspace["keys"] / "alice.key"], base=workspace["root"] / "start")
     md = render_markdown(report)
     assert "P[X >= matched]" in md and "Significance: 1e-06" in md
