@@ -43,6 +43,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 DPPlacement = Literal["central", "distributed"]
 DPBackend = Literal["pld", "rdp", "prv"]
 WatermarkTarget = Literal["norm", "lora", "prompt"]
+WatermarkMode = Literal["gram", "invariant", "plain"]
 
 MAX_SEED = 2**64 - 1  # torch.manual_seed's range
 REQUIRED_SECTIONS = ("run_dir", "model", "data", "federation")
@@ -291,10 +292,14 @@ class WatermarkSection:
     """The ``watermark:`` section: each client embeds its own FedIPR sign watermark (Li et al., TPAMI
     2022; FATE-LLM §3.1). ``target``: the norm scales (made trainable beside the adapter), the LoRA
     weights or the prompt encoder; ``alpha`` weighs the hinge regulariser ``relu(gamma0 − b_j (Eᵀθ)_j)``;
-    ``key_dir``: where the secret keys go (default ``<run_dir>/keys``; files of mode 0600)."""
+    ``key_dir``: where the secret keys go (default ``<run_dir>/keys``; files of mode 0600). ``mode``
+    (norm targets): ``gram`` reads bits from a Gram-matrix feature that norm folding and output-side
+    permutations/rotations cannot change; ``invariant`` survives norm folding only; LoRA and prompt
+    targets are always ``plain`` (see docs/watermark.md)."""
 
     bits: int = 32
     target: WatermarkTarget = "norm"
+    mode: WatermarkMode = "gram"
     alpha: float = 3e-3
     gamma0: float = 1.0
     key_dir: str | None = None

@@ -7,10 +7,15 @@
       target: norm       # norm (norm scales, made trainable beside the adapter) | lora | prompt
       alpha: 3.0e-3      # regulariser weight
       gamma0: 1.0        # margin of the hinge relu(gamma0 - b_j (E^T theta)_j)
+      mode: gram         # norm targets: gram (survives norm folding and output-side permutations /
+                         # rotations) | invariant (norm folding only); lora/prompt targets are plain
       key_dir: null      # where the secret keys go (default <run_dir>/keys; files of mode 0600)
 
 Before the travelling layout is fixed, the hook marks the norm scales trainable (target ``norm``) and
-generates one key per client against the starting model (or reloads them from ``key_dir`` on resume);
+generates one key per client against the starting model (or reloads them from ``key_dir`` on resume,
+refusing, without touching any key, a missing key file or keys of another configuration), writes each
+key's commitment (``client-<k>.commitment.json``, :mod:`fedguard.watermark.commitment`) at round 0 and
+records the commitments in the run state;
 each client's local loss gets its own regulariser; after every round the global model is verified
 against every key and the round's row reports the matched bits per client and how many clients'
 ownership claims hold at p <= 1e-6 (FedIPR, Li et al. TPAMI 2022; FATE-LLM §3.1).
@@ -44,6 +49,7 @@ class WatermarkHook(TrainerHook):
         if config.training.nproc_per_node > 1:
             raise ConfigError("watermark needs in-process clients (training.nproc_per_node = 1)")
         self.bits, self.target, self.alpha, self.gamma0 = section.bits, section.target, section.alpha, section.gamma0
+        self.mode = section.mode if section.target == "norm" else "plain"
         self.key_dir = Path(section.key_dir or Path(config.run_dir) / "keys")
         self.n_clients = config.n_parties
         self.run_dir = config.run_dir
@@ -83,7 +89,8 @@ class WatermarkHook(TrainerHook):
             self.key_dir.mkdir(parents=True, exist_ok=True)
             rng = self._rng if self._rng is not None else SecureRNG()
             keys = [make_sign_key(model, bits=self.bits, target=self.target, n_clients=self.n_clients,
-                                  alpha=self.alpha, gamma0=self.gamma0, owner=f"client-{c}", rng=rng)
+                                  alpha=self.alpha, gamma0=self.gamma0, owner=f"client-{c}", rng=rng,
+                                  mode=self.mode)
                     for c in range(self.n_clients)]
             # round 0: each key is committed to (public hash, see fedguard.watermark.commitment) before
             # any training, beside the key and in every checkpoint's state
@@ -97,7 +104,7 @@ class WatermarkHook(TrainerHook):
     def _mismatch(self, key: Any, client: int) -> list[str]:
         """How a stored key differs from what this section would generate for ``client``."""
         wanted = {"scheme": "sign", "n_bits": self.bits, "alpha": self.alpha, "gamma0": self.gamma0,
-                  "owner": f"client-{client}"}
+                  "owner": f"client-{client}", "mode": self.mode}
         out = [f"{name} is {getattr(key, name, None)!r}, the config says {value!r}"
                for name, value in wanted.items() if getattr(key, name, None) != value]
         kinds = sorted({b.kind for b in getattr(key, "blocks", ())})

@@ -1,0 +1,97 @@
+"""Measure watermark robustness on the library's 4-client simulation (issue 14's numbers).
+
+    .venv/bin/python -m attacks.watermark.robustness [--quick]
+
+Runs :func:`fedguard.watermark.simulation.run_federated` (4 clients, tiny GPT-2 + LoRA, trainable norm
+scales, 32 bits per client) once per embedding, then the attack suite on the result, and writes
+``benchmarks/results/watermark_robustness.json``:
+
+* ``suite``: the default suite for ``mode="invariant"`` (the previous default) and ``mode="gram"``;
+* ``tradeoff``: fine-tuning survival against the margin γ0 (gram mode), with the fidelity cost of each
+  γ0 (eval loss with the watermark minus the identical run without it).
+
+Every number is a measurement of this run (seeded: ``SimulationConfig.seed``); the machine load is
+recorded beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attacks.watermark.suite import SuiteConfig, run_suite
+from fedguard.rng import SecureRNG
+from fedguard.watermark.simulation import SimulationConfig, run_federated, task_data, tiny_gpt2_lora
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "watermark_robustness.json"
+
+
+def _setting(cfg: SimulationConfig) -> tuple[Any, torch.Tensor, torch.nn.Module]:
+    res = run_federated(cfg)
+    train, _ = task_data(cfg, SecureRNG.for_testing(cfg.seed))
+    base = tiny_gpt2_lora(cfg, SecureRNG.for_testing(cfg.seed).spawn("init").torch_seed()).merge_and_unload()
+    return res, torch.cat(train), base
+
+
+def suite(mode: str, steps: tuple[int, ...], quick: bool) -> dict[str, Any]:
+    cfg = SimulationConfig(mode=mode)  # type: ignore[arg-type]
+    res, data, base = _setting(cfg)
+    sc = SuiteConfig(finetune_steps=steps, overwrite_keys=(1,) if quick else (1, 2, 4),
+                     overwrite_steps=50 if quick else 200, seed_tries=20 if quick else 200)
+    t = time.perf_counter()
+    rep = run_suite(res.model, res.keys, data, base=base, config=sc, rng=SecureRNG.for_testing(f"suite/{mode}"),
+                    model_name=f"simulation ({mode})")
+    return {"mode": mode, "eval_loss": res.eval_loss, "seconds": time.perf_counter() - t, **rep.to_json()}
+
+
+def tradeoff(gammas: tuple[float, ...], steps: tuple[int, ...], lr: float) -> list[dict[str, Any]]:
+    from attacks.watermark.finetune import finetune
+
+    plain = run_federated(SimulationConfig(mode="gram"), watermark=False).eval_loss
+    rows = []
+    for g in gammas:
+        cfg = SimulationConfig(mode="gram", gamma0=g)
+        res, data, _ = _setting(cfg)
+        results = finetune(res.model, res.keys, data, steps=steps, lr=lr)
+        rows.append({"gamma0": g, "eval_loss": res.eval_loss, "eval_loss_without_watermark": plain,
+                     "fidelity_cost": (res.eval_loss - plain) / plain,
+                     "finetune": [r.to_json() for r in results]})
+        print(f"gamma0={g}: fidelity {(res.eval_loss - plain) / plain:+.2%}; fewest bits after "
+              + ", ".join(f"{int(r.strength)} steps {r.min_matched}/{r.bits} ({r.claims}/4)" for r in results),
+              flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--part", choices=("all", "suite", "tradeoff"), default="all")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    steps = (0, 50, 200) if args.quick else (0, 50, 200, 1000)
+    out: dict[str, Any] = {"load_before": os.getloadavg(), "config": dataclasses.asdict(SimulationConfig())}
+    if RESULTS.exists():
+        out = {**json.loads(RESULTS.read_text()), **out}
+    if args.part in ("all", "suite"):
+        out["suite"] = [suite(m, steps, args.quick) for m in ("invariant", "gram")]
+        for s in out["suite"]:
+            for r in s["results"]:
+                print(f"{s['mode']:9s} {r['attack']:30s} {r['label']:28s} {r['min_matched']}/{r['bits']} "
+                      f"{r['claims']}/4 {r['delta_task_loss']:+.4f}", flush=True)
+    if args.part in ("all", "tradeoff"):
+        out["tradeoff"] = tradeoff((1.0, 4.0, 16.0) if not args.quick else (1.0, 4.0), steps, 5e-3)
+    out["load_after"] = os.getloadavg()
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
