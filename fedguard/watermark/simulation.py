@@ -8,6 +8,10 @@ loop), and sends ``local − global``; the server runs weighted FedAvg through
 :func:`fedguard.federation.round.run_round` (the round every trainer runs) with the plaintext aggregator. The same function with
 ``watermark=False`` is the fidelity baseline: identical seeds, data and batches.
 
+Under client-level DP (``dp_clip``, ``dp_noise``) each client's update is clipped to L2 norm C and the
+released mean gets ``N(0, (zC/K)²)`` per coordinate (the Gaussian mechanism, central placement);
+``server_embed_steps`` adds the server-side component (:func:`server_embed`).
+
 The task (as in ``fedguard demo``): sequences follow a secret successor permutation of the vocabulary
 with client-specific start tokens and noise, so eval loss measures how well the federation learnt it.
 """
@@ -19,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from fedguard.dp.client_level import clip_to_norm
 from fedguard.encoding import FixedPointSpec
 from fedguard.errors import ConfigError
 from fedguard.federation.plaintext import PlaintextAggregator
@@ -47,6 +52,10 @@ class SimulationConfig:
     gamma0: float = 1.0
     alpha: float = 3e-3
     mode: Mode = "invariant"
+    dp_clip: float | None = None
+    dp_noise: float = 0.0
+    server_embed_steps: int = 0
+    server_embed_lr: float = 1e-2
     seed: str = "watermark-simulation"
 
     def __post_init__(self) -> None:
@@ -55,6 +64,12 @@ class SimulationConfig:
                     if getattr(self, n) < 1]
         if not self.lr > 0:
             problems.append(f"lr must be > 0, got {self.lr}")
+        if self.dp_clip is not None and not self.dp_clip > 0:
+            problems.append(f"dp_clip must be > 0, got {self.dp_clip}")
+        if self.dp_noise < 0 or (self.dp_noise > 0 and self.dp_clip is None):
+            problems.append(f"dp_noise must be >= 0 and needs dp_clip, got {self.dp_noise}")
+        if self.server_embed_steps < 0 or not self.server_embed_lr > 0:
+            problems.append("server_embed_steps must be >= 0 and server_embed_lr > 0")
         if problems:
             raise ConfigError.collect(problems)
 
@@ -83,6 +98,23 @@ def tiny_gpt2_lora(config: SimulationConfig, torch_seed: int) -> torch.nn.Module
     model = get_peft_model(base, lora)
     prepare_norm_targets(model)
     return model
+
+
+def server_embed(model: torch.nn.Module, marks: list[SignWatermark], steps: int, lr: float) -> None:
+    """The server-side component under DP: after the noised aggregate is released, the server takes
+    ``steps`` Adam steps on ``Σ_k L_wm,k`` (every client's regulariser, no data) over the trainable
+    parameters. This is post-processing of the DP release (it reads no client data), so it costs no
+    privacy; it requires the clients to hand their keys (or just their seeds' projections) to the server,
+    which is then trusted with them."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    for _ in range(steps):
+        loss = sum((m.loss() for m in marks), torch.zeros(()))
+        if float(loss.detach()) == 0.0:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
 
 
 def task_data(config: SimulationConfig, rng: SecureRNG) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -123,6 +155,16 @@ def run_federated(config: SimulationConfig, *, watermark: bool = True) -> Simula
         with torch.no_grad():
             return float(model(input_ids=test, labels=test).loss)
 
+    noise_gen = rng.spawn("dp-noise").numpy_generator()
+
+    def dp_noise(shape: tuple[int, ...]) -> np.ndarray:
+        """Central client-level DP (Gaussian mechanism on the mean of K clipped updates, equal weights):
+        N(0, (z·C/K)²) per coordinate of the released mean."""
+        if not config.dp_noise:
+            return np.zeros(shape)
+        std = config.dp_noise * float(config.dp_clip or 0.0) / config.clients
+        return noise_gen.normal(0.0, std, size=shape)
+
     history, detections = [], []
     for r in range(1, config.rounds + 1):
 
@@ -140,10 +182,15 @@ def run_federated(config: SimulationConfig, *, watermark: bool = True) -> Simula
                 loss.backward()
                 opt.step()
                 losses.append(float(loss.detach()))
-            return ClientResult(flatten(model, layout) - global_vec, int(train[c].shape[0]), float(np.mean(losses)))
+            update = flatten(model, layout) - global_vec
+            if config.dp_clip is not None:
+                update, _ = clip_to_norm(update, config.dp_clip)
+            return ClientResult(update, int(train[c].shape[0]), float(np.mean(losses)))
 
         run_round(r, flatten(model, layout), range(config.clients), client_step, aggregator, spec,
-                  load=lambda v: load_vector(model, layout, v), rng=rng.spawn(f"round/{r}"))
+                  load=lambda v: load_vector(model, layout, v + dp_noise(v.shape)), rng=rng.spawn(f"round/{r}"))
+        if watermark and config.server_embed_steps:
+            server_embed(model, marks, config.server_embed_steps, config.server_embed_lr)
         history.append(evaluate())
         if watermark:
             detections.append([m.detect() for m in marks])
