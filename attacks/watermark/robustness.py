@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from attacks.watermark.suite import SuiteConfig, run_suite
+from attacks.watermark.transforms import merged
 from fedguard.rng import SecureRNG
 from fedguard.watermark.simulation import SimulationConfig, run_federated, task_data, tiny_gpt2_lora
 
@@ -37,7 +38,7 @@ RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "wate
 def _setting(cfg: SimulationConfig) -> tuple[Any, torch.Tensor, torch.nn.Module]:
     res = run_federated(cfg)
     train, _ = task_data(cfg, SecureRNG.for_testing(cfg.seed))
-    base = tiny_gpt2_lora(cfg, SecureRNG.for_testing(cfg.seed).spawn("init").torch_seed()).merge_and_unload()
+    base = merged(tiny_gpt2_lora(cfg, SecureRNG.for_testing(cfg.seed).spawn("init").torch_seed()))
     return res, torch.cat(train), base
 
 

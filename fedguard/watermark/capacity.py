@@ -44,6 +44,16 @@ def realisable_fraction(total_bits: int, dims: int) -> float:
     return float(binom.cdf(dims - 1, total_bits - 1, 0.5))
 
 
+def block_realisable_fraction(block_bits: Sequence[int], dims: Sequence[int], n_clients: int = 1) -> float:
+    """Share of all K clients' sign patterns realisable with block-diagonal keys: block i carries
+    ``K·N_i`` independent constraints on its own ``D_i`` parameters, so the share is
+    ``Π_i F(K·N_i, D_i)`` (not ``F(K·N, M)``, which would let bits of one block use another's parameters)."""
+    out = 1.0
+    for n, d in zip(block_bits, dims, strict=True):
+        out *= realisable_fraction(n_clients * n, d)
+    return out
+
+
 def min_bits_for(significance: float) -> int:
     """Smallest N with ``2^-N ≤ significance``: fewer bits can never yield a verdict."""
     significance = check_number("significance", significance, low=0, high=1, low_open=True, high_open=True)
@@ -110,19 +120,23 @@ def plan_capacity(
         )
     total_dims = sum(dims)
     total_bits = n_clients * bits_per_client
+    if not dims or any(d < 1 for d in dims):
+        raise ConfigError(f"block dimensions must be >= 1, got {dims}")
+    bits = allocate_bits(bits_per_client, dims)
+    names = list(block_names) if block_names is not None else [f"block {i}" for i in range(len(dims))]
     if total_bits > total_dims:
         raise CapacityError(
             f"over capacity: {n_clients} client(s) x {bits_per_client} bits = {total_bits} bits > "
             f"M = {total_dims} target parameters (FedIPR's bound K*N <= M); at most "
-            f"{total_dims // n_clients} bits per client fit. Only {realisable_fraction(total_bits, total_dims):.3g} "
-            f"of the bit patterns would be realisable (Cover's count)"
+            f"{total_dims // n_clients} bits per client fit. The key's blocks are independent, so the share of "
+            f"all clients' bit patterns that some parameters realise is the product over blocks of Cover's "
+            f"F(K*N_i, D_i): {block_realisable_fraction(bits, dims, n_clients):.3g}"
         )
-    bits = allocate_bits(bits_per_client, dims)
-    names = list(block_names) if block_names is not None else [f"block {i}" for i in range(len(dims))]
     for name, d, n in zip(names, dims, bits, strict=True):
         if n_clients * n > d:
             raise CapacityError(
                 f"over capacity in {name}: {n_clients} client(s) x {n} bits = {n_clients * n} > its {d} "
-                f"parameters (FedIPR's bound per block)"
+                f"parameters (FedIPR's bound per block); only {realisable_fraction(n_clients * n, d):.3g} of "
+                f"that block's bit patterns are realisable (Cover's count)"
             )
     return CapacityPlan(n_clients, bits_per_client, tuple(dims), tuple(bits), significance)

@@ -58,3 +58,15 @@ def test_cover_count_matches_enumeration_of_sign_patterns() -> None:
     for signs in itertools.product((-1, 1), repeat=3):
         theta = np.linalg.solve(e3.T, np.array(signs, dtype=float))
         assert tuple(np.sign(e3.T @ theta).astype(int)) == signs
+
+
+def test_over_capacity_message_states_the_block_diagonal_realisable_fraction() -> None:
+    """Four blocks of 64, 8 clients x 64 bits: 16 bits per client per block, 128 constraints on each
+    block's 64 parameters. Cover's share per block is F(128, 64) = 1/2 (by symmetry of Binomial(127, 1/2)),
+    so 1/16 of all patterns for the four independent blocks — not F(512, 256), which pools the blocks."""
+    from fedguard.watermark.capacity import CapacityError, block_realisable_fraction, plan_capacity
+
+    assert realisable_fraction(128, 64) == pytest.approx(0.5)
+    assert block_realisable_fraction([16] * 4, [64] * 4, n_clients=8) == pytest.approx(1 / 16)
+    with pytest.raises(CapacityError, match=r"product over blocks of Cover's F\(K\*N_i, D_i\): 0\.0625"):
+        plan_capacity([64] * 4, 64, n_clients=8)
