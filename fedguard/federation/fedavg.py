@@ -54,13 +54,17 @@ def aggregate_updates(
     transport: InProcessTransport | None = None,
     encoder: RingEncoder | None = None,
     protocol_rng: SecureRNG | None = None,
+    min_contributors: int = 1,
 ) -> FedAvgOutcome:
     """Run one round of weighted FedAvg over ``aggregator``.
 
-    ``rng`` drives the quantisation (stochastic rounding); ``protocol_rng`` (default: ``rng``) the
-    aggregator's own randomness: key pairs, masks, obfuscators, shares. A reproducible simulation seeds
-    ``rng`` and leaves the protocol on OS entropy: the exact secure aggregators return the same sum whatever
-    their randomness, and masks derived from a seed the server knows would protect nothing.
+    ``rng`` drives the quantisation (stochastic rounding); ``protocol_rng`` the aggregator's own randomness:
+    key pairs, masks, obfuscators, shares. It defaults to OS entropy (:class:`SecureRNG`), *never* to ``rng``:
+    a reproducible simulation seeds ``rng`` and the protocol stays unpredictable (the exact secure aggregators
+    return the same sum whatever their randomness, and masks derived from a seed the server knows would
+    protect nothing). Seed the protocol only in tests, with ``protocol_rng=SecureRNG.for_testing(...)``.
+    ``min_contributors`` becomes the round's :attr:`RoundSpec.min_contributors`: a round in which fewer
+    clients survive to the reveal aborts before anything is decoded.
     ``encoder`` replaces :func:`encode_weighted` (its output is checked: uint64 of length ``d + 1``).
 
     The round's :class:`RoundSpec` carries ``spec`` as its ``fixed_point`` when the updates are encoded here
@@ -85,11 +89,12 @@ def aggregate_updates(
             raise InvalidUpdateError(f"client {u.client_id} weight {u.weight} exceeds max_weight={spec.max_weight}")
     spec.check_capacity(len(updates))
     rng = rng if rng is not None else SecureRNG()
-    protocol_rng = protocol_rng if protocol_rng is not None else rng
+    protocol_rng = protocol_rng if protocol_rng is not None else SecureRNG()
     width = updates[0].vector.size + 1
     # the round carries the encoding when every input is known to obey it (Paillier sizes its slots from it,
     # MPC's norm check reads q and s from it); a custom encoder (e.g. noise added in the ring) may exceed it
-    round_spec = RoundSpec(round_id, tuple(ids), width, spec.ring_bits, fixed_point=spec if encoder is None else None)
+    round_spec = RoundSpec(round_id, tuple(ids), width, spec.ring_bits, fixed_point=spec if encoder is None else None,
+                           min_contributors=min_contributors)
 
     def encode(u: ClientUpdate) -> np.ndarray:
         quantise_rng = rng.spawn(f"quantise/{u.client_id}")

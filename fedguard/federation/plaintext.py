@@ -27,6 +27,7 @@ from fedguard.federation.protocol import (
     ServerSide,
     check_ring_vector,
     ring_input_schema,
+    too_few_contributors,
 )
 from fedguard.rng import SecureRNG
 from fedguard.wire import Message, MessageSchema
@@ -50,6 +51,9 @@ class _PlaintextServer(ServerSide):
         check_ring_vector(msg.arrays["x"], self.spec, f"input of client {msg.sender}")
 
     def _close(self, stage: str, replies: dict[int, Message]) -> AggregateResult:
+        abort = too_few_contributors(self.spec, len(replies), stage=stage)
+        if abort is not None:  # refuse to sum fewer inputs than the round allows
+            raise abort
         total = ring_sum([replies[c].arrays["x"] for c in sorted(replies)], self.spec.ring_bits)
         return self._result(total, set(replies))
 

@@ -206,6 +206,19 @@ class AggregateResult:
     dropped: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
 
+def too_few_contributors(spec: RoundSpec, count: int, who: str = "the server", *,
+                         stage: str | None = None) -> ProtocolAbort | None:
+    """The :class:`ProtocolAbort` to raise when ``count`` clients are too few to reveal a sum over
+    (``count < spec.min_contributors``), or ``None`` when the reveal may go on. Every aggregator checks
+    this *before* it decodes anything (unmask, decrypt, open); the message states both numbers."""
+    if count >= spec.min_contributors:
+        return None
+    return ProtocolAbort(
+        f"{who}: only {count} client(s) survive to the reveal of round {spec.round_id}; "
+        f"min_contributors={spec.min_contributors} are needed: aborted before anything was decoded",
+        round_id=spec.round_id, stage=stage)
+
+
 def ring_input_schema(kind: str, *, extra_meta: Mapping[str, type] | None = None) -> MessageSchema:
     """Schema of a message carrying one uint64 ring vector named ``x``."""
     return MessageSchema(kind=kind, meta=dict(extra_meta or {}), arrays={"x": ("<u8", 1)})
@@ -483,4 +496,5 @@ class Aggregator(ABC):
         (a client silent from stage ``i`` on is absent from every later set). Protocols with
         stage-specific requirements override this; the contract test relies on it."""
         t = self.threshold(spec.n_clients)
-        return all(len(alive) >= t for alive in alive_per_stage)
+        contributors = alive_per_stage[self.stages.index(self.input_stage)]
+        return len(contributors) >= spec.min_contributors and all(len(alive) >= t for alive in alive_per_stage)

@@ -11,6 +11,8 @@ What it proves, on the same quantised inputs (uniform ring vectors: the hardest 
 * the ring sum equals the plaintext reference **exactly**, with no dropouts and under random dropout
   patterns at every stage (hypothesis), over exactly the clients that completed the input stage;
 * a round in which too many clients drop raises :class:`ProtocolAbort`, and the server refuses to go on;
+* fewer survivors than ``RoundSpec.min_contributors`` abort when the input stage closes, before anything
+  is decoded, with a message stating both numbers;
 * a foreign-round, out-of-order, replayed, misattributed or corrupted message raises
   :class:`ProtocolViolation` / :class:`MessageError`, changes nothing, and the round still completes
   with the exact sum;
@@ -61,9 +63,31 @@ class AggregatorContract(ABC):
         """The aggregator under test, configured for ``n_clients`` participants."""
 
     # -- helpers -------------------------------------------------------------------------------------
-    def make_round(self, n_clients: int, round_id: int = 7) -> RoundSpec:
+    def make_round(self, n_clients: int, round_id: int = 7, *, min_contributors: int = 1) -> RoundSpec:
         return RoundSpec(round_id, tuple(range(10, 10 + n_clients)), self.vector_length, self.ring_bits,
-                         fixed_point=self.fixed_point)
+                         fixed_point=self.fixed_point, min_contributors=min_contributors)
+
+    def run_by_hand(self, server: ServerSide, clients: dict[int, ClientSide], drop_at: dict[int, str],
+                    closed: list[str]) -> AggregateResult:
+        """Run a round stage by hand, appending each stage to ``closed`` just before closing it (so after a
+        :class:`ProtocolAbort`, ``closed[-1]`` is the stage whose close refused to go on)."""
+        stages = list(server.stages)
+        outbox = server.open()
+        while True:
+            stage = server.stage
+            for cid in sorted(outbox):
+                if cid in drop_at and stages.index(drop_at[cid]) <= stages.index(stage):
+                    continue
+                try:
+                    reply = clients[cid].handle(outbox[cid])
+                except (ProtocolViolation, MessageError):
+                    continue
+                server.accept(cid, reply)
+            closed.append(stage)
+            step = server.close_stage()
+            if isinstance(step, AggregateResult):
+                return step
+            outbox = step
 
     def make_inputs(self, spec: RoundSpec, seed: int) -> dict[int, np.ndarray]:
         rng = SecureRNG.for_testing(f"contract-inputs/{seed}")
@@ -174,6 +198,38 @@ class AggregatorContract(ABC):
                 server.close_stage()
             checked += 1
         assert checked >= 1, "the protocol claims to survive every loss of n - t + 1 clients"
+
+    # -- min_contributors ------------------------------------------------------------------------------
+    def test_fewer_than_min_contributors_abort_before_anything_is_decoded(self) -> None:
+        """``RoundSpec.min_contributors``: with one of n clients silent from the input stage on and
+        ``min_contributors = n``, the round aborts when the input stage closes, before any stage that would
+        decode (unmask, decrypt, open) is reached; the message states both numbers. With
+        ``min_contributors = n - 1`` the same dropout still gives the exact sum (when the protocol's own
+        threshold allows it)."""
+        n = self.max_clients
+        agg = self.make_aggregator(n)
+        victim = self.make_round(n).participants[-1]
+        drop_at = {victim: agg.input_stage}
+        input_index = agg.stages.index(agg.input_stage)
+        alive = [set(self.make_round(n).participants) - ({victim} if i >= input_index else set())
+                 for i in range(len(agg.stages))]
+        strict = self.make_round(n, min_contributors=n)
+        assert not agg.survives(strict, alive)
+        server, clients = self.build(agg, strict, self.make_inputs(strict, 11))
+        closed: list[str] = []
+        with pytest.raises(ProtocolAbort) as info:
+            self.run_by_hand(server, clients, drop_at, closed)
+        assert closed[-1] == agg.input_stage, f"aborted only when closing {closed[-1]!r}"
+        text = str(info.value)
+        assert f"only {n - 1} client" in text and f"min_contributors={n}" in text, text
+        with pytest.raises(ProtocolAbort):  # and the server refuses to go on
+            server.close_stage()
+        loose = self.make_round(n, min_contributors=n - 1)
+        if agg.survives(loose, alive):
+            inputs = self.make_inputs(loose, 12)
+            server, clients = self.build(agg, loose, inputs)
+            result = self.run_by_hand(server, clients, drop_at, [])
+            self.assert_exact(result, loose, inputs, set(loose.participants) - {victim})
 
     # -- refused messages --------------------------------------------------------------------------------
     def _drive(self, n: int, attack_stage: int, attack: str) -> None:

@@ -99,6 +99,7 @@ from fedguard.federation.protocol import (
     ServerSide,
     check_ring_vector,
     ring_input_schema,
+    too_few_contributors,
 )
 from fedguard.rng import SecureRNG
 from fedguard.secagg.masking import shamir
@@ -338,6 +339,9 @@ class _MaskingServer(ServerSide):
 
     def _close_mask(self, replies: dict[int, Message]) -> Outbox:
         a2 = frozenset(replies)
+        abort = too_few_contributors(self.spec, len(a2), stage=MASK)
+        if abort is not None:  # refuse to ask for unmasking shares: nothing is unmasked
+            raise abort
         if not self.graph.is_connected(a2):
             raise self._abort(MASK, f"the {len(a2)} clients that sent masked inputs are not connected in the "
                                     f"communication graph: unmasking would reveal partial sums")
@@ -542,6 +546,9 @@ class _MaskingClient(ClientSide):
             raise self._violation(msg, f"I sent a masked input but am not listed among the survivors {survivors}")
         if len(alive) < t:
             raise self._violation(msg, f"only {len(alive)} survivors; t={t} are needed")
+        abort = too_few_contributors(self.spec, len(alive), f"client {me}", stage=UNMASK)
+        if abort is not None:  # an honest client never helps unmask a sum over too few inputs
+            raise self._violation(msg, str(abort))
         bogus = (alive & graph.neighbours(me)) - set(self._senders)
         if bogus:
             raise self._violation(msg, f"neighbours {sorted(bogus)} are listed as survivors but never sent me shares")
@@ -645,7 +652,7 @@ class MaskingAggregator(Aggregator):
             previous = previous & set(alive)
             sets.append(previous)
         a0, a1, a2, a3 = sets
-        if any(len(a) < t for a in sets):
+        if len(a2) < spec.min_contributors or any(len(a) < t for a in sets):
             return False
         if _short_of_holders(graph, a0, a0, t) or _short_of_holders(graph, a1, a1, t):
             return False

@@ -160,7 +160,8 @@ class _MpcServer(ServerSide):
             for c, m in replies.items()
         }
         job = AggregationJob(self.spec.round_id, self.spec.vector_length, self.spec.ring_bits, inputs,
-                             self._norm, min_contributors=self.threshold)
+                             self._norm,
+                             min_contributors=max(self.threshold, self.spec.min_contributors))
         out = self._parties.aggregate(job)
         self.excluded, self.invalid, self.party_seconds = out.excluded, out.invalid, dict(out.seconds)
         if out.excluded:

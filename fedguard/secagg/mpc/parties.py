@@ -108,7 +108,7 @@ class PartiesResult:
 
 def _too_few(job: AggregationJob, count: int) -> str:
     return (f"only {count} client(s) passed the parties' checks in round {job.round_id}; "
-            f"{job.min_contributors} are needed: aborted, nothing revealed")
+            f"min_contributors={job.min_contributors} are needed: aborted, nothing revealed")
 
 
 def _ring_mask(ring_bits: int) -> np.uint64:

@@ -197,11 +197,16 @@ class _Config:
     def threshold(self, n_clients: int) -> int:
         return min(self.min_clients, n_clients)
 
-    def too_few(self, contributors: tuple[int, ...], key_holder: int, n_clients: int) -> str | None:
+    def too_few(self, contributors: tuple[int, ...], key_holder: int, n_clients: int,
+                min_contributors: int = 1) -> str | None:
         """Why a sum over ``contributors`` must not be decrypted, or ``None`` if it may be (the threshold rule
-        of the module docstring: at least ``threshold`` contributors and two besides the key holder)."""
+        of the module docstring: at least ``threshold`` contributors and two besides the key holder; and at
+        least the round's ``RoundSpec.min_contributors``)."""
         threshold = self.threshold(n_clients)
         others = len(set(contributors) - {key_holder})
+        if len(contributors) < min_contributors:
+            return (f"only {len(contributors)} client(s) survive to the reveal; "
+                    f"min_contributors={min_contributors} are needed")
         if len(contributors) < threshold:
             return f"a sum over {len(contributors)} contributors is below the threshold {threshold}"
         if others < MIN_OTHER_CONTRIBUTORS:
@@ -325,7 +330,7 @@ class _PaillierServer(ServerSide):
                 )
             public, layout = self._round_key()
             summands = tuple(sorted(replies))
-            reason = self._cfg.too_few(summands, kh, self.spec.n_clients)
+            reason = self._cfg.too_few(summands, kh, self.spec.n_clients, self.spec.min_contributors)
             if reason is not None:  # refuse before anything is sent for decryption
                 raise ProtocolAbort(f"{reason}: round {self.spec.round_id} aborted, nothing decrypted",
                                     round_id=self.spec.round_id, stage=stage)
@@ -435,7 +440,7 @@ class _PaillierClient(ClientSide):
         layout = self._cfg.layout(self.spec, keypair.public.bits)
         layout.require_equal(msg.meta, who)
         contributors = _contributor_list(msg.meta["contributors"], self.spec, who)
-        reason = self._cfg.too_few(contributors, self.client_id, self.spec.n_clients)
+        reason = self._cfg.too_few(contributors, self.client_id, self.spec.n_clients, self.spec.min_contributors)
         if reason is not None:
             raise ProtocolAbort(f"{who}: {reason}; nothing decrypted", round_id=self.spec.round_id, stage=_DECRYPT)
         if len(contributors) > layout.max_clients:
@@ -535,7 +540,7 @@ class PaillierAggregator(Aggregator):
         key, inputs, decrypt = alive_per_stage
         kh, t = self.key_holder_for(spec), self.threshold(spec.n_clients)
         return (kh in key and kh in inputs and kh in decrypt and len(key) >= t and len(inputs) >= t
-                and self._cfg.too_few(tuple(sorted(inputs)), kh, spec.n_clients) is None)
+                and self._cfg.too_few(tuple(sorted(inputs)), kh, spec.n_clients, spec.min_contributors) is None)
 
     def check_round(self, spec: RoundSpec) -> None:
         """The client-count rules, the designated key holder and the slot packing of ``spec``'s round."""
