@@ -314,6 +314,39 @@ class WatermarkSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class OSTSection:
+    """The ``ost:`` section of ``trainer: ost`` (FedOST, FATE-LLM §3.1; Offsite-Tuning, arXiv 2302.04870):
+    the adapter is the first ``bottom`` and last ``top`` decoder blocks; the emulator keeps
+    ``M − round(drop·M)`` of the ``M`` middle blocks, evenly spaced; ``distill: true`` trains the kept middle
+    for one pass over at most ``distill_max_tokens`` tokens of ``public_corpus`` (``common-licenses`` or a
+    text file/directory) to the full middle's output by normalised MSE (fedguard_train/emulator.py)."""
+
+    bottom: int = 2
+    top: int = 2
+    drop: float = 0.5
+    distill: bool = False
+    public_corpus: str = "common-licenses"
+    distill_max_tokens: int = 20000
+    distill_seq_len: int = 128
+    distill_batch_size: int = 4
+    distill_lr: float = 1e-4
+
+    def __post_init__(self) -> None:
+        _problems_of(self, [
+            (self.bottom >= 0, f"bottom must be >= 0, got {self.bottom}"),
+            (self.top >= 0, f"top must be >= 0, got {self.top}"),
+            (self.bottom + self.top >= 1, "bottom + top must be >= 1 (the adapter needs a block)"),
+            (0 <= self.drop < 1, f"drop must be in [0, 1), got {self.drop}"),
+            (bool(self.public_corpus), "public_corpus must not be empty"),
+            (self.distill_seq_len >= 2, f"distill_seq_len must be >= 2, got {self.distill_seq_len}"),
+            (self.distill_max_tokens >= self.distill_seq_len,
+             f"distill_max_tokens must be >= distill_seq_len, got {self.distill_max_tokens}"),
+            (self.distill_batch_size >= 1, f"distill_batch_size must be >= 1, got {self.distill_batch_size}"),
+            (self.distill_lr > 0, f"distill_lr must be > 0, got {self.distill_lr}"),
+        ])
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """A whole run. ``trainer``: which of the paper's trainers (``homo``: FedHomoLLM; see
     ``fedguard_train.trainers``). ``mode``: ``federated``, or ``centralized`` (one party holds the union of
@@ -332,6 +365,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     watermark: WatermarkSection | None = None
     dp: DPSection | None = None
+    ost: OSTSection | None = None  # trainer 'ost' only (None: the defaults)
 
     def __post_init__(self) -> None:
         from fedguard_train.trainers import trainer_names
@@ -347,6 +381,8 @@ class TrainConfig:
         if self.dp is not None:
             problems += self.dp.problems_with(n_clients=fed.clients, aggregator=fed.aggregator,
                                               aggregator_options=fed.aggregator_options)
+        if self.ost is not None and self.trainer != "ost":
+            problems.append(f"the ost: section applies to trainer 'ost' only, got trainer {self.trainer!r}")
         if self.watermark is not None and self.training.nproc_per_node > 1:
             problems.append("watermark needs in-process clients (training.nproc_per_node = 1)")
         if problems:

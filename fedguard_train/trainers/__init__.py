@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 # name -> "module:Class"
 _TRAINERS: dict[str, str] = {
     "homo": "fedguard_train.trainers.homo:FedHomoLLM",
+    "ost": "fedguard_train.trainers.ost:FedOST",
 }
 
 
