@@ -16,7 +16,12 @@ Layout of one message (all integers little-endian)::
 little-endian numeric types (never ``object``). :func:`decode` checks the magic, version, flags, lengths,
 digest, JSON, dtypes, shapes and (optionally) a :class:`MessageSchema`, and raises :class:`MessageError`
 for anything wrong: a truncated, oversized, wrong-version, wrong-dtype or bit-flipped payload never
-escapes as another exception. The digest is an integrity check against corruption, not authentication:
+escapes as another exception. Every header field is bounded before it is used (the same bounds apply when
+encoding, so nothing encodable is refused): ids in the int64 range, meta integers within
+:data:`MAX_META_INT` and nesting within 8 levels, names within :data:`MAX_NAME_CHARS` characters, at most
+:data:`MAX_ARRAYS` arrays of at most :data:`MAX_NDIM` dimensions and :data:`MAX_ELEMENTS` elements (a zero
+dimension counted as 1); the header itself is at most :data:`MAX_HEADER_BYTES`. ``tests/test_wire_fuzz.py``
+sends 100,000 random, mutated and structure-aware payloads through :func:`decode` on every test run. The digest is an integrity check against corruption, not authentication:
 protocols that need authenticity (secure aggregation's client-to-client shares) encrypt with AEAD on top.
 
 >>> msg = Message(kind="demo", round=3, stage="input", sender=1, recipient=SERVER,
@@ -55,6 +60,20 @@ _DIGEST_BYTES: Final[int] = 16
 MAX_HEADER_BYTES: Final[int] = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES: Final[int] = 1 << 32
 _MAX_META_DEPTH: Final[int] = 8
+MAX_ID: Final[int] = 2**63 - 1
+"""Bound on ``|round|``, ``|sender|`` and ``|recipient|`` (int64)."""
+MAX_META_INT: Final[int] = 2**8192
+"""Bound on ``|v|`` for every integer in ``meta``: room for Paillier slot bounds of any supported key size
+(a few hundred bits), well below Python's 4,300-digit parsing limit, so a huge integer is refused here."""
+MAX_NAME_CHARS: Final[int] = 256
+"""Longest ``kind``, ``stage`` or array name."""
+MAX_ARRAYS: Final[int] = 256
+"""Most arrays in one message."""
+MAX_NDIM: Final[int] = 16
+"""Most dimensions of one array."""
+MAX_ELEMENTS: Final[int] = 2**40
+"""Bound on the product of an array's dimensions, counting a zero dimension as 1 (so that a shape such as
+``(0, 10**30)`` is refused before numpy sees it)."""
 
 ALLOWED_DTYPES: Final[frozenset[str]] = frozenset(
     {"|u1", "|i1", "<u2", "<i2", "<u4", "<i4", "<u8", "<i8", "<f2", "<f4", "<f8", "|b1"}
@@ -73,6 +92,8 @@ def _check_meta(value: JSONValue, path: str, depth: int = 0) -> None:
     if value is None or isinstance(value, (bool, str)):
         return
     if isinstance(value, int):
+        if not -MAX_META_INT <= value <= MAX_META_INT:
+            raise MessageError(f"meta integer {path} is outside [-2^8192, 2^8192] ({value.bit_length()} bits)")
         return
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -89,6 +110,35 @@ def _check_meta(value: JSONValue, path: str, depth: int = 0) -> None:
             _check_meta(v, f"{path}.{k}", depth + 1)
         return
     raise MessageError(f"meta value {path} has unsupported type {type(value).__name__}")
+
+
+def _check_routing(kind: object, stage: object, ids: Mapping[str, object]) -> None:
+    """The bounds every header's routing fields obey, on encoding and on decoding alike."""
+    for fname, text in (("kind", kind), ("stage", stage)):
+        if not isinstance(text, str):
+            raise MessageError(f"header {fname} must be a string, got {type(text).__name__}")
+        if len(text) > MAX_NAME_CHARS:
+            raise MessageError(f"header {fname} is {len(text)} characters, the limit is {MAX_NAME_CHARS}")
+    for fname, value in ids.items():
+        if not is_int(value):
+            raise MessageError(f"header {fname} must be an int, got {type(value).__name__}")
+        if not -MAX_ID <= int(value) <= MAX_ID:  # type: ignore[call-overload]
+            raise MessageError(f"header {fname} is outside the int64 range")
+
+
+def _check_shape(name: str, shape: object) -> list[int]:
+    """A shape as a list of ints, or :class:`MessageError`: at most :data:`MAX_NDIM` dims, each >= 0, and
+    at most :data:`MAX_ELEMENTS` elements even when a dimension is 0."""
+    if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
+        raise MessageError(f"array {name!r} has an invalid shape (a list of ints >= 0 is needed)")
+    if len(shape) > MAX_NDIM:
+        raise MessageError(f"array {name!r} has {len(shape)} dimensions, the limit is {MAX_NDIM}")
+    bound = 1
+    for d in shape:
+        bound *= max(int(d), 1)
+        if bound > MAX_ELEMENTS:
+            raise MessageError(f"array {name!r} declares more than {MAX_ELEMENTS} elements")
+    return [int(d) for d in shape]
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,9 +188,14 @@ def _header(msg: Message, *, materialize: bool = True) -> tuple[bytes, list[np.n
         problem = int_problem(fname, getattr(msg, fname))
         if problem:
             raise MessageError(problem)
+    _check_routing(msg.kind, msg.stage, {f: getattr(msg, f) for f in ("round", "sender", "recipient")})
     _check_meta(dict(msg.meta), "meta")
+    if len(msg.arrays) > MAX_ARRAYS:
+        raise MessageError(f"a message carries at most {MAX_ARRAYS} arrays, got {len(msg.arrays)}")
     specs, arrays, payload = [], [], 0
     for name, arr in msg.arrays.items():
+        if not isinstance(name, str) or len(name) > MAX_NAME_CHARS:
+            raise MessageError(f"array names must be strings of at most {MAX_NAME_CHARS} characters")
         dtype = getattr(arr, "dtype", None)
         if dtype is None:
             arr = np.asarray(arr)
@@ -148,7 +203,7 @@ def _header(msg: Message, *, materialize: bool = True) -> tuple[bytes, list[np.n
         dt = _canonical_dtype(dtype)
         if dt not in ALLOWED_DTYPES:
             raise MessageError(f"array {name!r} has dtype {dtype}, allowed: {sorted(ALLOWED_DTYPES)}")
-        shape = [int(d) for d in np.shape(arr)]
+        shape = _check_shape(name, [int(d) for d in np.shape(arr)])
         specs.append([str(name), dt, shape])
         payload += math.prod(shape) * np.dtype(dt).itemsize
         if materialize:
@@ -256,9 +311,16 @@ def decode(
         header = json.loads(
             data[_PREFIX.size : _PREFIX.size + header_len].decode("utf-8"), parse_constant=_reject_constant
         )
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise MessageError(f"header is not valid UTF-8 JSON: {err}") from err
-    msg = _from_header(header, data, _PREFIX.size + header_len, payload_len)
+    except (ValueError, RecursionError) as err:  # bad UTF-8/JSON, or an integer beyond Python's digit limit
+        raise MessageError(f"header is not valid UTF-8 JSON: {str(err)[:200]}") from err
+    try:
+        msg = _from_header(header, data, _PREFIX.size + header_len, payload_len)
+    except MessageError:
+        raise
+    except (ValueError, TypeError, OverflowError, MemoryError, RecursionError) as err:
+        # unreachable by design (every field is bounded above); kept so that decode never lets another
+        # exception type escape, whatever a future header field allows
+        raise MessageError(f"header refused: {type(err).__name__}: {str(err)[:200]}") from err
     if schema is not None:
         schema.validate(msg)
     return msg
@@ -269,26 +331,23 @@ def _from_header(header: Any, data: bytes, start: int, payload_len: int) -> Mess
         "kind", "round", "stage", "sender", "recipient", "meta", "arrays"
     }:
         raise MessageError("header must be an object with exactly kind, round, stage, sender, recipient, meta, arrays")
-    for key in ("round", "sender", "recipient"):
-        problem = int_problem(f"header {key}", header[key])
-        if problem:
-            raise MessageError(problem)
-    for key in ("kind", "stage"):
-        if not isinstance(header[key], str):
-            raise MessageError(f"header {key} must be a string, got {header[key]!r}")
+    _check_routing(header["kind"], header["stage"], {k: header[k] for k in ("round", "sender", "recipient")})
     if not isinstance(header["meta"], dict) or not isinstance(header["arrays"], list):
         raise MessageError("header meta must be an object and arrays a list")
     _check_meta(header["meta"], "meta")
+    if len(header["arrays"]) > MAX_ARRAYS:
+        raise MessageError(f"a message carries at most {MAX_ARRAYS} arrays, got {len(header['arrays'])}")
     arrays: dict[str, np.ndarray] = {}
     offset = start
     for spec in header["arrays"]:
         if not (isinstance(spec, list) and len(spec) == 3 and isinstance(spec[0], str) and isinstance(spec[1], str)):
-            raise MessageError(f"array spec must be [name, dtype, shape], got {spec!r}")
-        name, dt, shape = spec
+            raise MessageError("array spec must be [name, dtype, shape]")
+        name, dt, raw_shape = spec
+        if len(name) > MAX_NAME_CHARS:
+            raise MessageError(f"array names must be at most {MAX_NAME_CHARS} characters, got {len(name)}")
         if dt not in ALLOWED_DTYPES:
-            raise MessageError(f"array {name!r} has dtype {dt!r}, allowed: {sorted(ALLOWED_DTYPES)}")
-        if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
-            raise MessageError(f"array {name!r} has an invalid shape {shape!r}")
+            raise MessageError(f"array {name!r} has dtype {dt[:32]!r}, allowed: {sorted(ALLOWED_DTYPES)}")
+        shape = _check_shape(name, raw_shape)
         if name in arrays:
             raise MessageError(f"array {name!r} appears twice")
         dtype = np.dtype(dt)

@@ -16,7 +16,7 @@ import numpy as np
 
 from fedguard.checks import int_problem
 from fedguard.encoding import ring_sum
-from fedguard.errors import ConfigError, InvalidUpdateError
+from fedguard.errors import ConfigError, InvalidUpdateError, MessageError
 from fedguard.federation.protocol import (
     AggregateResult,
     Aggregator,
@@ -67,6 +67,9 @@ class _PlaintextClient(ClientSide):
 
     def _respond(self, stage: str, msg: Message) -> bytes:
         _REQUEST.validate(msg)
+        mine = {"vector_length": self.spec.vector_length, "ring_bits": self.spec.ring_bits}
+        if dict(msg.meta) != mine:
+            raise MessageError(f"client {self.client_id} expects a request for {mine}, got {dict(msg.meta)}")
         return self._reply(kind=_REPLY.kind, arrays={"x": self._x})
 
 

@@ -9,11 +9,14 @@ A reply the server refuses (:class:`~fedguard.errors.ProtocolViolation` or
 :class:`~fedguard.errors.MessageError`) is recorded in :attr:`RoundOutcome.rejected`, and its sender
 counts as dropped for that stage; the round goes on with everybody else. Likewise a client that refuses
 the server's message (e.g. a malformed or foreign-round message) stays silent, and the refusal is
-recorded the same way: one party's error never ends the round for the others.
+recorded the same way: one party's error never ends the round for the others. Every such refusal is
+logged (logger ``fedguard.federation.transport``, level WARNING) naming the client, the stage and the
+reason: ``client 12 dropped at stage 'mask': its reply was refused: ...``.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -22,6 +25,8 @@ from typing import Literal
 
 from fedguard.errors import ConfigError, MessageError, ProtocolViolation
 from fedguard.federation.protocol import AggregateResult, ClientSide, ServerSide
+
+_LOG = logging.getLogger(__name__)
 
 Direction = Literal["up", "down"]
 Tamper = Callable[[str, int, bytes], bytes]
@@ -121,6 +126,7 @@ class InProcessTransport:
                     reply = clients[cid].handle(payload)
                 except (ProtocolViolation, MessageError) as err:
                     rejected.append((cid, stage, err))
+                    _LOG.warning("client %d dropped at stage %r: it refused the server's message: %s", cid, stage, err)
                     continue
                 if tamper is not None:
                     reply = tamper(stage, cid, reply)
@@ -129,6 +135,7 @@ class InProcessTransport:
                     server.accept(cid, reply)
                 except (ProtocolViolation, MessageError) as err:
                     rejected.append((cid, stage, err))
+                    _LOG.warning("client %d dropped at stage %r: its reply was refused: %s", cid, stage, err)
             step = server.close_stage()
             if isinstance(step, AggregateResult):
                 return RoundOutcome(step, traffic, tuple(rejected), time.perf_counter() - start)
