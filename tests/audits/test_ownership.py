@@ -180,3 +180,36 @@ def test_markdown_states_the_decision_rule(workspace) -> None:
     report = audit_ownership(workspace["final"], [workspace["keys"] / "alice.key"], base=workspace["root"] / "start")
     md = render_markdown(report)
     assert "P[X >= matched]" in md and "Significance: 1e-06" in md
+
+
+def test_audit_reports_whether_a_commitment_predates_the_model(workspace, tmp_path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from fedguard.watermark.commitment import commit, make_commitment, save_commitment
+
+    keys, base = workspace["keys"], workspace["root"] / "start"
+    alice = load_key(keys / "alice.key")
+    early = save_commitment(make_commitment(alice, now=datetime.now(UTC) - timedelta(days=1)), tmp_path / "early.json")
+    late = save_commitment(make_commitment(alice, now=datetime.now(UTC) + timedelta(days=1)), tmp_path / "late.json")
+    statuses = {}
+    for name, files in (("early", [early]), ("late", [late]), ("none", [])):
+        report = audit_ownership(workspace["final"], [keys / "alice.key"], base=base, commitment_files=files,
+                                 require_commitment=True)
+        (claim,) = report.claimants
+        statuses[name] = (claim.commitment, claim.claimed)
+    assert statuses == {"early": ("predates-model", True), "late": ("after-model", False),
+                        "none": ("none", False)}
+    # a commitment recorded in the model's own run state (the trainer's checkpoint state.json) counts
+    run_copy = tmp_path / "ckpt"
+    run_copy.mkdir()
+    for f in workspace["final"].iterdir():
+        (run_copy / f.name).write_bytes(f.read_bytes())
+    (run_copy / "state.json").write_text(json.dumps({"round": 3, "hooks": {"watermark": {
+        "key_commitments": [commit(alice)]}}}))
+    report = audit_ownership(run_copy, [keys / "alice.key"], base=base, require_commitment=True)
+    assert report.claimants[0].commitment == "recorded-in-run" and report.claimants[0].claimed
+    # a commitment is never replaced
+    from fedguard.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="never replaced"):
+        save_commitment(make_commitment(alice), early)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -33,6 +34,14 @@ def test_each_clients_watermark_is_embedded_through_federated_rounds(tmp_path: P
     key = Path(config.run_dir) / "keys" / "client-0.key"
     assert oct(os.stat(key).st_mode & 0o777) == "0o600"
     assert not list((Path(config.run_dir) / "checkpoints").rglob("*.key"))  # keys never inside a checkpoint
+    # the round-0 commitments travel in every checkpoint's state (public hashes, not the keys)
+    from fedguard.watermark import load_key
+    from fedguard.watermark.commitment import commit
+
+    states = sorted((Path(config.run_dir) / "checkpoints").rglob("state.json"))
+    assert states
+    recorded = json.loads(states[-1].read_text())["hooks"]["watermark"]["key_commitments"]
+    assert recorded == [commit(load_key(Path(config.run_dir) / "keys" / f"client-{c}.key")) for c in range(2)]
 
 
 def test_watermark_section_errors_are_typed(tmp_path: Path, task: Path) -> None:
