@@ -535,9 +535,14 @@ class _MaskingClient(ClientSide):
 
     def _unmask(self, msg: Message) -> bytes:
         _UNMASK_REQ.validate(msg)
+        alive = self._check_survivors(msg, _ids(msg.arrays["survivors"]))
+        return self._reveal(alive)
+
+    def _check_survivors(self, msg: Message, survivors: list[int]) -> set[int]:
+        """The announced survivor set ``A2``, checked against everything this client knows (refusing with
+        :class:`ProtocolViolation` a set that would let the server unmask a partial sum)."""
         graph = self._state(msg).graph
         me, t = self.client_id, self.params.threshold
-        survivors = _ids(msg.arrays["survivors"])
         _check_increasing(survivors, "survivors")
         alive = set(survivors)
         if not alive <= set(self.spec.participants):
@@ -555,6 +560,10 @@ class _MaskingClient(ClientSide):
         if not graph.is_connected(alive):
             raise self._violation(msg, "the survivors are not connected in the communication graph: revealing "
                                        "self-mask shares would expose partial sums")
+        return alive
+
+    def _reveal(self, alive: set[int]) -> bytes:
+        """For each owner whose shares I hold: the share of ``b`` if it survived, else of ``s`` (never both)."""
         owners = sorted(self._held)
         b_owners = [o for o in owners if o in alive]
         s_owners = [o for o in owners if o not in alive]  # never both shares for one owner
