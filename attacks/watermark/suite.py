@@ -35,6 +35,8 @@ class SuiteConfig:
                                       "lora-svd")
     finetune_steps: tuple[int, ...] = (0, 50, 200, 1000)
     lr: float = 5e-3
+    finetune_params: tuple[str, ...] = ("released", "new-lora", "all")
+    """``all`` runs at lr/10 (a full fine-tune at the adapter's lr diverges from the task)."""
     overwrite_keys: tuple[int, ...] = (1, 2, 4)
     overwrite_steps: int = 200
     seed_tries: int = 200
@@ -42,7 +44,8 @@ class SuiteConfig:
 
 SUITES: dict[str, SuiteConfig] = {
     "default": SuiteConfig(),
-    "quick": SuiteConfig(prune=(0.5,), quantise=("int4",), finetune_steps=(0, 20), overwrite_keys=(1,),
+    "quick": SuiteConfig(prune=(0.5,), quantise=("int4",), finetune_steps=(0, 20), finetune_params=("released",),
+                         overwrite_keys=(1,),
                          overwrite_steps=20, seed_tries=10),
 }
 
@@ -117,7 +120,13 @@ def run_suite(model: torch.nn.Module, keys: Sequence[SignKey], data: torch.Tenso
             raise ConfigError(f"unknown re-parametrisation {name!r}; known: {sorted(_REPARAM) + ['lora-svd']}")
         on_copy("re-parametrise", 1.0, name, partial(_call_with, _REPARAM[name], gen))
     if config.finetune_steps:
-        report.results += finetune(copy.deepcopy(model), keys, data, steps=config.finetune_steps, lr=config.lr)
+        for params in config.finetune_params:
+            if params not in ("released", "new-lora", "all"):
+                raise ConfigError(f"unknown fine-tuning parameters {params!r}; known: released, new-lora, all")
+            lr = config.lr / 10 if params == "all" else config.lr
+            victim = copy.deepcopy(model) if params != "all" else transforms.merged(copy.deepcopy(model))
+            report.results += finetune(victim, keys, data, steps=config.finetune_steps, lr=lr,
+                                       params=params)  # type: ignore[arg-type]
     if config.overwrite_keys:
         report.results += overwrite(model, keys, data, attacker_keys=config.overwrite_keys,
                                     steps=config.overwrite_steps, lr=config.lr, rng=rng.spawn("overwrite"))

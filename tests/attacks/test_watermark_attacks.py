@@ -153,3 +153,10 @@ def test_quick_suite_and_cli_write_json_markdown_and_png(trained: dict, tmp_path
     assert doc["baseline"]["claims"] == 2 and doc["results"] and len(doc["ambiguity"]) == 2
     assert "| re-parametrise |" in (tmp_path / "out" / "watermark_attacks.md").read_text()
     assert (tmp_path / "out" / "watermark_attacks.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_finetuning_a_fresh_lora_on_the_merged_model_leaves_the_original_untouched(trained: dict) -> None:
+    before = [p.detach().clone() for p in trained["model"].parameters()]
+    results = finetune(trained["model"], trained["keys"], trained["data"], steps=[0, 10], params="new-lora")
+    assert results[0].verdict and results[1].label == "10 steps" and "new-lora" in results[1].attack
+    assert all(torch.equal(a, b) for a, b in zip(before, trained["model"].parameters(), strict=True))
