@@ -7,7 +7,16 @@ matched bits, bit error rate, the exact binomial p-value and the verdict at the 
 at most the significance *per key*; the report also states the Bonferroni-adjusted level for the number
 of keys audited together.
 
-Output: ``ownership.json``, ``ownership.md`` and ``ownership_agreement.png`` (bit agreement per target
+Claims are made unforgeable (issue 14): every sign key's offsets and scales are recomputed on the base
+model (``--base``, or a peft adapter's own base; an adapter that names none is refused) and a key that
+states others — or whose calibration cannot be recomputed — is refused whatever its bits say
+(:mod:`fedguard.watermark.calibration`); each claimant's key is matched against the commitments given
+(``--commitment``) and those recorded in the model's run state, and ``--require-commitment`` voids a claim
+without one that predates the model (:mod:`fedguard.watermark.commitment`). Claimants sharing an owner
+label are shown with their file name and key id.
+
+Output (``--json``: the JSON on stdout and no files): ``ownership.json``, ``ownership.md`` and
+``ownership_agreement.png`` (bit agreement per target
 block, one bar per claimant, the 50% chance line marked).
 """
 
