@@ -5,10 +5,13 @@ can later prove ownership of the federated model from the model and its key alon
 
 * :mod:`~fedguard.watermark.keys` — keys from a 256-bit seed, key files (0600, versioned, checksummed);
 * :mod:`~fedguard.watermark.sign` — the feature-based sign watermark (regulariser + extraction);
-* :mod:`~fedguard.watermark.invariant` — extraction that survives function-preserving re-parametrisation;
+* :mod:`~fedguard.watermark.invariant` — extraction that survives function-preserving re-parametrisation
+  (``invariant``: norm folding; ``gram``: also output-side permutations and rotations);
 * :mod:`~fedguard.watermark.backdoor` — the trigger-set watermark, verified black-box by generation;
 * :mod:`~fedguard.watermark.capacity` — FedIPR's bound for K clients;
-* :mod:`~fedguard.watermark.verify` — :class:`Detection` and the exact binomial test.
+* :mod:`~fedguard.watermark.verify` — :class:`Detection` and the exact binomial test;
+* :mod:`~fedguard.watermark.calibration` — the audit recomputes a key's offsets from the base model;
+* :mod:`~fedguard.watermark.commitment` — public key commitments made at round 0.
 
 Two lines in a torch loop::
 
