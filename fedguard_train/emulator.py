@@ -151,7 +151,7 @@ def plan_blocks(n_layers: int, bottom: int, top: int, drop: float) -> tuple[int,
     if problems:
         raise ConfigError.collect(problems)
     middle = list(range(bottom, n_layers - top))
-    keep = max(1, len(middle) - int(round(drop * len(middle))))
+    keep = max(1, len(middle) - int(np.floor(drop * len(middle) + 0.5)))  # half rounds up
     positions = np.unique(np.linspace(0, len(middle) - 1, keep).round().astype(int)) if keep > 1 else [len(middle) // 2]
     return tuple(range(bottom)) + tuple(middle[int(p)] for p in positions) + tuple(range(n_layers - top, n_layers))
 
