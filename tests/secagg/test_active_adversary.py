@@ -19,8 +19,8 @@ from fedguard.federation.protocol import AggregateResult, Aggregator, ClientSide
 from fedguard.federation.transport import InProcessTransport
 from fedguard.identity import Identity, Roster
 from fedguard.rng import SecureRNG
-from fedguard.secagg.masking import MaskingAggregator
-from fedguard.secagg.masking.aggregator import _MaskingServer
+from fedguard.secagg.masking import MaskingAggregator, ShareCommitmentError, shamir
+from fedguard.secagg.masking.aggregator import BAD_SHARE, _MaskingServer
 from fedguard.secagg.masking.signed import CONSISTENCY, SignedMaskingAggregator, survivors_body
 from fedguard.testing.aggregator_contract import AggregatorContract
 
@@ -244,3 +244,51 @@ def test_identity_file_is_0600_never_overwritten_and_roster_fingerprints_checked
     other = Identity.generate(3).public_key.hex()
     with pytest.raises(ConfigError, match="fingerprint"):
         Roster.from_json(text.replace(ident.public_key.hex(), other))
+
+
+# -- malicious clients: bad shares ---------------------------------------------------------------------
+def _bad_share_tamper(liars: set[int]) -> object:
+    def tamper(stage: str, cid: int, reply: bytes) -> bytes:
+        if stage != "unmask" or cid not in liars:
+            return reply
+        arrays = wire.decode(reply).arrays
+        shares = np.array(arrays["b_shares"])
+        for row in range(shares.shape[0]):  # lie about every self-mask seed it holds
+            value = shamir.decode_value(shares[row].tobytes())
+            shares[row] = np.frombuffer(shamir.encode_value((value + 12345) % shamir.PRIME), dtype=np.uint8)
+        return _rewrite(reply, b_shares=shares)
+    return tamper
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_one_bad_share_is_corrected_and_its_holder_named(signed: bool) -> None:
+    """n = 6, t = 4: six shares of each secret correct one bad one (Berlekamp–Welch); the round is exact."""
+    agg = _signed() if signed else MaskingAggregator()
+    spec, server, clients, xs = _setup(agg)
+    out = InProcessTransport().run(server, clients, tamper=_bad_share_tamper({12}))  # type: ignore[arg-type]
+    np.testing.assert_array_equal(out.result.ring_sum, ring_sum(list(xs.values()), 64))
+    assert out.result.dropped[BAD_SHARE] == (12,)
+    assert sorted(server.bad_shares[12]) == list(spec.participants)  # type: ignore[attr-defined]
+
+
+def test_two_bad_shares_among_six_are_detected_and_abort() -> None:
+    """Beyond ``e`` bad shares, decoding either fails or lands on another codeword (here: both liars add the
+    same offset, which a cubic through the other points can absorb); the commitment check catches both."""
+    spec, server, clients, _ = _setup(MaskingAggregator())
+    with pytest.raises(ShareCommitmentError, match="cannot be corrected|does not match its commitment"):
+        InProcessTransport().run(server, clients, tamper=_bad_share_tamper({11, 12}))  # type: ignore[arg-type]
+
+
+def test_robust_reconstruct_corrects_up_to_half_the_redundancy() -> None:
+    rng = SecureRNG.for_testing("rs")
+    for t, m in ((2, 4), (3, 7), (5, 11)):
+        secret = rng.randbelow(shamir.PRIME)
+        shares = shamir.split(secret, t, list(range(1, m + 1)), rng=rng)
+        e = (m - t) // 2
+        bad = list(range(0, 2 * e, 2))[:e]
+        corrupted = [shamir.Share(s.x, (s.y + 1) % shamir.PRIME) if i in bad else s for i, s in enumerate(shares)]
+        value, found = shamir.robust_reconstruct(corrupted, t)
+        assert value == secret and found == tuple(shares[i].x for i in bad)
+        too_many = [shamir.Share(s.x, (s.y + 1) % shamir.PRIME) if i <= e else s for i, s in enumerate(shares)]
+        with pytest.raises(shamir.InconsistentSharesError):
+            shamir.robust_reconstruct(too_many, t)

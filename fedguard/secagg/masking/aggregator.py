@@ -127,6 +127,8 @@ from fedguard.wire import Message, MessageSchema
 
 ADVERTISE, SHARE, MASK, UNMASK = "advertise", "share", "mask", "unmask"
 STAGES: tuple[str, ...] = (ADVERTISE, SHARE, MASK, UNMASK)
+BAD_SHARE = "bad-share"
+"""Key of ``AggregateResult.dropped`` naming the holders whose revealed shares were corrected."""
 
 _S = shamir.SHARE_BYTES
 _PLAINTEXT_BYTES = 2 * _S  # share of b_u ‖ share of s_u
@@ -236,6 +238,8 @@ class _MaskingServer(ServerSide):
         self._a2: frozenset[int] = frozenset()
         self._forwarded: dict[int, tuple[int, ...]] = {}  # holder -> owners whose shares it received
         self._masked_sum: np.ndarray | None = None
+        self.bad_shares: dict[int, list[int]] = {}
+        """Holders whose revealed share was wrong (and corrected), with the owners they lied about."""
 
     def _abort(self, stage: str, message: str) -> ProtocolAbort:
         return ProtocolAbort(f"round {self.spec.round_id} aborted in stage {stage!r}: {message}",
@@ -403,12 +407,20 @@ class _MaskingServer(ServerSide):
         return self._result(total, set(self._a2))
 
     def _reconstruct(self, shares: list[shamir.Share], owner: int, what: str) -> bytes:
-        chosen = sorted(shares, key=lambda s: s.x)[: self.threshold]
+        """The secret from *every* revealed share: all are checked against one polynomial and, when some
+        are not, up to ``⌊(m - t)/2⌋`` bad ones are corrected (Reed–Solomon / Berlekamp–Welch) and their
+        holders recorded in :attr:`bad_shares` (and in the result's ``dropped["bad-share"]``)."""
+        chosen = sorted(shares, key=lambda s: s.x)
         try:
-            return shamir.reconstruct_bytes(chosen, self.threshold)
+            secret, bad = shamir.robust_reconstruct_bytes(chosen, self.threshold)
         except (shamir.InconsistentSharesError, MessageError) as err:
             raise ShareCommitmentError(f"the {what} of client {owner} cannot be reconstructed: {err}",
                                        round_id=self.spec.round_id, stage=UNMASK) from err
+        for x in bad:
+            self.bad_shares.setdefault(x - 1, []).append(owner)
+        if bad:
+            self._dropped[BAD_SHARE] = tuple(sorted(self.bad_shares))
+        return secret
 
 
 @dataclass(frozen=True, slots=True)

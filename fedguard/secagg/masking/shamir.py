@@ -155,6 +155,87 @@ def reconstruct(shares: Sequence[Share], threshold: int, *, prime: int = PRIME) 
     return interpolate_at(base, 0, prime)
 
 
+def _solve_mod(rows: list[list[int]], rhs: list[int], n_vars: int, prime: int) -> list[int] | None:
+    """One solution of ``rows · v = rhs`` over GF(p) (free variables set to 0), or ``None`` if none exists."""
+    m = [row[:] + [b] for row, b in zip(rows, rhs, strict=True)]
+    pivots: list[int] = []
+    r = 0
+    for c in range(n_vars):
+        pivot = next((i for i in range(r, len(m)) if m[i][c] % prime), None)
+        if pivot is None:
+            continue
+        m[r], m[pivot] = m[pivot], m[r]
+        inv = pow(m[r][c], -1, prime)
+        m[r] = [v * inv % prime for v in m[r]]
+        for i in range(len(m)):
+            if i != r and m[i][c]:
+                f = m[i][c]
+                m[i] = [(a - f * b) % prime for a, b in zip(m[i], m[r], strict=True)]
+        pivots.append(c)
+        r += 1
+    if any(row[-1] % prime for row in m[r:]):
+        return None
+    out = [0] * n_vars
+    for i, c in enumerate(pivots):
+        out[c] = m[i][-1]
+    return out
+
+
+def _poly_divmod(num: list[int], den: list[int], prime: int) -> tuple[list[int], list[int]]:
+    """``num = q·den + r`` over GF(p); coefficient lists, constant term first; ``den`` monic-able."""
+    num = num[:]
+    while len(den) > 1 and den[-1] % prime == 0:
+        den = den[:-1]
+    inv = pow(den[-1], -1, prime)
+    q = [0] * max(len(num) - len(den) + 1, 1)
+    for i in range(len(num) - len(den), -1, -1):
+        coef = num[i + len(den) - 1] * inv % prime
+        q[i] = coef
+        for j, d in enumerate(den):
+            num[i + j] = (num[i + j] - coef * d) % prime
+    return q, num[: len(den) - 1]
+
+
+def robust_reconstruct(shares: Sequence[Share], threshold: int, *, prime: int = PRIME) -> tuple[int, tuple[int, ...]]:
+    """The secret ``f(0)`` and the points of the bad shares, correcting up to ``e = ⌊(m - t)/2⌋`` bad
+    shares among ``m``: Reed–Solomon decoding by Berlekamp–Welch.
+
+    Shamir shares of a degree ``< t`` polynomial are a Reed–Solomon codeword. Berlekamp–Welch finds a monic
+    error locator ``E`` of degree ``e`` and ``Q`` of degree ``< t + e`` with ``Q(x_i) = y_i·E(x_i)`` for every
+    share (a linear system over GF(p)); when at most ``e`` shares are wrong, ``f = Q / E`` exactly and the
+    bad shares are those with ``f(x_i) ≠ y_i``. The fast path (every share consistent) costs one
+    interpolation check per extra share, as :func:`reconstruct`.
+
+    Raises :class:`InconsistentSharesError` when the errors exceed what ``m`` shares can correct (they are
+    then detected, not corrected), and :class:`ConfigError` for fewer than ``t`` shares.
+    """
+    try:
+        return reconstruct(shares, threshold, prime=prime), ()
+    except InconsistentSharesError:
+        pass
+    m, t = len(shares), threshold
+    e = (m - t) // 2
+    if e < 1:
+        raise InconsistentSharesError(
+            f"{m} shares with threshold {t} are inconsistent and too few to correct any (t + 2 are needed "
+            "to correct one bad share)")
+    rows, rhs = [], []
+    for s in shares:
+        powers = [pow(s.x, j, prime) for j in range(t + e + 1)]
+        rows.append(powers[: t + e] + [(-s.y * powers[j]) % prime for j in range(e)])
+        rhs.append(s.y * powers[e] % prime)
+    sol = _solve_mod(rows, rhs, t + 2 * e, prime)
+    if sol is not None:
+        q_poly, e_poly = sol[: t + e], sol[t + e:] + [1]
+        f, rem = _poly_divmod(q_poly, e_poly, prime)
+        if not any(rem) and len([c for c in f[t:] if c]) == 0:
+            bad = tuple(s.x for s in shares if evaluate_polynomial(f[:t], s.x, prime) != s.y)
+            if len(bad) <= e:
+                return f[0] % prime, bad
+    raise InconsistentSharesError(
+        f"more than {e} of the {m} shares at x={[s.x for s in shares]} are bad: detected, cannot be corrected")
+
+
 # -- byte encodings ----------------------------------------------------------------------------------
 def encode_value(y: int, prime: int = PRIME) -> bytes:
     """A field element as :data:`SHARE_BYTES` big-endian bytes (for the default prime)."""
@@ -184,7 +265,16 @@ def split_bytes(secret: bytes, threshold: int, xs: Sequence[int], *, rng: Secure
 
 def reconstruct_bytes(shares: Sequence[Share], threshold: int) -> bytes:
     """Inverse of :func:`split_bytes`; :class:`InconsistentSharesError` if the result is not 32 bytes."""
-    value = reconstruct(shares, threshold)
+    return _secret_bytes(reconstruct(shares, threshold), shares)
+
+
+def robust_reconstruct_bytes(shares: Sequence[Share], threshold: int) -> tuple[bytes, tuple[int, ...]]:
+    """:func:`robust_reconstruct` for a secret shared with :func:`split_bytes`: the secret and bad points."""
+    value, bad = robust_reconstruct(shares, threshold)
+    return _secret_bytes(value, shares), bad
+
+
+def _secret_bytes(value: int, shares: Sequence[Share]) -> bytes:
     if value >> (8 * SECRET_BYTES):
         raise InconsistentSharesError(
             f"shares at x={[s.x for s in shares]} reconstruct a value above 2^256: not a 32-byte secret"
