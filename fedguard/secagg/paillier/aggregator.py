@@ -85,6 +85,7 @@ from fedguard.federation.protocol import (
 )
 from fedguard.rng import SecureRNG
 from fedguard.secagg.paillier.errors import (
+    DecryptionError,
     ForeignKeyError,
     SlotLayoutError,
     SlotOverflowError,
@@ -307,8 +308,12 @@ class _PaillierServer(ServerSide):
     def _close(self, stage: str, replies: dict[int, Message]) -> Outbox | AggregateResult:
         kh = self._key_holder
         if kh not in replies:
+            # before the decrypt stage nothing was ever sent for decryption; in it, the key holder may have
+            # decrypted (and refused what it found, e.g. an overfull slot): the server learned nothing
+            aftermath = ("the key holder may have decrypted the sum, the server learned nothing" if stage == _DECRYPT
+                         else "nothing was sent for decryption")
             raise ProtocolAbort(
-                f"key holder {kh} did not reply in stage {stage!r}: round {self.spec.round_id} aborted, nothing decrypted",
+                f"key holder {kh} did not reply in stage {stage!r}: round {self.spec.round_id} aborted; {aftermath}",
                 round_id=self.spec.round_id, stage=stage,
             )
         if stage == _KEY:
@@ -446,7 +451,15 @@ class _PaillierClient(ClientSide):
         if len(contributors) > layout.max_clients:
             raise SlotOverflowError(f"{who}: {len(contributors)} contributors exceed max_clients={layout.max_clients}")
         summed = keypair.public.ciphertexts_from_bytes(msg.blob("c"), layout.n_ciphertexts, what=who)
-        total = decrypt_sum(keypair.private, layout, summed, len(contributors), workers=self._cfg.workers)
+        try:
+            total = decrypt_sum(keypair.private, layout, summed, len(contributors), workers=self._cfg.workers)
+        except DecryptionError as err:
+            # the sum *was* decrypted: say so. Which contributor overfilled a slot cannot be known from a sum
+            raise DecryptionError(
+                f"{who}: the sum over contributors {list(contributors)} was decrypted and refused ({err}); one of "
+                "them encrypted a value outside its slot bound (or the server tampered with the sum); the key "
+                "holder saw the refused sum, the server nothing",
+            ) from err
         return self._reply(kind=_DECRYPT_REPLY.kind, meta={"fingerprint": keypair.public.fingerprint},
                            arrays={"x": total})
 
