@@ -221,3 +221,29 @@ def test_the_smollm2_example_config_loads() -> None:
     config = TrainConfig.from_yaml(Path(__file__).resolve().parents[2] / "examples" / "ost_smollm2.yaml")
     assert config.trainer == "ost" and config.ost is not None and config.ost.drop == 0.5
     assert config.federation.aggregator == "masking"
+
+
+@pytest.mark.deepspeed
+def test_client_level_dp_clips_and_accounts_the_adapter_vector(tmp_path: Path, task: Path) -> None:
+    """The DP hook sees FedOST's update like any other: the adapter blocks' vector, clipped to clip_norm."""
+    from fedguard_train.hooks import TrainerHook
+    from fedguard_train.privacy import hooks_from_config
+
+    class Norms(TrainerHook):
+        name = "norms"
+
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, float]] = []
+
+        def client_update(self, update):  # type: ignore[no-untyped-def]
+            self.seen.append((int(update.vector.size), float(np.linalg.norm(update.vector))))
+            return update
+
+    config = _ost_config(tmp_path, task, dp={"clip_norm": 0.05, "noise_multiplier": 1.0, "target_delta": 1e-3},
+                         federation={"clients": 2, "rounds": 1})
+    norms = Norms()
+    trainer = FedOST(config, hooks=[*hooks_from_config(config), norms], quiet=True)
+    result = trainer.run()
+    assert result.history[0]["epsilon"] > 0
+    assert len(norms.seen) == 2
+    assert all(size == trainer.layout.size and norm <= 0.05 * (1 + 1e-4) for size, norm in norms.seen)
