@@ -61,7 +61,9 @@ smallest such ``t = ⌊k/2⌋ + 1``, which survives the most dropouts.
 Threat model: an honest-but-curious server and up to ``t - 1`` colluding clients, who learn nothing beyond
 the sum when the graph is complete; with a sparse graph, coalitions that disconnect the honest survivors
 can learn sums over the pieces (Bell et al. bound this probabilistically; it is not checked at run time).
-A malicious server that lies about ``A2`` to different clients is out of scope (no consistency round).
+A malicious server that lies about ``A2`` to different clients or substitutes relayed keys is out of scope
+here: :class:`~fedguard.secagg.masking.signed.SignedMaskingAggregator` adds signed keys and the
+consistency-check round against it.
 
 >>> import numpy as np
 >>> from fedguard.federation import InProcessTransport, RoundSpec
@@ -238,6 +240,7 @@ class _MaskingServer(ServerSide):
         self._a2: frozenset[int] = frozenset()
         self._forwarded: dict[int, tuple[int, ...]] = {}  # holder -> owners whose shares it received
         self._masked_sum: np.ndarray | None = None
+        self._revealed: dict[int, dict[str, list[tuple[int, int]]]] = {}  # holder -> decoded b/s shares
         self.bad_shares: dict[int, list[int]] = {}
         """Holders whose revealed share was wrong (and corrected), with the owners they lied about."""
 
@@ -284,8 +287,10 @@ class _MaskingServer(ServerSide):
                 if shares.shape != (len(want), _S):
                     raise MessageError(f"{name}_shares of client {u} must have shape ({len(want)}, {_S}), "
                                        f"got {shares.shape}")
-                for row in shares:
-                    shamir.decode_value(row.tobytes())
+            # decoded once, here; kept only once the reply is accepted (this is the last check)
+            self._revealed[u] = {name: [(o, shamir.decode_value(row.tobytes())) for o, row in
+                                        zip(_ids(msg.arrays[f"{name}_owners"]), msg.arrays[f"{name}_shares"],
+                                            strict=True)] for name in ("b", "s")}
 
     def _close(self, stage: str, replies: dict[int, Message]) -> Outbox | AggregateResult:
         if stage == ADVERTISE:
@@ -369,11 +374,11 @@ class _MaskingServer(ServerSide):
         b_shares: dict[int, list[shamir.Share]] = {u: [] for u in b_owners}
         s_shares: dict[int, list[shamir.Share]] = {w: [] for w in s_owners}
         for holder in sorted(a3):
-            msg = replies[holder]
+            revealed = self._revealed[holder]
             for name, table in (("b", b_shares), ("s", s_shares)):
-                for owner, row in zip(_ids(msg.arrays[f"{name}_owners"]), msg.arrays[f"{name}_shares"], strict=True):
+                for owner, value in revealed[name]:
                     if owner in table:
-                        table[owner].append(shamir.Share(_x(holder), shamir.decode_value(row.tobytes())))
+                        table[owner].append(shamir.Share(_x(holder), value))
         rid = self.spec.round_id
         masks: list[Mask] = []
         for u in b_owners:
@@ -650,6 +655,9 @@ class MaskingAggregator(Aggregator):
                                          self.graph_seed(spec))
 
     def server(self, spec: RoundSpec, *, rng: SecureRNG | None = None) -> ServerSide:
+        """The server side of round ``spec``. The masking server draws no randomness of its own (the graph
+        seed comes from this aggregator's key, see :meth:`graph_seed`), so ``rng`` is accepted for the
+        :class:`Aggregator` interface and not used."""
         seed = self.graph_seed(spec)
         params = self.params(spec.n_clients)
         graph = CommunicationGraph.harary(spec.participants, params.neighbours, seed)

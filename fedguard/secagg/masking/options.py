@@ -44,7 +44,8 @@ class MaskingOptions(AggregatorOptions):
         neighbours: ``d``, how many other clients each client masks with and shares its secrets to.
             ``None`` (default): all of them, ``d = n - 1`` (classic SecAgg). An int: the Harary graph
             ``H_{d,n}`` on a random permutation (SecAgg+; choose ``d = O(log n)``, e.g. 10 for 100
-            clients); a round needs ``1 <= d <= n - 1`` and ``n·d`` even.
+            clients); a round needs ``2 <= d <= n - 1`` and ``n·d`` even (``d = 1`` only for ``n = 2``:
+            otherwise the graph is disjoint pairs and each pair's sum would be revealed).
         threshold: ``t``, the Shamir threshold, with ``k/2 < t <= k`` for ``k = d + 1`` holders.
             ``None`` (default): ``⌊k/2⌋ + 1``, which survives the most dropouts.
         unmask_workers: processes the server uses to regenerate masks in the unmask stage (1: none
