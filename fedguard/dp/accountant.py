@@ -322,6 +322,40 @@ class PrivacyAccountant:
         self._cache = {}
         self._version += 1
 
+    def retract(self, label: str) -> bool:
+        """Remove the *last* entry if it carries ``label`` (a write-ahead record of a release that provably
+        did not happen: the round aborted before anything was decoded). Returns whether one was removed.
+
+        Only the most recent entry can be retracted, and only by its exact label: a release that may have
+        been seen is never taken back (see :mod:`fedguard.dp.ledger`)."""
+        if not self._ledger or self._ledger[-1].label != label:
+            return False
+        last = self._ledger[-1]
+        if last.count > 1:
+            self._ledger[-1] = LedgerEntry(last.event, last.count - 1, label)
+        else:
+            self._ledger.pop()
+        self._cache = {}
+        self._allowance = {}
+        self._version += 1
+        return True
+
+    def extends(self, other: PrivacyAccountant) -> bool:
+        """Whether this ledger is ``other``'s ledger with zero or more entries appended (same settings)."""
+        mine, theirs = self._ledger, other._ledger
+        if (self.target_delta, self.backend, self.population) != (other.target_delta, other.backend, other.population):
+            return False
+        if len(theirs) > len(mine):
+            return False
+        if not theirs:
+            return True
+        *head, tail = theirs
+        if mine[: len(head)] != head:
+            return False
+        # run-length merging may have grown the checkpoint's last entry since
+        at = mine[len(head)]
+        return at.event == tail.event and at.label == tail.label and at.count >= tail.count
+
     def remaining(self) -> float:
         """Budget left (``inf`` without a budget)."""
         return math.inf if self.epsilon_budget is None else self.epsilon_budget - self.epsilon()

@@ -286,6 +286,8 @@ class ClientLevelDP:
         self.next_round = 0
         self._open: int | None = None
         self._dimension: int | None = None
+        self._prepaid: Event | None = None
+        self.quantisation_excess = 0.0
 
     # -- noise scales --------------------------------------------------------------------------------
     @property
@@ -307,6 +309,31 @@ class ClientLevelDP:
     def sensitivity(self) -> float:
         """Joint L2 sensitivity of one client's vector: ``C`` or ``√(C² + k²/4)``."""
         return math.hypot(self.clip_norm, self.count_scale / 2)
+
+    @property
+    def noise_sensitivity(self) -> float:
+        """The L2 sensitivity the central noise is calibrated to: :attr:`sensitivity` plus the
+        post-quantisation excess ``√d'/s`` (:meth:`calibrate_to_encoding`) of what the server sums."""
+        return self.sensitivity + self.quantisation_excess
+
+    def calibrate_to_encoding(self, spec: FixedPointSpec, dimension: int) -> float:
+        """Central placement: the server sums *stochastically rounded* fixed-point vectors, not the clipped
+        floats. Rounding moves each of the ``d' = d (+1 with adaptive clipping)`` coordinates by less than
+        one step ``1/s`` (``s = spec.scale``) and clipping coordinates to ``spec.clip`` only shrinks the
+        vector, so one client's decoded contribution has L2 norm at most
+
+            sens + √d' / s.
+
+        The central noise ``z·(sens + √d'/s)`` is calibrated to that bound, so the recorded
+        ``Gaussian(z)`` event is exact for what is summed. Returns the excess ``√d'/s`` (also stored in
+        :attr:`quantisation_excess`; the release label states the sensitivity used). Distributed
+        placement accounts the integer sensitivity itself (:func:`~fedguard.dp.distributed.integer_sensitivity`).
+        """
+        if not isinstance(spec, FixedPointSpec):
+            raise ConfigError(f"spec must be a FixedPointSpec, got {type(spec).__name__}")
+        d = check_int("dimension", dimension, low=1) + (1 if self.config.adaptive else 0)
+        self.quantisation_excess = math.sqrt(d) / spec.scale if self.config.placement == "central" else 0.0
+        return self.quantisation_excess
 
     @property
     def coordinate_bound(self) -> float:
@@ -389,9 +416,40 @@ class ClientLevelDP:
 
     def abandon_round(self) -> None:
         """Forget a round opened by :meth:`begin_round` that released nothing (e.g. training diverged before
-        aggregation); nothing is accounted, and the same round may be begun again."""
+        aggregation); nothing more is accounted, and the same round may be begun again. A write-ahead
+        record (:meth:`prepay`) stays in the ledger unless the caller retracts it."""
         self._open = None
         self._dimension = None
+        self._prepaid = None
+
+    def release_label(self, round_id: int) -> str:
+        """The ledger label of round ``round_id``'s release (states the sensitivity the noise used)."""
+        if self.config.placement == "central":
+            # the clip norm itself (adaptive: per round) is in the round's DPRoundResult and checkpoint
+            return (f"round {round_id}: central Gaussian z={self.config.noise_multiplier:g} x sensitivity "
+                    f"(clip sensitivity + post-quantisation excess {self.quantisation_excess:.4g})")
+        return (f"round {round_id}: distributed discrete Gaussian, planned for min_survivors="
+                f"{self.config.min_survivors}")
+
+    def prepay(self) -> tuple[Event, str]:
+        """Write-ahead accounting: record the open round's planned event *now*, before any release.
+
+        Central placement records exactly the event :meth:`finalize` would; distributed placement the
+        event with ``min_survivors`` contributors, the worst case the aggregator may reveal (its
+        ``RoundSpec.min_contributors`` is set to ``min_survivors``: fewer survivors abort before decoding;
+        more survivors only add noise). :meth:`finalize` then records nothing more. Raises
+        :class:`BudgetExceededError` (ledger unchanged) when the round would overspend. Returns the event
+        and its label (to retract it if the round provably released nothing)."""
+        if self._open is None:
+            raise ConfigError("prepay before begin_round")
+        if self._prepaid is not None:
+            raise ConfigError(f"round {self._open} is already accounted")
+        event = self.round_event()
+        label = self.release_label(self._open)
+        if self.accountant is not None:
+            self.accountant.spend(event, label=label)
+        self._prepaid = event
+        return event, label
 
     def _max_clients(self) -> int:
         pop = self.config.population
@@ -450,9 +508,12 @@ class ClientLevelDP:
         round_id = self._open
         event = self.round_event(n_survivors=m, dimension=width)
         if self.config.placement == "distributed" and m < int(self.config.min_survivors or 1):
+            # the aggregator should have refused to reveal this (RoundSpec.min_contributors); it did not, so
+            # the server has seen an under-noised sum: the ledger never lies
             if self.accountant is not None:
                 self.accountant.record(event, label=f"round {round_id} (under-noised: {m} survivors)")
             self._open = None
+            self._prepaid = None
             self.next_round = round_id + 1
             raise InsufficientNoiseError(
                 f"round {round_id}: only {m} clients contributed noise, planned for min_survivors="
@@ -461,15 +522,16 @@ class ClientLevelDP:
             )
         epsilon = math.nan
         if self.accountant is not None:
-            try:
-                self.accountant.spend(event, label=f"round {round_id}")
-                epsilon = self.accountant.epsilon()
-            except BudgetExceededError:
-                self._open = None
-                raise
+            if self._prepaid is None:
+                try:
+                    self.accountant.spend(event, label=self.release_label(round_id))
+                except BudgetExceededError:
+                    self._open = None
+                    raise
+            epsilon = self.accountant.epsilon()
         total = mean.astype(np.float64) * m
         if self.config.placement == "central" and self.config.noise_multiplier > 0:
-            total = total + self._rng.normal(width, std=self.config.noise_multiplier * self.sensitivity)
+            total = total + self._rng.normal(width, std=self.config.noise_multiplier * self.noise_sensitivity)
         denom = self._denominator(m)
         d = width - (1 if self.config.adaptive else 0)
         update = (total[:d] / denom).astype(np.float32)
@@ -481,6 +543,7 @@ class ClientLevelDP:
             ad = self.config.adaptive
             self.clip_norm = float(self.clip_norm * math.exp(-ad.learning_rate * (fraction - ad.target_quantile)))
         self._open = None
+        self._prepaid = None
         self.next_round = round_id + 1
         return DPRoundResult(round_id, update, epsilon, event, m, clip_used, self.clip_norm, fraction)
 

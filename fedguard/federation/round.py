@@ -144,6 +144,7 @@ def run_round(
     drop_at: Mapping[int, str] | None = None,
     transport: InProcessTransport | None = None,
     rounding: Rounding = "stochastic",
+    min_contributors: int = 1,
 ) -> RoundResult:
     """Run round ``round_id`` from ``θ_r = global_vector`` and return ``θ_{r+1}`` (see the module doc).
 
@@ -157,6 +158,8 @@ def run_round(
         rng: drives quantisation (seed it for a reproducible run); ``protocol_rng``: keys, masks and
             obfuscators (default: OS entropy — a seed the server knows would protect nothing).
         drop_at: ``{client: stage}`` — clients that go silent from that protocol stage on.
+        min_contributors: the round's ``RoundSpec.min_contributors`` (e.g. DP's ``min_survivors``): the
+            aggregator aborts before decoding a sum of fewer clients' inputs.
     Raises whatever ``on_round_start`` or ``client_step`` raise, :class:`~fedguard.errors.ProtocolAbort`
     when too few clients survive, and :class:`~fedguard.errors.InvalidUpdateError` for a non-finite
     update or result.
@@ -177,6 +180,7 @@ def run_round(
             updates, aggregator, encoding.spec if encoding is not None else spec, round_id=round_id, rng=rng,
             protocol_rng=protocol_rng if protocol_rng is not None else SecureRNG(), drop_at=drop_at,
             transport=transport, rounding=rounding, encoder=encoding.encode if encoding is not None else None,
+            min_contributors=min_contributors,
         )
         mean = hooks.aggregate(round_id, outcome.mean, outcome.contributors)
         new_global = global_vector + mean

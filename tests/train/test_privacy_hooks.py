@@ -91,7 +91,8 @@ def test_distributed_dp_noises_inside_secure_aggregation_and_accounts_the_discre
     from fedguard.dp import PrivacyAccountant
 
     config = tiny_config(tmp_path, task, dp=DISTRIBUTED,
-                         federation={"clients": 3, "rounds": 2, "aggregator": "masking"})
+                         federation={"clients": 3, "rounds": 2, "aggregator": "masking",
+                                     "aggregator_options": {"threshold": 3}})
     draws = iter(range(1000))  # a seeded noise stream per client and round: the statistical test is repeatable
     dp_hook = ClientDPHook(config.dp, n_clients=3, aggregator="masking",
                            noise_rng=lambda client: SecureRNG.for_testing(f"noise/{client}/{next(draws)}"))
