@@ -346,6 +346,72 @@ class OSTSection:
         ])
 
 
+TEACHER_KEYS = ("source", "family", "layers", "tokenizer", "finetune_steps", "finetune_lr")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeteroSection:
+    """The ``hetero:`` section of ``trainer: hetero`` (FedHeteroLLM, FATE-LLM §3.1, Figure 3(b); FedMKT for
+    different tokenisers). ``teachers``: one per client, keyed ``client0``, ``client1``, ... each a mapping with
+    ``source`` (``smollm2``, a model directory or ``tiny:<family>``), ``family`` (default ``auto``),
+    ``layers`` (keep this many decoder blocks, evenly spaced, first and last kept; null: all),
+    ``tokenizer`` (``own`` or ``gpt2``: GPT-2's BPE, for ``tiny:`` models), ``finetune_steps`` (full
+    fine-tuning on the client's own data before round 1; default 0) and ``finetune_lr`` (default 1e-4).
+    The mentee is ``model:`` with ``mentee_layers`` blocks and ``mentee_tokenizer``; client loss =
+    LM + ``lam``·KD (``direction`` KL at ``temperature`` on the teacher's ``top_k``; ``alignment`` of
+    positions across tokenisers, fedguard_train/alignment.py)."""
+
+    teachers: Mapping[str, Any] = field(default_factory=dict)
+    mentee_layers: int | None = None
+    mentee_tokenizer: Literal["own", "gpt2"] = "own"
+    lam: float = 1.0
+    temperature: float = 2.0
+    direction: Literal["forward", "reverse"] = "forward"
+    top_k: int = 16
+    alignment: Literal["dtw", "dtw-edit", "boundary"] = "dtw"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.mentee_layers is not None and self.mentee_layers < 1:
+            problems.append(f"mentee_layers must be >= 1, got {self.mentee_layers}")
+        if not self.lam >= 0:
+            problems.append(f"lam must be >= 0, got {self.lam}")
+        if not self.temperature > 0:
+            problems.append(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 1:
+            problems.append(f"top_k must be >= 1, got {self.top_k}")
+        if not self.teachers:
+            problems.append("teachers must name one teacher per client (client0, client1, ...)")
+        for key, spec in self.teachers.items():
+            if not str(key).startswith("client") or not str(key)[6:].isdigit():
+                problems.append(f"teachers key {key!r} must be client<k> (client0, client1, ...)")
+            if not isinstance(spec, Mapping):
+                problems.append(f"teachers.{key} must be a mapping with source, layers, ..., got {spec!r}")
+                continue
+            for name in spec:
+                if name not in TEACHER_KEYS:
+                    close = difflib.get_close_matches(str(name), TEACHER_KEYS, n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(TEACHER_KEYS)})"
+                    problems.append(f"unknown key 'teachers.{key}.{name}'{hint}")
+            if not isinstance(spec.get("source"), str) or not spec.get("source"):
+                problems.append(f"teachers.{key}.source must be a non-empty string")
+            layers = spec.get("layers")
+            if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 1):
+                problems.append(f"teachers.{key}.layers must be an integer >= 1 or null, got {layers!r}")
+            if spec.get("tokenizer", "own") not in ("own", "gpt2"):
+                problems.append(f"teachers.{key}.tokenizer must be 'own' or 'gpt2', got {spec.get('tokenizer')!r}")
+            steps = spec.get("finetune_steps", 0)
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+                problems.append(f"teachers.{key}.finetune_steps must be an integer >= 0, got {steps!r}")
+            lr = spec.get("finetune_lr", 1e-4)
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+                problems.append(f"teachers.{key}.finetune_lr must be a number > 0, got {lr!r}")
+            family = spec.get("family", "auto")
+            if not isinstance(family, str):
+                problems.append(f"teachers.{key}.family must be a string, got {family!r}")
+        _raise_problems(self, problems)
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """A whole run. ``trainer``: which of the paper's trainers (``homo``: FedHomoLLM; see
@@ -366,6 +432,7 @@ class TrainConfig:
     watermark: WatermarkSection | None = None
     dp: DPSection | None = None
     ost: OSTSection | None = None  # trainer 'ost' only (None: the defaults)
+    hetero: HeteroSection | None = None  # trainer 'hetero' only (required there)
 
     def __post_init__(self) -> None:
         from fedguard_train.trainers import trainer_names
@@ -381,6 +448,18 @@ class TrainConfig:
         if self.dp is not None:
             problems += self.dp.problems_with(n_clients=fed.clients, aggregator=fed.aggregator,
                                               aggregator_options=fed.aggregator_options)
+        if self.hetero is not None and self.trainer != "hetero":
+            problems.append(f"the hetero: section applies to trainer 'hetero' only, got trainer {self.trainer!r}")
+        if self.trainer == "hetero":
+            if self.hetero is None:
+                problems.append("trainer 'hetero' needs a hetero: section (teachers per client, ...)")
+            else:
+                want = {f"client{k}" for k in range(fed.clients)}
+                if set(self.hetero.teachers) != want:
+                    problems.append(f"hetero.teachers must be exactly {sorted(want)} (one per client), got "
+                                    f"{sorted(self.hetero.teachers)}")
+                if self.mode != "federated":
+                    problems.append("trainer 'hetero' runs in mode 'federated' only (each client has its own teacher)")
         if self.ost is not None and self.trainer != "ost":
             problems.append(f"the ost: section applies to trainer 'ost' only, got trainer {self.trainer!r}")
         if self.watermark is not None and self.training.nproc_per_node > 1:

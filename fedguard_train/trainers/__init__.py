@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 _TRAINERS: dict[str, str] = {
     "homo": "fedguard_train.trainers.homo:FedHomoLLM",
     "ost": "fedguard_train.trainers.ost:FedOST",
+    "hetero": "fedguard_train.trainers.hetero:FedHeteroLLM",
 }
 
 
