@@ -208,10 +208,20 @@ def flower_seed_collision(flower: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- 2. server unmasking and 3. bytes ------------------------------------------------------------------
-def bench_server(n: int, params: int, dropped_frac: float, neighbours: int | None, label: str, workers: int = 2
-                 ) -> dict[str, Any]:
+def _signed_aggregator(n: int, neighbours: int | None, rng: SecureRNG) -> MaskingAggregator:
+    from fedguard.identity import Identity, Roster
+    from fedguard.secagg.masking.signed import SignedMaskingAggregator
+
+    identities = {c: Identity.generate(c) for c in range(n)}
+    return SignedMaskingAggregator(roster=Roster.of(identities, "bench"), identities=identities,
+                                   neighbours=neighbours, rng=rng)
+
+
+def bench_server(n: int, params: int, dropped_frac: float, neighbours: int | None, label: str, workers: int = 2,
+                 signed: bool = False) -> dict[str, Any]:
     rng = SecureRNG.for_testing(f"bench/server/{label}")
-    agg = MaskingAggregator(neighbours=neighbours, rng=rng.spawn("graph"))
+    agg = (_signed_aggregator(n, neighbours, rng.spawn("graph")) if signed
+           else MaskingAggregator(neighbours=neighbours, rng=rng.spawn("graph")))
     spec = RoundSpec(1, tuple(range(n)), params + 1, 64)
     x = rng.ring_elements(params + 1, 64)  # one input shared by every client (memory); the sum is n_alive·x
     # the dropped clients: uniformly random, redrawn until the protocol survives the pattern (with a sparse
@@ -222,7 +232,7 @@ def bench_server(n: int, params: int, dropped_frac: float, neighbours: int | Non
     while True:
         attempt += 1
         dropped = {int(c) for c in gen.permutation(n)[: round(dropped_frac * n)]}
-        if agg.survives(spec, [everyone, everyone, everyone - dropped, everyone - dropped]):
+        if agg.survives(spec, [everyone, everyone] + [everyone - dropped] * (len(agg.stages) - 2)):
             break
         if attempt == 10_000:
             raise RuntimeError(f"no survivable pattern of {dropped_frac:.0%} dropouts found for {label}")
@@ -241,7 +251,7 @@ def bench_server(n: int, params: int, dropped_frac: float, neighbours: int | Non
         c_time = s_time = 0.0
         sizes = []
         for c in sorted(outbox):
-            if stage in ("mask", "unmask") and c in dropped:
+            if stage in ("mask", "consistency", "unmask") and c in dropped:
                 continue
             t0 = time.perf_counter()
             reply = clients[c].handle(outbox[c])
@@ -282,9 +292,10 @@ def bench_server(n: int, params: int, dropped_frac: float, neighbours: int | Non
     plaintext_bytes = wire.encoded_size(wire.Message(kind="plaintext/input", round=1, stage="input", sender=0,
                                                      recipient=wire.SERVER, arrays={"x": x}))
     bytes_up = {stage: {"mean": statistics.mean(v), "max": max(v)} for stage, v in up.items()}
-    other = sum(bytes_up[s]["mean"] for s in ("advertise", "share", "unmask"))
+    other = sum(bytes_up[s]["mean"] for s in ("advertise", "share", "consistency", "unmask") if s in bytes_up)
     params_used = agg.params(n)
     return {
+        "signed": signed, "client_total_s": sum(client_s.values()),
         "n_clients": n, "params": params, "neighbours": params_used.neighbours, "threshold": params_used.threshold,
         "dropped_after_sharing": len(dropped), "exact_sum": exact, "patterns_drawn_until_survivable": attempt,
         "server_unmask_close_s": server_s["unmask_close"],
@@ -346,6 +357,35 @@ def flower_server_unmask(flower: dict[str, Any], n: int, params: int, survivors:
             "secrets_combined": n}
 
 
+def signed_side_by_side(args: argparse.Namespace) -> int:
+    """The signed protocol (signed keys + consistency round) beside the honest-but-curious one, same run,
+    same sizes, same dropout pattern (drawn from the same label): client and server cost and their ratios."""
+    load = list(os.getloadavg())
+    rows = {}
+    for signed in (False, True):
+        rows["signed" if signed else "honest_but_curious"] = bench_server(
+            args.clients, args.params, args.dropped, args.neighbours, "signed-vs-hbc", workers=1, signed=signed)
+    hbc, sig = rows["honest_but_curious"], rows["signed"]
+    report = {
+        "benchmark": "secagg_masking_signed", "n_clients": args.clients, "params": args.params,
+        "dropped_frac": args.dropped, "neighbours": args.neighbours, "loadavg_at_start": load,
+        "loadavg_at_end": list(os.getloadavg()), "cpus": os.cpu_count(), **rows,
+        "ratio_client_total": sig["client_total_s"] / hbc["client_total_s"],
+        "ratio_server_total": sig["server_total_s"] / hbc["server_total_s"],
+        "ratio_bytes_up_total": sig["ratio_total_up_over_plaintext"] / hbc["ratio_total_up_over_plaintext"],
+    }
+    for name, r in rows.items():
+        print(f"{name:>20}: client {r['client_total_s']*1e3:8.1f} ms/client (per stage "
+              f"{ {k: round(v * 1e3, 1) for k, v in r['client_mean_s_per_stage'].items()} }), "
+              f"server {r['server_total_s']:.2f} s, exact={r['exact_sum']}")
+    print(f"ratio signed / honest-but-curious: client {report['ratio_client_total']:.3f}x, server "
+          f"{report['ratio_server_total']:.3f}x, bytes up {report['ratio_bytes_up_total']:.4f}x (load {load})")
+    out = args.out if args.out is not None else RESULTS.with_name("secagg_masking_signed.json")
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes; prints, writes JSON only with --out")
@@ -356,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--unmask-workers", type=int, default=2, help="also time the unmask close with this many processes")
     ap.add_argument("--skip-classic", action="store_true", help="skip the complete-graph server run")
+    ap.add_argument("--signed-only", action="store_true",
+                    help="only the side-by-side run of the signed (active-server) protocol against the "
+                         "honest-but-curious one; writes results/secagg_masking_signed.json")
     ap.add_argument("--flwr-path", default=None, help="extra directory on sys.path holding flwr")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -363,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         args.params, args.clients, args.repeats = 50_000, 20, 2
     out_path = args.out if args.out is not None else (None if args.quick else RESULTS)
 
+    if args.signed_only:
+        return signed_side_by_side(args)
     flower, flower_version = _load_flower(args.flwr_path)
     print(f"flower: {flower_version if flower else 'unavailable - ' + flower_version}")
     report: dict[str, Any] = {

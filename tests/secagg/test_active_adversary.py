@@ -194,7 +194,7 @@ def test_forged_survivor_signatures_are_refused() -> None:
                                       sender=-1, recipient=10, arrays={
                                           "survivors": np.array(full, dtype=np.int64),
                                           "signers": np.array(full, dtype=np.int64), "sigs": rows}))
-    with pytest.raises(ProtocolViolation, match="do not verify"):
+    with pytest.raises(ProtocolViolation, match="only 1 valid signatures.*do not verify"):
         clients[10].handle(forged)
 
 

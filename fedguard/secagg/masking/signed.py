@@ -15,15 +15,18 @@ is :class:`SignedMaskingAggregator`: the protocol of :mod:`fedguard.secagg.maski
    the survivor set ``A2``; each client checks it (as the unsigned protocol does before unmasking) and
    answers ``Sign(sk_u, ctx("masking/survivors") ‖ A2)``. The unmask request carries the set and the
    signatures the server collected; a client reveals shares only if the set is the one *it* signed and
-   at least ``t`` distinct rostered survivors signed it too. A server that tells different clients
+   at least ``max(t, ⌊n/2⌋ + 1)`` distinct rostered survivors signed it too (:func:`signatures_needed`:
+   a strict majority of the round, since SecAgg+'s ``t`` counts only a neighbourhood). A server that tells different clients
    different survivor sets (to collect ``t`` shares of both ``b_u`` and ``s_u`` of one client ``u``, which
    unmasks ``x_u``) gets no share from an honest client shown a set it did not sign, and cannot gather
-   ``t`` signatures on each of two sets from honest clients who sign only one.
+   a majority of signatures on each of two sets from honest clients who sign only one.
 
 What it protects (after Bonawitz et al., Thm. A.2/A.3): against a malicious server colluding with fewer
-than ``t`` clients, with ``t > (n + c)/2`` for ``c`` corrupt clients in classic SecAgg (a corrupt client
-can sign two sets), the server learns nothing beyond sums over at least ``t`` inputs (and at least
-``RoundSpec.min_contributors``). With SecAgg+'s sparse graph the condition is per neighbourhood and holds
+than ``t`` clients, and fewer corrupt clients ``c`` than the majority margin (a corrupt client can sign
+two sets: two sets both reach ``⌊n/2⌋ + 1`` signatures only if ``c`` exceeds the honest clients' slack),
+the server learns nothing beyond sums over at least ``t`` inputs (and at least
+``RoundSpec.min_contributors``). A round therefore needs a majority of its participants to survive to
+the consistency round. With SecAgg+'s sparse graph the condition is per neighbourhood and holds
 only with the probability Bell et al. bound; ``docs/secagg-masking.md`` gives the numbers. The server
 still chooses *which* honest clients it drops: selective dropping is within its power and the threshold
 bounds how small a sum it can obtain.
@@ -80,6 +83,15 @@ _SIGNED_UNMASK_REQ = MessageSchema(kind="masking/signed-unmask-request",
 _SIGNED_REPLIES = {**_REPLY_SCHEMAS, ADVERTISE: _SIGNED_KEYS, CONSISTENCY: _CONSISTENCY}
 
 
+def signatures_needed(spec: RoundSpec, params: MaskingParams) -> int:
+    """Valid signatures on one survivor set before a client reveals: ``max(t, ⌊n/2⌋ + 1)``. A strict
+    majority of the round's ``n`` participants means two different sets can never both be accepted while
+    honest clients each sign one set and corrupt clients (who may sign both) number fewer than the margin;
+    ``t`` alone would not do for SecAgg+, whose ``t`` counts a neighbourhood, not the round. For classic
+    SecAgg with the default ``t = ⌊n/2⌋ + 1`` the two coincide."""
+    return max(params.threshold, spec.n_clients // 2 + 1)
+
+
 def keys_body(graph_seed: bytes, c_key: bytes, s_key: bytes) -> bytes:
     """What a client's key signature covers besides the context: the graph seed it was told and its keys."""
     return graph_seed + c_key + s_key
@@ -99,6 +111,9 @@ class _SignedServer(_MaskingServer):
         self.roster = roster
         self._key_sigs: dict[int, bytes] = {}
         self._survivors: tuple[int, ...] = ()
+
+    def min_replies(self, stage: str) -> int:
+        return signatures_needed(self.spec, self.params) if stage == CONSISTENCY else self.threshold
 
     def _schema(self, stage: str) -> MessageSchema:
         return _SIGNED_REPLIES[stage]
@@ -216,17 +231,23 @@ class _SignedClient(_MaskingClient):
         sigs = msg.arrays["sigs"]
         if sigs.shape != (len(signers), SIGNATURE_BYTES):
             raise MessageError(f"sigs must have shape ({len(signers)}, {SIGNATURE_BYTES}), got {sigs.shape}")
-        body, rid, t = survivors_body(survivors), self.spec.round_id, self.params.threshold
+        body, rid = survivors_body(survivors), self.spec.round_id
+        needed = signatures_needed(self.spec, self.params)
         outside = set(signers) - set(survivors)
         if outside:
             raise self._violation(msg, f"signers {sorted(outside)} are not survivors")
-        bad = [s for i, s in enumerate(signers) if not self.roster.verify(
-            PURPOSE_SURVIVORS, round_id=rid, client=s, body=body, signature=sigs[i].tobytes())]
-        if bad:
-            raise self._violation(msg, f"signatures of {bad} on the survivor set do not verify: nothing revealed")
-        if self.client_id not in signers or len(signers) < t:
-            raise self._violation(msg, f"only {len(signers)} valid signatures on the survivor set (mine "
-                                       f"{'included' if self.client_id in signers else 'missing'}); t={t} are needed")
+        valid, bad = 0, []
+        for i, signer in enumerate(signers):  # stop as soon as enough verify (the cost is ~needed checks)
+            if self.roster.verify(PURPOSE_SURVIVORS, round_id=rid, client=signer, body=body,
+                                  signature=sigs[i].tobytes()):
+                valid += 1
+                if valid >= needed:
+                    break
+            else:
+                bad.append(signer)
+        if valid < needed:
+            raise self._violation(msg, f"only {valid} valid signatures on the survivor set; {needed} are needed "
+                                       f"(signatures of {bad} do not verify): nothing revealed")
         return self._reveal(set(survivors))
 
 
@@ -285,6 +306,6 @@ class SignedMaskingAggregator(MaskingAggregator):
             raise ConfigError(f"alive_per_stage needs one set per stage {SIGNED_STAGES}, got {len(alive_per_stage)}")
         s0, s1, s2, s3, s4 = (set(a) for a in alive_per_stage)
         consistent = s0 & s1 & s2 & s3
-        if len(consistent) < self.threshold(spec.n_clients):
+        if len(consistent) < signatures_needed(spec, self.params(spec.n_clients)):
             return False
         return super().survives(spec, [s0, s1, s2, s3 & s4])

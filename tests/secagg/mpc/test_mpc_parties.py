@@ -303,3 +303,16 @@ def test_config_selected_crypten_backend_owns_and_stops_its_parties() -> None:
     finally:
         agg.close()
     assert _wait_dead(agg.parties, 5.0)
+
+
+def test_crypten_parties_refuse_to_open_below_min_contributors(parties: CryptenParties) -> None:
+    """``RoundSpec.min_contributors`` reaches the CrypTen party processes: with 3 of 4 inputs and
+    ``min_contributors=4`` they open nothing; the message states both numbers."""
+    agg = MpcAggregator(parties=parties, min_clients=2)
+    spec = RoundSpec(9, (50, 51, 52, 53), 5, fixed_point=ENC, min_contributors=4)
+    xs = {c: encode_weighted(np.full(4, 0.01, np.float32), 1, ENC) for c in spec.participants}
+    server = agg.server(spec)
+    clients = {c: agg.client(spec, c, xs[c]) for c in spec.participants}
+    with pytest.raises(ProtocolAbort, match="only 3 client.*min_contributors=4"):
+        InProcessTransport().run(server, clients, drop_at={53: "input"})
+    assert all(parties.alive())
