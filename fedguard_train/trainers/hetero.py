@@ -34,7 +34,7 @@ from fedguard_train.distill import TopK, kd_loss, realign, remap, top_k
 from fedguard_train.engine import LocalTrainer
 from fedguard_train.hooks import LocalLoss, TrainerHook
 from fedguard_train.models import attach_adapter, cache_root, family_of, load_base_model
-from fedguard_train.trainers.base import LocalOutcome, Trainer, seed_of
+from fedguard_train.trainers.base import LocalOutcome, RunResult, Trainer, seed_of
 
 
 def load_model(source: str, family: str, tokenizer: str, *, seed: int) -> tuple[torch.nn.Module, Any]:
@@ -255,6 +255,27 @@ class FedHeteroLLM(Trainer):
 
     def teacher_descriptions(self) -> list[str]:
         return [f"client {k}: {t.description}" for k, t in enumerate(self.teachers)]
+
+    def run(self, *, resume: bool = False, overwrite: bool = False, observer: Any = None) -> RunResult:
+        """The base's run, then ``hetero.md`` in the run directory: each client's teacher and the LM loss, KD
+        loss and alignment counts per round (the runner's report.md holds the usual tables)."""
+        result = super().run(resume=resume, overwrite=overwrite, observer=observer)
+        s = self.section
+        lines = [f"# FedHeteroLLM: teachers and distillation ({self.run_dir.name})", "",
+                 f"- mentee: `{self.config.model.name_or_path}`"
+                 f"{f' layer-dropped to {s.mentee_layers} blocks' if s.mentee_layers else ''}, adapter "
+                 f"{self.config.adapter.method}; loss = LM + {s.lam} x KD ({s.direction} KL, temperature "
+                 f"{s.temperature}, teacher top-{s.top_k}, alignment {s.alignment})", "", "## Teachers (never leave "
+                 "their client)", "", *[f"- {d}" for d in self.teacher_descriptions()], "", "## Rounds", "",
+                 "| round | LM loss | KD loss | one-to-one | one-to-many | many-to-one | mentee tokens |",
+                 "|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in result.history:
+            c = row.get("alignment", {})
+            lines.append(f"| {row['round']} | {row.get('lm_loss', float('nan')):.4f} | "
+                         f"{row.get('kd_loss', float('nan')):.4f} | {c.get('one_to_one', '-')} | "
+                         f"{c.get('one_to_many', '-')} | {c.get('many_to_one', '-')} | {c.get('mentee_tokens', '-')} |")
+        (self.run_dir / "hetero.md").write_text("\n".join(lines) + "\n")
+        return result
 
 
 def _n_layers(model: torch.nn.Module) -> int:

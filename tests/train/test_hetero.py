@@ -65,6 +65,8 @@ def test_two_tokenisers_masking_rounds_report_kd_and_keep_teachers_local(tmp_pat
     assert names  # the mentee exists
     # the vocabulary map was cached for the cross-tokeniser pair
     assert list((tmp_path / "cache" / "vocab-maps").glob("vocab-map-*.npz"))
+    report = (Path(config.run_dir) / "hetero.md").read_text()
+    assert "fine-tuned on client 0" in report and "| 2 |" in report
 
 
 def test_kd_changes_the_update_and_lam_zero_is_plain_lm(tmp_path: Path, task: Path) -> None:
