@@ -103,6 +103,7 @@ class ClientDPHook(TrainerHook):
         self.ledger = None if ledger_path is None else WriteAheadLedger(ledger_path)
         self._fault = fault
         self._pending: tuple[int, str] | None = None  # (round, label) of a write-ahead record not yet released
+        self._reconciled = False
 
     def _at(self, point: str) -> None:
         if self._fault is not None:
@@ -150,6 +151,10 @@ class ClientDPHook(TrainerHook):
             raise ConfigError("distributed DP needs the update dimension: the trainer calls on_layout first")
         # raises BudgetExceededError before anything is trained (and, distributed, RingOverflowError when
         # the noised sum could wrap the ring)
+        if self.ledger is not None and not self._reconciled:
+            # a run killed before its first checkpoint left only the ledger file: continue from it
+            self.dp.accountant = self.ledger.reconcile(self.dp.accountant)
+            self._reconciled = True
         self.dp.begin_round(round_id, dimension=self._dimension if self.distributed else None)
         if self.ledger is not None and self.dp.accountant is not None:
             _, label = self.dp.prepay()  # BudgetExceededError here: nothing recorded or released
@@ -211,6 +216,7 @@ class ClientDPHook(TrainerHook):
             self.dp.quantisation_excess = excess
         if self.ledger is not None:
             self.dp.accountant = self.ledger.reconcile(self.dp.accountant)
+            self._reconciled = True
 
 
 def hooks_from_config(config: TrainConfig) -> list[TrainerHook]:
