@@ -51,7 +51,8 @@ on other machines; ``backend="simulated"`` keeps every party in this process —
 against that process, exists for tests and simulations, and says so in :attr:`MpcAggregator.label`.
 
 >>> from fedguard.federation.transport import InProcessTransport
->>> from fedguard.rng import SecureRNG
+>>> from fedguard.identity import Identity
+from fedguard.rng import SecureRNG
 >>> agg = MpcAggregator(backend="simulated")  # every party in this process: see SimulatedParties
 >>> agg.label
 'mpc (simulated parties: no protection)'
@@ -81,11 +82,19 @@ from fedguard.federation.protocol import (
     ServerSide,
     check_ring_vector,
 )
+from fedguard.identity import Identity
 from fedguard.rng import SecureRNG
 from fedguard.secagg.mpc.norm import NormCheck
 from fedguard.secagg.mpc.options import MpcOptions
 from fedguard.secagg.mpc.parties import AggregationJob, ComputeParties, CryptenParties, SimulatedParties
-from fedguard.secagg.mpc.sharing import KEY_BYTES, SealedShares, keys_fingerprint, seal
+from fedguard.secagg.mpc.sharing import (
+    KEY_BYTES,
+    PURPOSE_SHARE_SIGNATURE,
+    SealedShares,
+    keys_fingerprint,
+    seal,
+    share_signature_body,
+)
 from fedguard.wire import Message, MessageSchema, bytes_array
 
 __all__ = ["INVALID_DROPPED", "NORM_CHECK_DROPPED", "CryptenParties", "MpcAggregator", "MpcOptions", "NormCheck",
@@ -101,7 +110,8 @@ INVALID_DROPPED = "invalid-shares"
 """Key of :attr:`AggregateResult.dropped` listing clients whose shares did not authenticate at every party."""
 
 def _reply_schema(n_parties: int) -> MessageSchema:
-    arrays = {"epk": ("|u1", 1)} | {f"ct{k}": ("|u1", 1) for k in range(n_parties)}
+    arrays = ({"epk": ("|u1", 1)} | {f"ct{k}": ("|u1", 1) for k in range(n_parties)}
+              | {f"sig{k}": ("|u1", 1) for k in range(n_parties)})  # empty without an identity
     return MessageSchema(kind="mpc/input", arrays=arrays)
 
 
@@ -156,7 +166,8 @@ class _MpcServer(ServerSide):
 
     def _close(self, stage: str, replies: dict[int, Message]) -> AggregateResult:
         inputs = {
-            c: SealedShares(m.blob("epk"), tuple(m.blob(f"ct{k}") for k in range(self._parties.n_parties)))
+            c: SealedShares(m.blob("epk"), tuple(m.blob(f"ct{k}") for k in range(self._parties.n_parties)),
+                            tuple(m.blob(f"sig{k}") for k in range(self._parties.n_parties)))
             for c, m in replies.items()
         }
         job = AggregationJob(self.spec.round_id, self.spec.vector_length, self.spec.ring_bits, inputs,
@@ -175,8 +186,10 @@ class _MpcClient(ClientSide):
     stages = (_INPUT,)
 
     def __init__(self, spec: RoundSpec, client_id: int, ring_input: np.ndarray, party_keys: tuple[bytes, ...],
-                 encoding: FixedPointSpec | None, rng: SecureRNG) -> None:
+                 encoding: FixedPointSpec | None, rng: SecureRNG, identity: Identity | None = None,
+                 deployment: str = "") -> None:
         super().__init__(spec, client_id)
+        self._identity, self._deployment = identity, deployment
         x = check_ring_vector(ring_input, spec, f"ring input of client {client_id}", error=InvalidUpdateError)
         self._norm_check = encoding is not None
         self._x = unweighted_input(x, encoding, spec.ring_bits) if encoding is not None else x.copy()
@@ -199,6 +212,11 @@ class _MpcClient(ClientSide):
         sealed = seal(self._x, self._keys, round_id=self.spec.round_id, client_id=self.client_id, rng=self._rng)
         arrays = {"epk": bytes_array(sealed.ephemeral_key)}
         arrays |= {f"ct{k}": bytes_array(ct) for k, ct in enumerate(sealed.ciphertexts)}
+        for k, ct in enumerate(sealed.ciphertexts):  # signed per party, bound to deployment, round and client
+            sig = b"" if self._identity is None else self._identity.sign(
+                PURPOSE_SHARE_SIGNATURE, deployment=self._deployment, round_id=self.spec.round_id,
+                body=share_signature_body(k, sealed.ephemeral_key, ct))
+            arrays[f"sig{k}"] = bytes_array(sig)
         return self._reply(kind="mpc/input", arrays=arrays)
 
 
@@ -223,8 +241,13 @@ class MpcAggregator(Aggregator):
     input_stage: ClassVar[str] = _INPUT
 
     def __init__(self, options: MpcOptions | Mapping[str, Any] | None = None, *,
-                 parties: ComputeParties | None = None, **fields: Any) -> None:
+                 parties: ComputeParties | None = None, identities: Mapping[int, Identity] | None = None,
+                 deployment: str = "", **fields: Any) -> None:
         opts = MpcOptions.build(options, fields)
+        self.identities: dict[int, Identity] = dict(identities or {})
+        """Signing identities of the clients this process plays: their shares are signed for the parties,
+        which check them against their own roster (``SimulatedParties``/``CryptenParties(roster=)``)."""
+        self.deployment = deployment
         if parties is not None and not isinstance(parties, ComputeParties):
             raise ConfigError(f"parties must be ComputeParties, got {type(parties).__name__}")
         if parties is not None and opts.norm_bound is not None and not parties.supports_norm_check:
@@ -313,7 +336,8 @@ class MpcAggregator(Aggregator):
         self, spec: RoundSpec, client_id: int, ring_input: np.ndarray, *, rng: SecureRNG | None = None
     ) -> ClientSide:
         return _MpcClient(spec, client_id, ring_input, self.parties.public_keys, self._encoding(spec),
-                          rng if rng is not None else SecureRNG())
+                          rng if rng is not None else SecureRNG(), self.identities.get(client_id),
+                          self.deployment)
 
     def close(self) -> None:
         """Stop the compute parties this aggregator started (parties passed in are the caller's). Idempotent."""

@@ -44,9 +44,17 @@ import numpy as np
 
 from fedguard.checks import check_int, int_problem, number_problem
 from fedguard.errors import ConfigError, ProtocolAbort
+from fedguard.identity import Roster
 from fedguard.secagg.mpc.crypten_rng import describe_generators
 from fedguard.secagg.mpc.norm import NormCheck
-from fedguard.secagg.mpc.sharing import SealedShares, new_party_key, open_share, public_key_bytes
+from fedguard.secagg.mpc.sharing import (
+    PURPOSE_SHARE_SIGNATURE,
+    SealedShares,
+    new_party_key,
+    open_share,
+    public_key_bytes,
+    share_signature_body,
+)
 
 LOOPBACK = "127.0.0.1"
 
@@ -76,7 +84,8 @@ class AggregationJob:
 
     def for_party(self, rank: int) -> AggregationJob:
         """The job party ``rank`` receives: every client's ephemeral key, only this party's ciphertext."""
-        mine = {c: SealedShares(s.ephemeral_key, tuple(ct if k == rank else b"" for k, ct in enumerate(s.ciphertexts)))
+        mine = {c: SealedShares(s.ephemeral_key, tuple(ct if k == rank else b"" for k, ct in enumerate(s.ciphertexts)),
+                                tuple(sig if k == rank else b"" for k, sig in enumerate(s.signatures)))
                 for c, s in self.inputs.items()}
         return replace(self, inputs=mine)
 
@@ -115,12 +124,27 @@ def _ring_mask(ring_bits: int) -> np.uint64:
     return np.uint64((1 << ring_bits) - 1) if ring_bits < 64 else np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
-def _open_all(job: AggregationJob, party: int, private: Any) -> tuple[list[int], np.ndarray, np.ndarray]:
-    """This party's share matrix (clients x length, uint64) and its local authenticity mask."""
+def _signed_by_client(job: AggregationJob, party: int, client: int, roster: Roster) -> bool:
+    """Whether ``client`` is on the party's roster and signed its share for this party, deployment and round
+    (a server cannot make up shares under a participant's name: a Sybil)."""
+    sealed = job.inputs[client]
+    if client not in roster.keys or len(sealed.signatures) <= party or len(sealed.ciphertexts) <= party:
+        return False
+    body = share_signature_body(party, sealed.ephemeral_key, sealed.ciphertexts[party])
+    return roster.verify(PURPOSE_SHARE_SIGNATURE, round_id=job.round_id, client=client, body=body,
+                         signature=sealed.signatures[party])
+
+
+def _open_all(job: AggregationJob, party: int, private: Any, roster: Roster | None = None
+              ) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """This party's share matrix (clients x length, uint64) and its local authenticity mask. With the
+    party's ``roster``, a share also needs its client's valid signature (else it counts as invalid)."""
     ids = sorted(job.inputs)
     shares = np.zeros((len(ids), job.vector_length), dtype=np.uint64)
     ok = np.zeros(len(ids), dtype=bool)
     for i, c in enumerate(ids):
+        if roster is not None and not _signed_by_client(job, party, c, roster):
+            continue
         s = open_share(job.inputs[c], party, private, round_id=job.round_id, client_id=c, length=job.vector_length)
         if s is not None:
             shares[i], ok[i] = s, True
@@ -168,10 +192,12 @@ class SimulatedParties(ComputeParties):
     that reads its own memory.
     """
 
-    def __init__(self, n_parties: int = 3, *, rng: Any = None) -> None:
+    def __init__(self, n_parties: int = 3, *, rng: Any = None, roster: Roster | None = None) -> None:
         _check_n_parties(n_parties, range(2, 17))
         self.n_parties = n_parties
         self._keys = [new_party_key(rng.spawn(f"party/{k}") if rng is not None else None) for k in range(n_parties)]
+        self.roster = roster
+        self._served: set[int] = set()
 
     @property
     def public_keys(self) -> tuple[bytes, ...]:
@@ -180,9 +206,14 @@ class SimulatedParties(ComputeParties):
     def aggregate(self, job: AggregationJob) -> PartiesResult:
         if job.norm is not None:
             raise ConfigError("the norm check runs under MPC: use CryptenParties(norm_check=True)")
+        if self.roster is not None:  # a deployment: each round is served once (a replayed job is refused)
+            if job.round_id in self._served:
+                raise ProtocolAbort(f"the MPC parties already served round {job.round_id}: a second job for it "
+                                    "(a replay) is refused, nothing revealed", round_id=job.round_id)
+            self._served.add(job.round_id)
         partial, masks, ids = [], [], sorted(job.inputs)
         for k, key in enumerate(self._keys):
-            _, shares, ok = _open_all(job, k, key)
+            _, shares, ok = _open_all(job, k, key, self.roster)
             partial.append(shares)
             masks.append(ok)
         valid = np.logical_and.reduce(masks)
@@ -379,7 +410,8 @@ def _square_and_scale(crypten: Any, rank: int, q: Any, w: Any) -> tuple[Any, Any
     return square, scaled
 
 
-def _party_main(rank: int, n_parties: int, port: int, timeout_s: float, dealer: bool, conn: Connection) -> None:
+def _party_main(rank: int, n_parties: int, port: int, timeout_s: float, dealer: bool, conn: Connection,
+                roster: Roster | None = None) -> None:
     try:
         crypten = _prepare_process(rank, n_parties, port, timeout_s, dealer)
         private = new_party_key()
@@ -388,6 +420,7 @@ def _party_main(rank: int, n_parties: int, port: int, timeout_s: float, dealer: 
     except Exception as err:  # noqa: BLE001 - reported to the coordinator, which aborts
         conn.send(("error", rank, f"party {rank} failed to start: {err!r}"))
         return
+    served: set[int] = set()  # rounds this party has served (refused again when a roster is set)
     while True:
         try:
             command, payload = conn.recv()
@@ -396,7 +429,7 @@ def _party_main(rank: int, n_parties: int, port: int, timeout_s: float, dealer: 
         if command == "close":
             break
         try:
-            conn.send(("result", rank, _party_aggregate(crypten, rank, n_parties, private, payload)))
+            conn.send(("result", rank, _party_aggregate(crypten, rank, n_parties, private, payload, roster, served)))
         except Exception as err:  # noqa: BLE001 - a failed round ends this party: the coordinator aborts
             # e.g. gloo's timeout when a peer stalls, or a reset connection when a peer died: this party
             # stops by itself, whether or not the coordinator is still there to stop it
@@ -408,14 +441,22 @@ def _party_main(rank: int, n_parties: int, port: int, timeout_s: float, dealer: 
     crypten.uninit()
 
 
-def _party_aggregate(crypten: Any, rank: int, n_parties: int, private: Any, job: AggregationJob) -> dict[str, Any]:
-    """One party's side of a round (runs inside the party process)."""
+def _party_aggregate(crypten: Any, rank: int, n_parties: int, private: Any, job: AggregationJob,
+                     roster: Roster | None = None, served: set[int] | None = None) -> dict[str, Any]:
+    """One party's side of a round (runs inside the party process). With a ``roster``, shares need their
+    client's signature and a round the party has ``served`` is refused (every party sees the same job
+    round id, so all refuse together)."""
+    if roster is not None and served is not None:
+        if job.round_id in served:
+            return {"abort": f"the MPC parties already served round {job.round_id}: a second job for it (a "
+                             "replay) is refused, nothing revealed"}  # the same words at every party
+        served.add(job.round_id)
     import torch
     from crypten.mpc import MPCTensor
 
     comm = crypten.communicator.get()
     clock = _Clock()
-    ids, shares, ok = _open_all(job, rank, private)
+    ids, shares, ok = _open_all(job, rank, private, roster)
     clock.lap("open")
     # agree on which clients sent authentic shares to everybody (public information)
     votes = comm.all_reduce(torch.from_numpy(ok.astype(np.int64)))
@@ -541,6 +582,9 @@ class CryptenParties(ComputeParties):
     norm_check: bool = False
     timeout_s: float = 30.0
     startup_timeout_s: float = 120.0
+    roster: Roster | None = None
+    """The deployment's client roster, given to each party process: shares must carry their client's
+    signature, and each round is served once."""
     _procs: list[_Proc] = field(default_factory=list, init=False, repr=False)
     _dealer: Any = field(default=None, init=False, repr=False)
     _state: str = field(default="new", init=False, repr=False)
@@ -568,7 +612,7 @@ class CryptenParties(ComputeParties):
                 parent, child = ctx.Pipe()
                 proc = ctx.Process(
                     target=_party_main, name=f"fedguard-mpc-party-{rank}", daemon=True,
-                    args=(rank, self.n_parties, port, self.timeout_s, self.norm_check, child),
+                    args=(rank, self.n_parties, port, self.timeout_s, self.norm_check, child, self.roster),
                 )
                 proc.start()
                 child.close()

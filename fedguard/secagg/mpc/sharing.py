@@ -86,12 +86,26 @@ def expand(seed: bytes, n: int) -> np.ndarray:
     return np.frombuffer(encryptor.update(bytes(8 * n)), dtype="<u8").astype(np.uint64, copy=False)
 
 
+PURPOSE_SHARE_SIGNATURE = "mpc/share"
+"""Signature purpose of a client's share for one party (:func:`share_signature_body`)."""
+
+
 @dataclass(frozen=True, slots=True)
 class SealedShares:
-    """One client's shares for one round: its ephemeral public key and one ciphertext per party."""
+    """One client's shares for one round: its ephemeral public key and one ciphertext per party, and, in a
+    deployment with a roster, one Ed25519 signature per party (:func:`share_signature_body`; empty
+    otherwise)."""
 
     ephemeral_key: bytes
     ciphertexts: tuple[bytes, ...]
+    signatures: tuple[bytes, ...] = ()
+
+
+def share_signature_body(party: int, ephemeral_key: bytes, ciphertext: bytes) -> bytes:
+    """What a client signs for party ``party`` (besides the context binding deployment, round and client,
+    :func:`fedguard.identity.signed_context`): the party index, its ephemeral key and that party's
+    ciphertext. Each party can check its own signature from what it receives."""
+    return struct.pack("<H", party) + ephemeral_key + ciphertext
 
 
 def split(x: np.ndarray, n_parties: int, rng: SecureRNG) -> tuple[np.ndarray, tuple[bytes, ...]]:
