@@ -51,8 +51,7 @@ on other machines; ``backend="simulated"`` keeps every party in this process —
 against that process, exists for tests and simulations, and says so in :attr:`MpcAggregator.label`.
 
 >>> from fedguard.federation.transport import InProcessTransport
->>> from fedguard.identity import Identity
-from fedguard.rng import SecureRNG
+>>> from fedguard.rng import SecureRNG
 >>> agg = MpcAggregator(backend="simulated")  # every party in this process: see SimulatedParties
 >>> agg.label
 'mpc (simulated parties: no protection)'
