@@ -460,6 +460,8 @@ class TrainConfig:
                                     f"{sorted(self.hetero.teachers)}")
                 if self.mode != "federated":
                     problems.append("trainer 'hetero' runs in mode 'federated' only (each client has its own teacher)")
+                if self.training.nproc_per_node > 1:
+                    problems.append("trainer 'hetero' trains clients in-process (training.nproc_per_node = 1)")
         if self.ost is not None and self.trainer != "ost":
             problems.append(f"the ost: section applies to trainer 'ost' only, got trainer {self.trainer!r}")
         if self.watermark is not None and self.training.nproc_per_node > 1:

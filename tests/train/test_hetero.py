@@ -114,6 +114,8 @@ def test_bad_hetero_configs_are_refused(tmp_path: Path, task: Path) -> None:
     with pytest.raises(ConfigError, match="did you mean 'layers'"):
         hetero_config(tmp_path, task, hetero={"teachers": {"client0": {"source": "tiny:llama", "layer": 1},
                                                            "client1": {"source": "tiny:llama"}}})
+    with pytest.raises(ConfigError, match="in-process"):
+        hetero_config(tmp_path, task, training={"local_steps": 1, "batch_size": 4, "nproc_per_node": 2})
     with pytest.raises(ConfigError, match="hetero: section"):
         tiny_config(tmp_path, task, trainer="hetero")
     with pytest.raises(ConfigError, match="applies to trainer 'hetero' only"):
