@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
+import numpy as np
+
 from fedguard.checks import check_int, number_problem
 from fedguard.dp.errors import UnsupportedEventError
 from fedguard.dp.events import (
@@ -211,6 +213,11 @@ class PrivacyAccountant:
         acc = PLDAccountant(value_discretization_interval=self.pld_discretization) if self.backend == "pld" else RdpAccountant()
         # a canonical order: the same multiset of events gives bit-identical epsilon however it was recorded
         for event, count in sorted(groups.items(), key=lambda kv: json.dumps(event_to_dict(kv[0]), sort_keys=True)):
+            if isinstance(event, DistributedDiscreteGaussianEvent) and isinstance(acc, RdpAccountant):
+                # KLS Proposition 14: the minimum of its three forms at each order (dp_accounting's ZCDpEvent
+                # takes one form for all orders); dp_accounting still converts the RDP curve to epsilon
+                acc._rdp = acc._rdp + count * np.asarray(event.rdp(acc._orders), dtype=np.float64)
+                continue
             inner = to_dp_accounting(event)
             acc.compose(inner, count)
         return float(acc.get_epsilon(delta))

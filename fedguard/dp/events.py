@@ -25,8 +25,11 @@ update for client-level DP and one training example for example-level DP):
       (2) rho = (a² + 2bτ + τ² d)/2,      xi = 0
       (3) rho = (a + √d τ)²/2,            xi = 0
 
-  Every one of them is a valid bound, so the event is accounted as the ``ZCDPEvent`` of the form that is
-  smallest at order 32 (in practice ``τ`` underflows for ``s >= 2`` and all three equal ``a²/2``).
+  Every one of them is a valid bound at every order, so their pointwise minimum is one too: the RDP
+  backend accounts the event as ``min_f (xi_f + rho_f·alpha)`` at each of its orders
+  (:meth:`DistributedDiscreteGaussianEvent.rdp`), never above the single form that is smallest at order 32
+  (:meth:`~DistributedDiscreteGaussianEvent.zcdp_bound`, used where one ``ZCDPEvent`` is needed, e.g.
+  nested inside a composed event). In practice ``τ`` underflows for ``s >= 2`` and all three equal ``a²/2``.
   As ``s -> ∞`` this tends to the continuous Gaussian with noise multiplier ``√n s / Δ2``.
 * :class:`NonPrivateEvent` — a release with no guarantee (zero noise or no clipping): epsilon = inf.
 
@@ -39,7 +42,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, TypeAlias
 
@@ -164,18 +167,26 @@ class DistributedDiscreteGaussianEvent:
         """``√n s / Δ2``: the noise multiplier of the continuous Gaussian this converges to."""
         return math.sqrt(self.n_clients) * self.local_stddev / self.l2_sensitivity
 
-    def zcdp_bound(self) -> ZCDPEvent:
-        """The tightest at order 32 of the three RDP forms of Proposition 14 (each one is valid)."""
+    def forms(self) -> list[tuple[float, float]]:
+        """The three ``(rho, xi)`` forms of Proposition 14 (see the module doc); each is a valid RDP bound."""
         n, s, d = self.n_clients, float(self.local_stddev), self.dimension
         tau = self.tau
         a = self.l2_sensitivity / (math.sqrt(n) * s)
         b = self.l1_sensitivity / (math.sqrt(n) * s)
-        forms = [
+        return [
             (a * a / 2.0, tau * d),
             ((a * a + 2.0 * b * tau + tau * tau * d) / 2.0, 0.0),
             ((a + math.sqrt(d) * tau) ** 2 / 2.0, 0.0),
         ]
-        rho, xi = min(forms, key=lambda f: f[1] + 32.0 * f[0])
+
+    def rdp(self, orders: Sequence[float]) -> list[float]:
+        """RDP at each order ``alpha``: ``min_f (xi_f + rho_f·alpha)`` over the three forms (tight per order)."""
+        forms = self.forms()
+        return [min(xi + rho * float(alpha) for rho, xi in forms) for alpha in orders]
+
+    def zcdp_bound(self) -> ZCDPEvent:
+        """The tightest at order 32 of the three RDP forms of Proposition 14 (each one is valid)."""
+        rho, xi = min(self.forms(), key=lambda f: f[1] + 32.0 * f[0])
         return ZCDPEvent(rho, xi)
 
 
