@@ -292,3 +292,33 @@ def test_robust_reconstruct_corrects_up_to_half_the_redundancy() -> None:
         too_many = [shamir.Share(s.x, (s.y + 1) % shamir.PRIME) if i <= e else s for i, s in enumerate(shares)]
         with pytest.raises(shamir.InconsistentSharesError):
             shamir.robust_reconstruct(too_many, t)
+
+
+@pytest.mark.parametrize("max_corrupt", [0, 2])
+def test_corrupt_double_signers_need_max_corrupt(max_corrupt: int) -> None:
+    """Corrupt clients 10 and 11 sign both survivor sets; the server shows set A (14 alive) to 12 and 14, and
+    set B (14 dropped) to 13 and 15. Each set then carries 4 signatures: enough when the protocol tolerates
+    no corrupt client (n=6: ⌊6/2⌋+1 = 4), so 12 reveals 14's self-mask share and 13 its masking-key share,
+    and with the corrupt holders' shares of both the server reaches t=4 of each: 14's input is exposed.
+    With ``max_corrupt=2`` a set needs ⌊(6+2)/2⌋+1 = 5 signatures and both honest clients refuse."""
+    spec, server, clients, _ = _setup(_signed(max_corrupt=max_corrupt))
+    outbox = _run_to(server, clients, CONSISTENCY)
+    full = sorted(outbox)
+    without = [c for c in full if c != 14]
+    shown = {12: full, 14: full, 13: without, 15: without}
+    sigs_a, sigs_b = {}, {}
+    for c, survivors in shown.items():
+        sig = wire.decode(clients[c].handle(_rewrite(outbox[c], survivors=np.array(survivors, dtype=np.int64))))
+        (sigs_a if survivors == full else sigs_b)[c] = sig.blob("sig")
+    for corrupt in (10, 11):
+        for survivors, table in ((full, sigs_a), (without, sigs_b)):
+            table[corrupt] = IDENTITIES[corrupt].sign("masking/survivors", deployment=ROSTER.deployment,
+                                                      round_id=spec.round_id, body=survivors_body(survivors))
+    if max_corrupt == 0:
+        b = wire.decode(clients[12].handle(_unmask_request(spec, 12, full, sigs_a)))
+        s = wire.decode(clients[13].handle(_unmask_request(spec, 13, without, sigs_b)))
+        assert 14 in [int(o) for o in b.arrays["b_owners"]] and 14 in [int(o) for o in s.arrays["s_owners"]]
+    else:
+        for c, survivors, table in ((12, full, sigs_a), (13, without, sigs_b)):
+            with pytest.raises(ProtocolViolation, match="only 4 valid signatures.*5 are needed"):
+                clients[c].handle(_unmask_request(spec, c, survivors, table))

@@ -15,18 +15,19 @@ is :class:`SignedMaskingAggregator`: the protocol of :mod:`fedguard.secagg.maski
    the survivor set ``A2``; each client checks it (as the unsigned protocol does before unmasking) and
    answers ``Sign(sk_u, ctx("masking/survivors") ‖ A2)``. The unmask request carries the set and the
    signatures the server collected; a client reveals shares only if the set is the one *it* signed and
-   at least ``max(t, ⌊n/2⌋ + 1)`` distinct rostered survivors signed it too (:func:`signatures_needed`:
-   a strict majority of the round, since SecAgg+'s ``t`` counts only a neighbourhood). A server that tells different clients
+   at least ``max(t, ⌊(n + c)/2⌋ + 1)`` distinct rostered survivors signed it too, for ``c`` tolerated
+   corrupt clients (:func:`signatures_needed`; SecAgg+'s ``t`` counts only a neighbourhood). A server that tells different clients
    different survivor sets (to collect ``t`` shares of both ``b_u`` and ``s_u`` of one client ``u``, which
    unmasks ``x_u``) gets no share from an honest client shown a set it did not sign, and cannot gather
    a majority of signatures on each of two sets from honest clients who sign only one.
 
 What it protects (after Bonawitz et al., Thm. A.2/A.3): against a malicious server colluding with fewer
-than ``t`` clients, and fewer corrupt clients ``c`` than the majority margin (a corrupt client can sign
-two sets: two sets both reach ``⌊n/2⌋ + 1`` signatures only if ``c`` exceeds the honest clients' slack),
+than ``t`` clients, and at most ``max_corrupt`` corrupt clients (a corrupt client can sign two sets; the
+signature count :func:`signatures_needed` exceeds ``(n + max_corrupt)/2``, so two sets are never both
+accepted),
 the server learns nothing beyond sums over at least ``t`` inputs (and at least
-``RoundSpec.min_contributors``). A round therefore needs a majority of its participants to survive to
-the consistency round. With SecAgg+'s sparse graph the condition is per neighbourhood and holds
+``RoundSpec.min_contributors``). A round therefore needs more than ``(n + c)/2`` of its participants to
+survive to the consistency round. With SecAgg+'s sparse graph the condition is per neighbourhood and holds
 only with the probability Bell et al. bound; ``docs/secagg-masking.md`` gives the numbers. The server
 still chooses *which* honest clients it drops: selective dropping is within its power and the threshold
 bounds how small a sum it can obtain.
@@ -42,6 +43,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from fedguard import wire
+from fedguard.checks import int_problem
 from fedguard.errors import ConfigError, MessageError
 from fedguard.federation.protocol import AggregateResult, ClientSide, Outbox, RoundSpec, ServerSide
 from fedguard.identity import SIGNATURE_BYTES, Identity, Roster
@@ -83,13 +85,14 @@ _SIGNED_UNMASK_REQ = MessageSchema(kind="masking/signed-unmask-request",
 _SIGNED_REPLIES = {**_REPLY_SCHEMAS, ADVERTISE: _SIGNED_KEYS, CONSISTENCY: _CONSISTENCY}
 
 
-def signatures_needed(spec: RoundSpec, params: MaskingParams) -> int:
-    """Valid signatures on one survivor set before a client reveals: ``max(t, ⌊n/2⌋ + 1)``. A strict
-    majority of the round's ``n`` participants means two different sets can never both be accepted while
-    honest clients each sign one set and corrupt clients (who may sign both) number fewer than the margin;
-    ``t`` alone would not do for SecAgg+, whose ``t`` counts a neighbourhood, not the round. For classic
-    SecAgg with the default ``t = ⌊n/2⌋ + 1`` the two coincide."""
-    return max(params.threshold, spec.n_clients // 2 + 1)
+def signatures_needed(spec: RoundSpec, params: MaskingParams, max_corrupt: int = 0) -> int:
+    """Valid signatures on one survivor set before a client reveals: ``max(t, ⌊(n + c)/2⌋ + 1)`` for ``n``
+    participants and at most ``c = max_corrupt`` corrupt clients. Honest clients sign one set each, corrupt
+    ones may sign both; two different sets both reach ``s`` signatures only if ``2s <= n + c``, so with
+    ``s > (n + c)/2`` at most one set is ever accepted (Bonawitz et al.'s ``t > (n + c)/2`` condition).
+    ``t`` alone would not do for SecAgg+, whose ``t`` counts a neighbourhood, not the round. The price is
+    liveness: more than ``(n + c)/2`` clients must survive to the consistency round."""
+    return max(params.threshold, (spec.n_clients + max_corrupt) // 2 + 1)
 
 
 def keys_body(graph_seed: bytes, c_key: bytes, s_key: bytes) -> bytes:
@@ -106,14 +109,15 @@ class _SignedServer(_MaskingServer):
     stages = SIGNED_STAGES
 
     def __init__(self, spec: RoundSpec, params: MaskingParams, graph: CommunicationGraph, graph_seed: bytes,
-                 unmask_workers: int, roster: Roster) -> None:
+                 unmask_workers: int, roster: Roster, max_corrupt: int) -> None:
         super().__init__(spec, params, graph, graph_seed, unmask_workers)
         self.roster = roster
+        self._needed = signatures_needed(spec, params, max_corrupt)
         self._key_sigs: dict[int, bytes] = {}
         self._survivors: tuple[int, ...] = ()
 
     def min_replies(self, stage: str) -> int:
-        return signatures_needed(self.spec, self.params) if stage == CONSISTENCY else self.threshold
+        return self._needed if stage == CONSISTENCY else self.threshold
 
     def _schema(self, stage: str) -> MessageSchema:
         return _SIGNED_REPLIES[stage]
@@ -165,9 +169,10 @@ class _SignedClient(_MaskingClient):
     stages = SIGNED_STAGES
 
     def __init__(self, spec: RoundSpec, client_id: int, ring_input: np.ndarray, params: MaskingParams,
-                 rng: SecureRNG, identity: Identity, roster: Roster) -> None:
+                 rng: SecureRNG, identity: Identity, roster: Roster, max_corrupt: int) -> None:
         super().__init__(spec, client_id, ring_input, params, rng)
         self.identity, self.roster = identity, roster
+        self._needed = signatures_needed(spec, params, max_corrupt)
         self._graph_seed = b""
         self._signed_survivors: tuple[int, ...] | None = None
 
@@ -232,7 +237,7 @@ class _SignedClient(_MaskingClient):
         if sigs.shape != (len(signers), SIGNATURE_BYTES):
             raise MessageError(f"sigs must have shape ({len(signers)}, {SIGNATURE_BYTES}), got {sigs.shape}")
         body, rid = survivors_body(survivors), self.spec.round_id
-        needed = signatures_needed(self.spec, self.params)
+        needed = self._needed
         outside = set(signers) - set(survivors)
         if outside:
             raise self._violation(msg, f"signers {sorted(outside)} are not survivors")
@@ -256,6 +261,9 @@ class SignedMaskingAggregator(MaskingAggregator):
 
     Args:
         roster: every participant's public identity, known to every client out of band.
+        max_corrupt: ``c``, how many corrupt (colluding) clients the consistency round must withstand:
+            a client reveals only with ``max(t, ⌊(n + c)/2⌋ + 1)`` signatures on its survivor set
+            (:func:`signatures_needed`). Default 0.
         identities: the signing identities of the clients this process plays (an in-process simulation
             holds all of them; a client's process would hold only its own).
         options, rng, fields: as for :class:`MaskingAggregator`.
@@ -265,9 +273,13 @@ class SignedMaskingAggregator(MaskingAggregator):
     stages: ClassVar[tuple[str, ...]] = SIGNED_STAGES
 
     def __init__(self, options: MaskingOptions | Mapping[str, Any] | None = None, *, roster: Roster,
-                 identities: Mapping[int, Identity] | None = None, rng: SecureRNG | None = None,
-                 **fields: Any) -> None:
+                 identities: Mapping[int, Identity] | None = None, max_corrupt: int = 0,
+                 rng: SecureRNG | None = None, **fields: Any) -> None:
         super().__init__(options, rng=rng, **fields)
+        problem = int_problem("max_corrupt", max_corrupt, low=0)
+        if problem:
+            raise ConfigError(problem)
+        self.max_corrupt = max_corrupt
         if not isinstance(roster, Roster):
             raise ConfigError(f"roster must be a Roster, got {type(roster).__name__}")
         self.roster = roster
@@ -290,14 +302,15 @@ class SignedMaskingAggregator(MaskingAggregator):
         seed = self.graph_seed(spec)
         params = self.params(spec.n_clients)
         graph = CommunicationGraph.harary(spec.participants, params.neighbours, seed)
-        return _SignedServer(spec, params, graph, seed, self.unmask_workers, self.roster)
+        return _SignedServer(spec, params, graph, seed, self.unmask_workers, self.roster, self.max_corrupt)
 
     def client(self, spec: RoundSpec, client_id: int, ring_input: np.ndarray, *, rng: SecureRNG | None = None
                ) -> ClientSide:
         if client_id not in self.identities:
             raise ConfigError(f"no signing identity for client {client_id} in this process")
         return _SignedClient(spec, client_id, ring_input, self.params(spec.n_clients),
-                             rng if rng is not None else SecureRNG(), self.identities[client_id], self.roster)
+                             rng if rng is not None else SecureRNG(), self.identities[client_id], self.roster,
+                             self.max_corrupt)
 
     def survives(self, spec: RoundSpec, alive_per_stage: list[set[int]]) -> bool:
         """The base rules, with the unmask stage's responders being those that also signed the survivor
@@ -306,6 +319,6 @@ class SignedMaskingAggregator(MaskingAggregator):
             raise ConfigError(f"alive_per_stage needs one set per stage {SIGNED_STAGES}, got {len(alive_per_stage)}")
         s0, s1, s2, s3, s4 = (set(a) for a in alive_per_stage)
         consistent = s0 & s1 & s2 & s3
-        if len(consistent) < signatures_needed(spec, self.params(spec.n_clients)):
+        if len(consistent) < signatures_needed(spec, self.params(spec.n_clients), self.max_corrupt):
             return False
         return super().survives(spec, [s0, s1, s2, s3 & s4])
