@@ -109,3 +109,20 @@ def test_random_dropouts_are_refused_or_released_with_at_least_the_planned_noise
     # sample std of D i.i.d. draws: relative standard error ~ 1/sqrt(2D) = 1.6%; allow 5 of them
     assert float(np.std(total_int)) >= planned * (1 - 5 / math.sqrt(2 * D))
     assert result.contributors == tuple(c for c in range(n) if c not in dropped)
+
+
+@pytest.mark.parametrize(("name", "option", "default"), [("paillier", "min_clients", 3), ("mpc", "min_clients", 2)])
+def test_paillier_and_mpc_thresholds_are_checked_too(name: str, option: str, default: int) -> None:
+    hook = ClientDPHook({**SECTION, "min_survivors": 4}, n_clients=4, aggregator=name)
+    agg = make_aggregator(name)
+    try:
+        assert agg.threshold(4) == default
+        with pytest.raises(ConfigError, match=rf"min_survivors=4.*as few as {default} of 4.*{option} >= 4"):
+            hook.check_aggregator(agg, 4)
+    finally:
+        agg.close()
+    agg = make_aggregator(name, {option: 4})
+    try:
+        hook.check_aggregator(agg, 4)
+    finally:
+        agg.close()
