@@ -48,13 +48,21 @@ class MessageError(FedGuardError, ValueError):
 
 
 class ProtocolAbort(FedGuardError, RuntimeError):
-    """A secure-aggregation round cannot complete safely and was aborted without revealing anything,
-    e.g. fewer clients survived a stage than the protocol's threshold."""
+    """A secure-aggregation round cannot complete safely and was aborted, e.g. fewer clients survived a
+    stage than the protocol's threshold. The server never learns the sum from an aborted round.
 
-    def __init__(self, message: str, *, round_id: int | None = None, stage: str | None = None) -> None:
+    ``nothing_revealed`` is ``True`` only where the abort provably came before *any* party could decode a
+    sum (before unmasking, decryption or opening). It is ``False`` (the conservative default) where a
+    party may already have decoded one: e.g. a Paillier key holder that decrypted and then refused an
+    overfull slot, or a masking round whose unmasking shares were already revealed. Privacy accounting
+    may take back a write-ahead record only for ``nothing_revealed=True``."""
+
+    def __init__(self, message: str, *, round_id: int | None = None, stage: str | None = None,
+                 nothing_revealed: bool = False) -> None:
         super().__init__(message)
         self.round_id = round_id
         self.stage = stage
+        self.nothing_revealed = nothing_revealed
 
 
 class ProtocolViolation(ProtocolAbort):

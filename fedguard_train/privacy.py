@@ -39,11 +39,12 @@ import numpy as np
 import torch
 
 from fedguard.encoding import FixedPointSpec
-from fedguard.errors import ConfigError
+from fedguard.errors import ConfigError, ProtocolAbort
 from fedguard.federation.protocol import Aggregator
 from fedguard.rng import SecureRNG
 from fedguard.updates import ClientUpdate
 from fedguard_train.config import DPSection, TrainConfig, section_from_mapping
+from fedguard_train.engine import TrainingDiverged
 from fedguard_train.hooks import RingEncoding, TrainerHook
 
 LEDGER_FILE = "privacy_ledger.json"
@@ -163,11 +164,15 @@ class ClientDPHook(TrainerHook):
         self._at("ledger_persisted")
 
     def on_round_aborted(self, round_id: int, error: BaseException) -> None:
-        """The round ended before anything was decoded (``ProtocolAbort``, a diverged client): retract its
-        write-ahead record. Any other failure keeps it (the server may have seen a sum)."""
+        """Retract the round's write-ahead record only when nothing can have been decoded: a diverged
+        client (nothing reached the aggregator) or a :class:`ProtocolAbort` with ``nothing_revealed``.
+        Any other failure, including an abort after a party may have decrypted or unmasked a sum (a
+        Paillier key holder refusing an overfull slot), keeps the record: over-counting is safe."""
         self.dp.abandon_round()
-        if self._pending is not None and self._pending[0] == round_id and self.ledger is not None \
-                and self.dp.accountant is not None:
+        provably_unreleased = isinstance(error, TrainingDiverged) or (
+            isinstance(error, ProtocolAbort) and error.nothing_revealed)
+        if provably_unreleased and self._pending is not None and self._pending[0] == round_id \
+                and self.ledger is not None and self.dp.accountant is not None:
             self.ledger.retract(self.dp.accountant, self._pending[1])
         self._pending = None
 

@@ -216,7 +216,7 @@ def too_few_contributors(spec: RoundSpec, count: int, who: str = "the server", *
     return ProtocolAbort(
         f"{who}: only {count} client(s) survive to the reveal of round {spec.round_id}; "
         f"min_contributors={spec.min_contributors} are needed: aborted before anything was decoded",
-        round_id=spec.round_id, stage=stage)
+        round_id=spec.round_id, stage=stage, nothing_revealed=True)
 
 
 def ring_input_schema(kind: str, *, extra_meta: Mapping[str, type] | None = None) -> MessageSchema:

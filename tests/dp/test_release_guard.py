@@ -60,19 +60,32 @@ def test_one_dropout_aborts_before_decoding_and_the_ledger_keeps_no_phantom_rele
         return original(round_id, mean, contributors)
 
     hook.aggregate = spy  # type: ignore[method-assign]
-    with pytest.raises(ProtocolAbort, match="min_contributors=3"):
+    with pytest.raises(ProtocolAbort, match="min_contributors=3") as info:
         run_round(1, np.zeros(D, np.float32), range(3), _zero_step, agg, hook.dp.fixed_point_spec(), hooks=hook,
                   drop_at={2: "mask"}, min_contributors=hook.min_contributors)
-    assert decoded == []
-    # the write-ahead record was on disk during the round; the trainer retracts it on ProtocolAbort
+    assert decoded == [] and info.value.nothing_revealed
+    # the write-ahead record was on disk during the round; the trainer retracts it on this abort
     assert len(PrivacyAccountant.load(ledger).ledger) == 1
-    hook.on_round_aborted(1, ProtocolAbort("aborted"))
+    hook.on_round_aborted(1, info.value)
     assert PrivacyAccountant.load(ledger).ledger == ()
     assert hook.dp.accountant is not None and hook.dp.accountant.epsilon() == 0.0
     # the same round then runs with every client and is accounted once
     run_round(1, np.zeros(D, np.float32), range(3), _zero_step, agg, hook.dp.fixed_point_spec(), hooks=hook,
               min_contributors=hook.min_contributors)
     assert decoded == [1] and len(PrivacyAccountant.load(ledger).ledger) == 1
+
+
+def test_an_abort_after_a_party_may_have_decoded_keeps_the_record(tmp_path: Path) -> None:
+    # e.g. a Paillier key holder that decrypted the sum, then refused an overfull slot: that party saw a
+    # release, so the write-ahead record stays (over-counting is safe, under-counting is not)
+    ledger = tmp_path / "ledger.json"
+    hook = _hook(3, 3, ledger)
+    hook.on_round_start(1, (0, 1, 2))
+    assert len(PrivacyAccountant.load(ledger).ledger) == 1
+    hook.on_round_aborted(1, ProtocolAbort("key holder decrypted and refused the sum", round_id=1, stage="decrypt"))
+    assert len(PrivacyAccountant.load(ledger).ledger) == 1
+    hook.on_round_aborted(1, ProtocolAbort("too few", round_id=1, nothing_revealed=True))  # nothing pending now
+    assert len(PrivacyAccountant.load(ledger).ledger) == 1
 
 
 @pytest.mark.parametrize("case", range(10))

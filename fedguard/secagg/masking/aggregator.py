@@ -245,8 +245,9 @@ class _MaskingServer(ServerSide):
         """Holders whose revealed share was wrong (and corrected), with the owners they lied about."""
 
     def _abort(self, stage: str, message: str) -> ProtocolAbort:
+        # before the unmask stage no client has revealed a share: nothing can have been decoded
         return ProtocolAbort(f"round {self.spec.round_id} aborted in stage {stage!r}: {message}",
-                             round_id=self.spec.round_id, stage=stage)
+                             round_id=self.spec.round_id, stage=stage, nothing_revealed=stage != UNMASK)
 
     # -- stage machine hooks ---------------------------------------------------------------------------
     def _open(self) -> Outbox:

@@ -209,7 +209,8 @@ class SimulatedParties(ComputeParties):
         if self.roster is not None:  # a deployment: each round is served once (a replayed job is refused)
             if job.round_id in self._served:
                 raise ProtocolAbort(f"the MPC parties already served round {job.round_id}: a second job for it "
-                                    "(a replay) is refused, nothing revealed", round_id=job.round_id)
+                                    "(a replay) is refused, nothing revealed", round_id=job.round_id,
+                                    nothing_revealed=True)
             self._served.add(job.round_id)
         partial, masks, ids = [], [], sorted(job.inputs)
         for k, key in enumerate(self._keys):
@@ -218,7 +219,7 @@ class SimulatedParties(ComputeParties):
             masks.append(ok)
         valid = np.logical_and.reduce(masks)
         if int(valid.sum()) < job.min_contributors:
-            raise ProtocolAbort(_too_few(job, int(valid.sum())), round_id=job.round_id)
+            raise ProtocolAbort(_too_few(job, int(valid.sum())), round_id=job.round_id, nothing_revealed=True)
         # each party adds its shares of the valid clients locally; revealing adds the K partial sums
         local_sums = [p[valid].sum(axis=0, dtype=np.uint64) for p in partial]
         total = np.zeros(job.vector_length, dtype=np.uint64)

@@ -314,7 +314,7 @@ class _PaillierServer(ServerSide):
                          else "nothing was sent for decryption")
             raise ProtocolAbort(
                 f"key holder {kh} did not reply in stage {stage!r}: round {self.spec.round_id} aborted; {aftermath}",
-                round_id=self.spec.round_id, stage=stage,
+                round_id=self.spec.round_id, stage=stage, nothing_revealed=stage != _DECRYPT,
             )
         if stage == _KEY:
             msg = replies[kh]
@@ -331,14 +331,14 @@ class _PaillierServer(ServerSide):
                 raise ProtocolAbort(
                     f"client {sender} sent unusable input ({err}); round {self.spec.round_id} aborted before "
                     "anything was decrypted",
-                    round_id=self.spec.round_id, stage=stage,
+                    round_id=self.spec.round_id, stage=stage, nothing_revealed=True,
                 )
             public, layout = self._round_key()
             summands = tuple(sorted(replies))
             reason = self._cfg.too_few(summands, kh, self.spec.n_clients, self.spec.min_contributors)
             if reason is not None:  # refuse before anything is sent for decryption
                 raise ProtocolAbort(f"{reason}: round {self.spec.round_id} aborted, nothing decrypted",
-                                    round_id=self.spec.round_id, stage=stage)
+                                    round_id=self.spec.round_id, stage=stage, nothing_revealed=True)
             self._contributors = summands
             if len(self._contributors) > layout.max_clients:  # derive() already refused more participants
                 raise SlotOverflowError(f"{len(self._contributors)} contributors exceed max_clients={layout.max_clients}")
@@ -447,7 +447,8 @@ class _PaillierClient(ClientSide):
         contributors = _contributor_list(msg.meta["contributors"], self.spec, who)
         reason = self._cfg.too_few(contributors, self.client_id, self.spec.n_clients, self.spec.min_contributors)
         if reason is not None:
-            raise ProtocolAbort(f"{who}: {reason}; nothing decrypted", round_id=self.spec.round_id, stage=_DECRYPT)
+            raise ProtocolAbort(f"{who}: {reason}; nothing decrypted", round_id=self.spec.round_id, stage=_DECRYPT,
+                                nothing_revealed=True)
         if len(contributors) > layout.max_clients:
             raise SlotOverflowError(f"{who}: {len(contributors)} contributors exceed max_clients={layout.max_clients}")
         summed = keypair.public.ciphertexts_from_bytes(msg.blob("c"), layout.n_ciphertexts, what=who)

@@ -45,6 +45,8 @@ def test_an_overfull_slot_aborts_with_true_messages() -> None:
         transport.run(server, clients, tamper=overfill)
     text = str(info.value)
     assert "may have decrypted" in text and "server learned nothing" in text and "nothing decrypted" not in text
+    # the key holder saw a sum: DP accounting must keep this round's release (never retract it)
+    assert info.value.nothing_revealed is False
 
 
 def test_the_key_holders_refusal_says_it_decrypted() -> None:
