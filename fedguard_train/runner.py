@@ -114,7 +114,7 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
     trainer = build_trainer(config, quiet=quiet)
     if not quiet:
         tqdm.write(f"{trainer.title}: {config.n_parties} {'party' if config.n_parties == 1 else 'clients'}, "
-                   f"adapter {config.adapter.method}, aggregator {trainer.aggregator_label}: "
+                   f"adapter {trainer.adapter_label}, aggregator {trainer.aggregator_label}: "
                    f"{trainer.counts['trainable']:,} travelling parameters of {trainer.counts['total']:,} "
                    f"({100 * trainer.counts['share']:.3f}%)")
         for part in trainer.partition:

@@ -285,6 +285,11 @@ class Trainer(ABC):
         return aggregator
 
     @property
+    def adapter_label(self) -> str:
+        """What travels, in words, for the run's header line (the PEFT method by default)."""
+        return self.config.adapter.method
+
+    @property
     def aggregator_label(self) -> str:
         if self.aggregator is not None:
             return self.aggregator.label

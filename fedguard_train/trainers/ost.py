@@ -51,6 +51,12 @@ class FedOST(Trainer):
     name: ClassVar[str] = "ost"
     title: ClassVar[str] = "FedOST"
 
+    @property
+    def adapter_label(self) -> str:
+        ost = self.config.ost or OSTSection()
+        middle = "distilled" if ost.distill else "layer-dropped"
+        return f"offsite blocks (bottom {ost.bottom}, top {ost.top}, {middle} middle at drop {ost.drop:g})"
+
     def setup(self) -> None:
         from fedguard_train.emulator import load_server_model
 

@@ -163,6 +163,7 @@ def _ost_config(tmp_path: Path, task: Path, **overrides: object) -> TrainConfig:
 def test_fedost_runs_over_masking_and_the_server_reloads_the_plugged_model(tmp_path: Path, task: Path) -> None:
     config = _ost_config(tmp_path, task, federation={"clients": 2, "rounds": 2, "aggregator": "masking"})
     trainer = FedOST(config, quiet=True)
+    assert trainer.adapter_label.startswith("offsite blocks (bottom ")  # the header names what travels, not LoRA
     emulated = dict(trainer.model.named_parameters())
     assert len(decoder_blocks(trainer.model.emulator, FAMILIES["llama"])) == 4  # type: ignore[arg-type]
     result = trainer.run()
