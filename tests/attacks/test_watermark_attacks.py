@@ -26,12 +26,8 @@ from fedguard.watermark.simulation import SimulationConfig, run_federated, task_
 CFG = SimulationConfig(clients=2, rounds=3, n_layer=2, bits=32, mode="gram")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models run fastest on one thread (and do not fight xdist's other worker for the 2 cores)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

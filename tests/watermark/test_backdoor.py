@@ -14,13 +14,8 @@ from fedguard.watermark.simulation import SimulationConfig, task_data, tiny_gpt2
 CFG = SimulationConfig(clients=1, vocab=48, seq_len=16, n_layer=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run fastest on one thread (and do not fight xdist's other worker for the 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models run fastest on one thread (and do not fight xdist's other worker for the 2 cores)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_mix_replaces_the_ratio_of_rows_and_trains_on_responses_only() -> None:

@@ -6,7 +6,6 @@ docs/watermark.md; here on the tiny simulation."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from fedguard.errors import ConfigError
 from fedguard.watermark.simulation import SimulationConfig, run_federated
@@ -14,12 +13,8 @@ from fedguard.watermark.simulation import SimulationConfig, run_federated
 DP = dict(clients=2, rounds=3, n_layer=2, bits=24, mode="gram", dp_clip=0.1, dp_noise=0.5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models run fastest on one thread (and do not fight xdist's other worker for the 2 cores)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_client_side_watermarks_do_not_survive_dp_noise_but_the_server_side_component_does() -> None:

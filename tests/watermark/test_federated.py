@@ -5,7 +5,6 @@ watermarks, and 1000 random keys make no claim against the unwatermarked model."
 from __future__ import annotations
 
 import pytest
-import torch
 
 from fedguard.rng import SecureRNG
 from fedguard.watermark import SignWatermark, make_sign_key
@@ -14,13 +13,8 @@ from fedguard.watermark.simulation import SimulationConfig, SimulationResult, ru
 CONFIG = SimulationConfig()  # 4 clients, 4 rounds, 32 bits each into 8 norm blocks of 64 channels
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run fastest on one thread (and do not fight xdist's other worker for the 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models run fastest on one thread (and do not fight xdist's other worker for the 2 cores)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,8 @@ from fedguard.watermark.invariant import consumer_paths
 from fedguard.watermark.simulation import SimulationConfig, tiny_gpt2_lora
 from fedguard.watermark.targets import base_model, norm_modules, resolve_module
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run fastest on one thread (and do not fight xdist's other worker for the 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models run fastest on one thread (and do not fight xdist's other worker for the 2 cores)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def embed(wms: list[SignWatermark], model: torch.nn.Module, steps: int = 40) -> None:

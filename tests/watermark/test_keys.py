@@ -24,14 +24,8 @@ from fedguard.watermark import (
 from fedguard.watermark.keys import key_to_json, projection_matrix, signature_bits
 from fedguard.watermark.simulation import SimulationConfig, tiny_gpt2_lora
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run fastest on one thread (and do not fight xdist's other worker for the 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models run fastest on one thread (and do not fight xdist's other worker for the 2 cores)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,8 @@ from fedguard.watermark.keys import direction, projection_matrix
 from fedguard.watermark.loading import load_model
 from fedguard.watermark.simulation import SimulationConfig, tiny_gpt2_lora
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run fastest on one thread (and do not fight xdist's other worker for the 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models run fastest on one thread (and do not fight xdist's other worker for the 2 cores)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def embed(wm: SignWatermark, model: torch.nn.Module, steps: int = 40, lr: float = 1e-2) -> None:
