@@ -7,9 +7,10 @@ single summed ciphertext vector to the key holder, and receives the decrypted *s
 one plaintext (:mod:`fedguard.secagg.paillier.packing`): with 8-bit quantisation, weights up to 1024 and 10
 clients a 2048-bit ciphertext carries 93 values, about 5.5 bytes per value instead of phe's 512, and
 encryption costs one ``r^n mod n^2`` per 93 values (BatchCrypt, Zhang et al., USENIX ATC 2020, reports
-23–93x over per-value encryption). Obfuscators can be precomputed offline (:class:`ObfuscatorPool`) or,
-on the explicit fast path ``obfuscator="djn"``, drawn from a fixed-base table about 10x faster
-(:mod:`fedguard.secagg.paillier.keys` states the assumptions and what must stay secret).
+23–93x over per-value encryption). Obfuscators can be precomputed offline (:class:`ObfuscatorPool`); by
+default (``obfuscator="djn"``) they come from a fixed-base table with a long exponent, ~3.6x cheaper than
+``r^n`` and secure under DCR alone (:mod:`fedguard.secagg.paillier.keys` and docs/secagg-paillier.md give
+the reduction and what must stay secret).
 
 Stages (every surviving client receives one message and replies once per stage)::
 
@@ -100,6 +101,7 @@ from fedguard.secagg.paillier.keys import (
     generate_keypair,
 )
 from fedguard.secagg.paillier.options import (
+    DEFAULT_OBFUSCATOR,
     MIN_OTHER_CONTRIBUTORS,
     BadInputPolicy,
     PaillierOptions,
@@ -140,7 +142,7 @@ def encrypt_vector(
     rng: SecureRNG | None = None,
     workers: int = 1,
     obfuscators: ObfuscatorPool | None = None,
-    method: ObfuscatorMethod = "standard",
+    method: ObfuscatorMethod = DEFAULT_OBFUSCATOR,
 ) -> bytes:
     """Pack a client's ring vector and encrypt it: ``layout.n_ciphertexts`` fixed-width ciphertexts
     (obfuscators from the pool first, then fresh ones by ``method``, see :mod:`~fedguard.secagg.paillier.keys`)."""
