@@ -18,6 +18,7 @@ with client-specific start tokens and noise, so eval loss measures how well the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +28,7 @@ from fedguard.dp.client_level import clip_to_norm
 from fedguard.encoding import FixedPointSpec
 from fedguard.errors import ConfigError
 from fedguard.federation.plaintext import PlaintextAggregator
-from fedguard.federation.round import ClientResult, run_round
+from fedguard.federation.round import ClientResult, RoundHooks, run_round
 from fedguard.params import flatten, layout_of, load_vector
 from fedguard.rng import SecureRNG
 from fedguard.toy_task import successor_sequences
@@ -117,6 +118,23 @@ def server_embed(model: torch.nn.Module, marks: list[SignWatermark], steps: int,
         opt.step()
 
 
+class CentralGaussianNoise(RoundHooks):
+    """Central client-level DP on the released mean of K clipped updates (equal weights): the Gaussian
+    mechanism adds N(0, std²) per coordinate with std = z·C/K, drawn from OS entropy (a seeded noise
+    stream would let anyone who knows the seed subtract it). ``std = 0``: no noise."""
+
+    name = "central-noise"
+
+    def __init__(self, std: float, rng: SecureRNG | None = None) -> None:
+        self.std = std
+        self._rng = rng if rng is not None else SecureRNG()
+
+    def aggregate(self, round_id: int, mean: np.ndarray, contributors: Sequence[int]) -> np.ndarray:
+        if not self.std:
+            return mean
+        return mean + self._rng.normal(mean.size, std=self.std).reshape(mean.shape).astype(mean.dtype)
+
+
 def task_data(config: SimulationConfig, rng: SecureRNG) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per-client training sequences and a pooled test set of the successor-permutation task."""
     gen = rng.spawn("data").numpy_generator()
@@ -155,16 +173,7 @@ def run_federated(config: SimulationConfig, *, watermark: bool = True) -> Simula
         with torch.no_grad():
             return float(model(input_ids=test, labels=test).loss)
 
-    noise_gen = rng.spawn("dp-noise").numpy_generator()
-
-    def dp_noise(shape: tuple[int, ...]) -> np.ndarray:
-        """Central client-level DP (Gaussian mechanism on the mean of K clipped updates, equal weights):
-        N(0, (z·C/K)²) per coordinate of the released mean."""
-        if not config.dp_noise:
-            return np.zeros(shape)
-        std = config.dp_noise * float(config.dp_clip or 0.0) / config.clients
-        return noise_gen.normal(0.0, std, size=shape)
-
+    noise = CentralGaussianNoise(config.dp_noise * float(config.dp_clip or 0.0) / config.clients)
     history, detections = [], []
     for r in range(1, config.rounds + 1):
 
@@ -188,7 +197,7 @@ def run_federated(config: SimulationConfig, *, watermark: bool = True) -> Simula
             return ClientResult(update, int(train[c].shape[0]), float(np.mean(losses)))
 
         run_round(r, flatten(model, layout), range(config.clients), client_step, aggregator, spec,
-                  load=lambda v: load_vector(model, layout, v + dp_noise(v.shape)), rng=rng.spawn(f"round/{r}"))
+                  hooks=noise, load=lambda v: load_vector(model, layout, v), rng=rng.spawn(f"round/{r}"))
         if watermark and config.server_embed_steps:
             server_embed(model, marks, config.server_embed_steps, config.server_embed_lr)
         history.append(evaluate())
