@@ -36,7 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedguard.encoding import FixedPointSpec
 from fedguard.errors import ConfigError
+from fedguard.federation.protocol import Aggregator
 from fedguard.federation.round import RingEncoding, RoundHooks
 from fedguard.updates import ClientUpdate
 
@@ -75,6 +77,24 @@ class TrainerHook(RoundHooks):
     def on_layout(self, dimension: int) -> None:
         """Called once with the number of values each client update carries."""
 
+    def check_aggregator(self, aggregator: Aggregator, n_clients: int) -> None:
+        """Called at construction, before any model loads: raise ``ConfigError`` to refuse the aggregator
+        (e.g. DP's release guard: a reveal threshold below ``min_survivors``)."""
+
+    def on_encoding(self, spec: FixedPointSpec, dimension: int) -> None:
+        """Called once with the fixed-point encoding of the updates (e.g. central DP calibrates its noise
+        to the post-quantisation sensitivity)."""
+
+    @property
+    def min_contributors(self) -> int:
+        """The fewest clients whose inputs may be in a revealed sum (the round's
+        ``RoundSpec.min_contributors``); 1 by default."""
+        return 1
+
+    def on_round_aborted(self, round_id: int, error: BaseException) -> None:
+        """Called when a round ends with ``ProtocolAbort`` or a diverged client, before the error propagates
+        (e.g. DP takes back a write-ahead record that provably released nothing)."""
+
     def local_loss(self, client_id: int, model: torch.nn.Module) -> LossFn | None:
         """A function ``LocalLoss -> loss'`` applied to every local loss of ``client_id``, or None."""
         return None
@@ -112,6 +132,22 @@ class HookList(TrainerHook):
     def on_round_start(self, round_id: int, participants: Sequence[int]) -> None:
         for h in self.hooks:
             h.on_round_start(round_id, participants)
+
+    def check_aggregator(self, aggregator: Aggregator, n_clients: int) -> None:
+        for h in self.hooks:
+            h.check_aggregator(aggregator, n_clients)
+
+    def on_encoding(self, spec: FixedPointSpec, dimension: int) -> None:
+        for h in self.hooks:
+            h.on_encoding(spec, dimension)
+
+    @property
+    def min_contributors(self) -> int:
+        return max([h.min_contributors for h in self.hooks] + [1])
+
+    def on_round_aborted(self, round_id: int, error: BaseException) -> None:
+        for h in self.hooks:
+            h.on_round_aborted(round_id, error)
 
     def local_loss(self, client_id: int, model: torch.nn.Module) -> LossFn | None:
         fns = [f for h in self.hooks if (f := h.local_loss(client_id, model)) is not None]

@@ -183,17 +183,12 @@ class Trainer(ABC):
             self.aggregator = self._make_aggregator()  # a bad aggregator config fails before any model loads
         try:
             if self.aggregator is not None:  # e.g. DP's release guard: before any model loads
-                for hook in self.hooks.hooks:
-                    check = getattr(hook, "check_aggregator", None)
-                    if check is not None:
-                        check(self.aggregator, config.n_parties)
+                self.hooks.check_aggregator(self.aggregator, config.n_parties)
             self.setup()
             self.spec = FixedPointSpec(clip=config.federation.clip, value_bits=config.federation.value_bits,
                                        ring_bits=64, max_weight=max(1, max(len(i) for i in self.client_items)))
-            for hook in self.hooks.hooks:  # e.g. central DP calibrates its noise to what is actually summed
-                on_encoding = getattr(hook, "on_encoding", None)
-                if on_encoding is not None:
-                    on_encoding(self.spec, self.layout.size)
+            # e.g. central DP calibrates its noise to what is actually summed
+            self.hooks.on_encoding(self.spec, self.layout.size)
             if self.aggregator is not None:  # e.g. a packing or norm bound that cannot hold: before any training
                 encoding = self.hooks.ring_encoding()
                 self.aggregator.check_round(RoundSpec(
@@ -391,21 +386,17 @@ class Trainer(ABC):
         if self.aggregator is None:
             raise ConfigError("the trainer's aggregator is closed")
         # Quantisation is seeded (the run is reproducible); the protocol's keys and masks come from OS entropy.
-        # a hook may require more contributors in any revealed sum (DP: the survivors its noise is planned for)
-        min_contributors = max([int(getattr(h, "min_contributors", 1)) for h in self.hooks.hooks] + [1])
         try:
             result = run_round(round_id, self.global_vector(), range(len(self.client_items)),
                                lambda client, start_vec: self.client_step(round_id, client, start_vec),
                                self.aggregator, self.spec, hooks=self.hooks, load=self.load,
                                rng=SecureRNG.for_testing(f"{cfg.seed}/aggregate/{round_id}"), protocol_rng=SecureRNG(),
-                               min_contributors=min_contributors)
+                               # DP: the survivors its noise is planned for
+                               min_contributors=self.hooks.min_contributors)
         except (ProtocolAbort, TrainingDiverged) as err:
             # nothing was decoded (ProtocolAbort's contract) or nothing reached the aggregator: hooks may
             # take back what they prepared for the release (DP's write-ahead record)
-            for hook in self.hooks.hooks:
-                aborted = getattr(hook, "on_round_aborted", None)
-                if aborted is not None:
-                    aborted(round_id, err)
+            self.hooks.on_round_aborted(round_id, err)
             raise
         final = self.server_step(round_id, result)
         if final is not result.global_vector:
