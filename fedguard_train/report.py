@@ -67,6 +67,7 @@ def write_report(run_dir: Path, *, config: dict[str, Any], history: Sequence[dic
         "",
         "![loss and ROUGE-L per round](curves.png)",
         "",
+        *_companion_tables([baseline, *history]),
         "## Sample generations",
         "",
     ]
@@ -78,6 +79,33 @@ def write_report(run_dir: Path, *, config: dict[str, Any], history: Sequence[dic
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def companion_prefixes(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Prefixes ``p`` of other models a trainer scores beside the global one (keys ``p_rougeL`` etc.; e.g.
+    FedOST's ``emulator_`` and ``zeroshot_``), in order of first appearance."""
+    found: list[str] = []
+    for r in rows:
+        for key in r:
+            if key.endswith("_rougeL") and key != "rougeL" and (prefix := key[: -len("_rougeL")]) not in found:
+                found.append(prefix)
+    return found
+
+
+def _companion_tables(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One table per companion model (see :func:`companion_prefixes`), rounds where it was scored only."""
+    lines: list[str] = []
+    for prefix in companion_prefixes(rows):
+        scored = [r for r in rows if f"{prefix}_rougeL" in r]
+        lines += [f"## Also scored: `{prefix}`", "",
+                  "| round | " + " | ".join(t for _, t in _METRICS) + " |",
+                  "|---:|" + "---:|" * len(_METRICS)]
+        for r in scored:
+            cells = [str(r.get("round", "-"))]
+            cells += [f"{r[f'{prefix}_{k}']:.2f}" if f"{prefix}_{k}" in r else "-" for k, _ in _METRICS]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def _row(r: dict[str, Any]) -> str:
