@@ -433,6 +433,7 @@ class TrainConfig:
     dp: DPSection | None = None
     ost: OSTSection | None = None  # trainer 'ost' only (None: the defaults)
     hetero: HeteroSection | None = None  # trainer 'hetero' only (required there)
+    capture: bool = False  # store the server's view under <run>/server_view/ (leakage audits; fedguard_train/capture.py)
 
     def __post_init__(self) -> None:
         from fedguard_train.trainers import trainer_names
@@ -502,9 +503,9 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def differences(self, other: TrainConfig, *,
-                    ignore: tuple[str, ...] = ("federation.rounds", "run_dir")) -> list[str]:
-        """Dotted keys whose values differ (``ignore``: keys that do not change the result: more rounds, and
-        where the run is written)."""
+                    ignore: tuple[str, ...] = ("federation.rounds", "run_dir", "capture")) -> list[str]:
+        """Dotted keys whose values differ (``ignore``: keys that do not change the result: more rounds,
+        where the run is written, whether the server view is captured)."""
         a, b = _flatten(self.to_dict()), _flatten(other.to_dict())
         return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in ignore)
 

@@ -277,6 +277,10 @@ class Trainer(ABC):
         except BaseException:
             aggregator.close()
             raise
+        if self.config.capture:  # leakage audits: record what the server receives (loud; off by default)
+            from fedguard_train.capture import capture_server_view
+
+            aggregator = capture_server_view(self, aggregator)
         return aggregator
 
     @property
