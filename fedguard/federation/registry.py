@@ -63,6 +63,8 @@ _REGISTERED: dict[str, _Entry] = {}
 _BUILTIN: dict[str, _Lazy] = {
     "plaintext": _Lazy("fedguard.federation.plaintext:PlaintextOptions", "fedguard.federation.plaintext:PlaintextAggregator"),
     "masking": _Lazy("fedguard.secagg.masking.options:MaskingOptions", "fedguard.secagg.masking.aggregator:MaskingAggregator"),
+    "masking-signed": _Lazy("fedguard.secagg.masking.options:SignedMaskingOptions",
+                            "fedguard.secagg.masking.signed:SignedMaskingAggregator"),
     "paillier": _Lazy("fedguard.secagg.paillier.options:PaillierOptions",
                       "fedguard.secagg.paillier.aggregator:PaillierAggregator"),
     "mpc": _Lazy("fedguard.secagg.mpc.options:MpcOptions", "fedguard.secagg.mpc.aggregator:MpcAggregator"),

@@ -239,7 +239,7 @@ class _MaskingServer(ServerSide):
         self._a1: frozenset[int] = frozenset()
         self._a2: frozenset[int] = frozenset()
         self._forwarded: dict[int, tuple[int, ...]] = {}  # holder -> owners whose shares it received
-        self._masked_sum: np.ndarray | None = None
+        self._masked_sum = np.zeros(0, dtype=np.uint64)  # set when the mask stage closes
         self._revealed: dict[int, dict[str, list[tuple[int, int]]]] = {}  # holder -> decoded b/s shares
         self.bad_shares: dict[int, list[int]] = {}
         """Holders whose revealed share was wrong (and corrected), with the owners they lied about."""
@@ -403,13 +403,11 @@ class _MaskingServer(ServerSide):
                 seed = agree(key, self._s_keys[v], purpose=PURPOSE_MASK, round_id=rid, a=w, b=v)
                 # client v added +PRG(s_vw) if v < w, else subtracted it: undo that
                 masks.append(Mask(seed, -1 if v < w else 1, PAIR_MASK_NONCE))
-        total = self._masked_sum
-        if total is None:  # pragma: no cover - the stage machine closes mask before unmask
-            raise self._abort(UNMASK, "no masked inputs")
+        total = self._masked_sum  # the stage machine closes mask (which sets it) before unmask
         apply_masks(total, masks, workers=self._workers)
         if self.spec.ring_bits < 64:
             total &= np.uint64((1 << self.spec.ring_bits) - 1)
-        self._masked_sum = None
+        self._masked_sum = np.zeros(0, dtype=np.uint64)
         return self._result(total, set(self._a2))
 
     def _reconstruct(self, shares: list[shamir.Share], owner: int, what: str) -> bytes:
@@ -473,13 +471,17 @@ class _MaskingClient(ClientSide):
             return self._mask(msg)
         return self._unmask(msg)
 
-    def _advertise(self, msg: Message) -> bytes:
-        _ADVERTISE_REQ.validate(msg)
+    def _check_params(self, msg: Message) -> None:
+        """Refuse an advertise request whose round parameters differ from this client's."""
         mine = {"vector_length": self.spec.vector_length, "ring_bits": self.spec.ring_bits,
                 "threshold": self.params.threshold, "neighbours": self.params.neighbours}
         diff = [f"{k}={msg.meta[k]} (expected {v})" for k, v in mine.items() if msg.meta[k] != v]
         if diff:
             raise self._violation(msg, "parameters differ: " + ", ".join(diff))
+
+    def _advertise(self, msg: Message) -> bytes:
+        _ADVERTISE_REQ.validate(msg)
+        self._check_params(msg)
         seed = msg.blob("graph_seed")
         if len(seed) != 32:
             raise MessageError(f"graph seed must be 32 bytes, got {len(seed)}")
@@ -607,10 +609,11 @@ class MaskingAggregator(Aggregator):
     name: ClassVar[str] = "masking"
     stages: ClassVar[tuple[str, ...]] = STAGES
     input_stage: ClassVar[str] = MASK
+    options_class: ClassVar[type[MaskingOptions]] = MaskingOptions
 
     def __init__(self, options: MaskingOptions | Mapping[str, Any] | None = None, *,
                  rng: SecureRNG | None = None, **fields: Any) -> None:
-        self.options: MaskingOptions = MaskingOptions.build(options, fields)
+        self.options: MaskingOptions = self.options_class.build(options, fields)
         self.neighbours = self.options.neighbours
         self.unmask_workers = self.options.unmask_workers
         self._threshold = self.options.threshold

@@ -1,4 +1,5 @@
-"""Options of ``aggregator: masking`` (SecAgg / SecAgg+): a light module, checkable without cryptography.
+"""Options of ``aggregator: masking`` (SecAgg / SecAgg+) and ``aggregator: masking-signed`` (against an active
+server): a light module, checkable without cryptography.
 
 >>> MaskingOptions(neighbours=4).to_dict()
 {'neighbours': 4, 'threshold': None, 'unmask_workers': 1}
@@ -10,12 +11,15 @@ fedguard.errors.ConfigError: threshold t=2 must exceed half of the k=5 share hol
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from fedguard.checks import int_problem
+from fedguard.checks import int_problem, is_int
 from fedguard.federation.protocol import AggregatorOptions
 
-__all__ = ["MaskingOptions", "threshold_problems"]
+__all__ = ["MaskingOptions", "SignedMaskingOptions", "identity_paths", "threshold_problems"]
 
 
 def threshold_problems(threshold: int, neighbours: int, where: str = "") -> list[str]:
@@ -64,4 +68,82 @@ class MaskingOptions(AggregatorOptions):
         ) if p]
         if not problems and self.neighbours is not None and self.threshold is not None:
             problems += threshold_problems(self.threshold, self.neighbours)
+        return problems
+
+
+def _identity_files_problem(value: object) -> str | None:
+    """Why ``identity_files`` is neither a path template with ``{client}`` nor a mapping of client ids to paths."""
+    if isinstance(value, str):
+        if "{client}" not in value:
+            return (f"identity_files must contain '{{client}}' (e.g. 'keys/client-{{client}}.identity'), "
+                    f"got {value!r}")
+        try:
+            value.format(client=0)
+        except (IndexError, KeyError, ValueError) as err:
+            return f"identity_files {value!r} is not a valid path template: {err}"
+        return None
+    if isinstance(value, Mapping):
+        bad = [k for k in value if not (is_int(k) or (isinstance(k, str) and k.isdigit()))]
+        if bad:
+            return f"identity_files keys must be client ids (ints >= 0), got {bad!r}"
+        paths = [v for v in value.values() if not isinstance(v, str) or not v]
+        if paths:
+            return f"identity_files values must be file paths, got {paths!r}"
+        return None
+    return (f"identity_files must be a path template with '{{client}}' or a mapping {{client id: path}}, "
+            f"got {value!r}")
+
+
+def identity_paths(identity_files: str | Mapping[Any, str], clients: Iterable[int]) -> dict[int, Path]:
+    """Where each of ``clients`` keeps its identity file, from ``identity_files`` (a template or a mapping);
+    a client the mapping does not name is left out (the caller names it as missing)."""
+    if isinstance(identity_files, str):
+        return {c: Path(identity_files.format(client=c)) for c in clients}
+    by_id = {int(k): Path(v) for k, v in identity_files.items()}
+    return {c: by_id[c] for c in clients if c in by_id}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SignedMaskingOptions(MaskingOptions):
+    """Options of ``aggregator: masking-signed``
+    (:class:`~fedguard.secagg.masking.signed.SignedMaskingAggregator`, SecAgg against an active server):
+    the masking options plus where the roster and the clients' identities are.
+
+    Attributes:
+        roster_file: the roster every client received out of band (``fedguard roster add``): client ids,
+            Ed25519 public keys and fingerprints. Required (unless the aggregator is given a ``roster=``
+            object at run time); the file must exist.
+        identity_files: where the signing identities (``fedguard keygen identity``, mode 0600) of the
+            clients this process plays are: a path template with ``{client}``
+            (``"keys/client-{client}.identity"``) or a mapping ``{client id: path}``. A simulation plays
+            every client and needs every participant's; a missing one is a :class:`ConfigError` naming
+            the client. ``None``: a server-only process (it signs nothing).
+        max_corrupt: ``c``, how many corrupt clients the consistency round withstands (a client reveals
+            only with ``max(t, ⌊(n + c)/2⌋ + 1)`` signatures on its survivor set).
+    """
+
+    roster_file: str | None = None
+    identity_files: str | Mapping[Any, str] | None = None
+    max_corrupt: int = 0
+
+    def _problems(self) -> list[str]:
+        problems = super()._problems()
+        problem = int_problem("max_corrupt", self.max_corrupt, low=0)
+        if problem:
+            problems.append(problem)
+        if self.roster_file is not None:
+            if not isinstance(self.roster_file, str) or not self.roster_file:
+                problems.append(f"roster_file must be a file path, got {self.roster_file!r}")
+            elif not Path(self.roster_file).is_file():
+                problems.append(f"roster_file {self.roster_file!r} does not exist (create it with "
+                                "`fedguard roster add`)")
+        if self.identity_files is not None:
+            problem = _identity_files_problem(self.identity_files)
+            if problem:
+                problems.append(problem)
+            elif isinstance(self.identity_files, Mapping):
+                missing = [f"client {k}: {v}" for k, v in self.identity_files.items() if not Path(v).is_file()]
+                if missing:
+                    problems.append(f"identity_files do not exist: {', '.join(missing)} (create them with "
+                                    "`fedguard keygen identity`)")
         return problems
