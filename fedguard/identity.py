@@ -146,6 +146,11 @@ class Roster:
                 problems.append(f"public key of client {cid} must be {PUBLIC_KEY_BYTES} bytes")
         if problems:
             raise ConfigError.collect(problems)
+        object.__setattr__(self, "_parsed", {})  # client -> Ed25519PublicKey, parsed once (a round verifies many)
+
+    def __reduce__(self) -> tuple[type[Roster], tuple[dict[int, bytes], str]]:
+        """Pickled (e.g. to an MPC party process) as its keys and deployment, without the parsed-key cache."""
+        return (Roster, (dict(self.keys), self.deployment))
 
     @classmethod
     def of(cls, identities: Mapping[int, Identity] | list[Identity], deployment: str) -> Roster:
@@ -162,10 +167,21 @@ class Roster:
     def verify(self, purpose: str, *, round_id: int, client: int, body: bytes, signature: bytes) -> bool:
         """Whether ``signature`` is ``client``'s signature of ``body`` for ``purpose`` in this deployment
         and round (``False`` for a client not on the roster)."""
-        if client not in self.keys:
+        if client not in self.keys or len(signature) != SIGNATURE_BYTES:
             return False
-        return verify(self.keys[client], signature, signed_context(
-            purpose, deployment=self.deployment, round_id=round_id, client=client, body=body))
+        parsed: dict[int, Ed25519PublicKey] = self._parsed  # type: ignore[attr-defined]
+        key = parsed.get(client)
+        if key is None:
+            try:
+                key = parsed[client] = Ed25519PublicKey.from_public_bytes(self.keys[client])
+            except ValueError:
+                return False
+        try:
+            key.verify(signature, signed_context(purpose, deployment=self.deployment, round_id=round_id,
+                                                 client=client, body=body))
+        except InvalidSignature:
+            return False
+        return True
 
     def to_json(self) -> str:
         clients = {str(c): {"public_key": k.hex(), "fingerprint": fingerprint(k)} for c, k in sorted(self.keys.items())}
