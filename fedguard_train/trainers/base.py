@@ -44,6 +44,7 @@ from fedguard.errors import BudgetExceededError, ConfigError, ProtocolAbort
 from fedguard.federation.protocol import Aggregator, RoundSpec
 from fedguard.federation.registry import make_aggregator
 from fedguard.federation.round import ClientResult, RoundResult, run_round
+from fedguard.federation.transport import InProcessTransport
 from fedguard.params import AdapterLayout, flatten, layout_of, load_vector, parameter_counts
 from fedguard.rng import SecureRNG
 from fedguard_train.checkpoint import load_latest, load_round_metrics, save_checkpoint
@@ -168,6 +169,9 @@ class Trainer(ABC):
 
     name: ClassVar[str]
     title: ClassVar[str]  # e.g. "FedHomoLLM", used in tables and reports
+    transport: InProcessTransport | None = None
+    """What each round's protocol messages travel over (``None``: a fresh in-process transport). A
+    deployment or a test may set one, e.g. a transport that drops a client at some protocol stage."""
 
     def __init__(self, config: TrainConfig, *, hooks: Sequence[TrainerHook] = (), quiet: bool = False,
                  coordinator: bool = True) -> None:
@@ -395,6 +399,7 @@ class Trainer(ABC):
                                lambda client, start_vec: self.client_step(round_id, client, start_vec),
                                self.aggregator, self.spec, hooks=self.hooks, load=self.load,
                                rng=SecureRNG.for_testing(f"{cfg.seed}/aggregate/{round_id}"), protocol_rng=SecureRNG(),
+                               transport=self.transport,
                                # DP: the survivors its noise is planned for
                                min_contributors=self.hooks.min_contributors)
         except (ProtocolAbort, TrainingDiverged) as err:
