@@ -21,6 +21,7 @@ _TRAINERS: dict[str, str] = {
     "homo": "fedguard_train.trainers.homo:FedHomoLLM",
     "ost": "fedguard_train.trainers.ost:FedOST",
     "hetero": "fedguard_train.trainers.hetero:FedHeteroLLM",
+    "co": "fedguard_train.trainers.co:FedCoLLM",
 }
 
 
