@@ -24,8 +24,12 @@ zCDP on the RDP backend::
       value_bits: 24            # the ring encoding of the noised updates (ring_bits: 64)
       target_delta: 1.0e-3
 
-Every client takes part in every round here (sampling rate 1); the round table reports epsilon after
-each round; the ledger is saved with every checkpoint and restored on ``--resume``.
+Client sampling (``federation.sample_rate`` or ``federation.clients_per_round``; the trainer's
+``participants``): central placement with a Poisson sample is accounted as ``PoissonSampled(q, Gaussian(z))``
+and divides the noised sum by the public expected count ``q·N`` (an empty sample releases noise only, and
+is accounted); a fixed-size sample of ``k`` divides by ``k`` and is accounted without amplification;
+distributed placement is never amplified (the server draws the sample). The round table reports epsilon
+after each round's event is on disk; the ledger is saved with every checkpoint and restored on ``--resume``.
 """
 
 from __future__ import annotations
@@ -77,22 +81,25 @@ class ClientDPHook(TrainerHook):
                  aggregator_options: Any = None,
                  noise_rng: Callable[[int], SecureRNG] | None = None,
                  ledger_path: str | os.PathLike[str] | None = None,
-                 fault: Callable[[str], None] | None = None) -> None:
+                 fault: Callable[[str], None] | None = None,
+                 sample_rate: float | None = None, clients_per_round: int | None = None) -> None:
         """``section``: the typed ``dp:`` section (a plain mapping is checked into one).
         ``noise_rng(client_id)``: where a client's distributed noise comes from (default: a fresh
         :class:`SecureRNG` on OS entropy per client and round; tests pass a seeded one to be repeatable).
         ``ledger_path``: the write-ahead ledger file (``None``: the ledger lives only in checkpoints).
-        ``fault(point)``: called at each of :data:`FAULT_POINTS` (fault injection in tests)."""
+        ``fault(point)``: called at each of :data:`FAULT_POINTS` (fault injection in tests).
+        ``sample_rate`` / ``clients_per_round``: the federation's client sampling (see the module doc)."""
         from fedguard.dp import ClientLevelDP, PrivacyAccountant
         from fedguard.dp.ledger import WriteAheadLedger
 
         if not isinstance(section, DPSection):
             section = section_from_mapping(DPSection, section, "dp")
         problems = section.problems_with(n_clients=n_clients, aggregator=aggregator,
-                                         aggregator_options=aggregator_options or {})
+                                         aggregator_options=aggregator_options or {},
+                                         sample_rate=sample_rate, clients_per_round=clients_per_round)
         if problems:
             raise ConfigError.collect(problems)
-        config = section.client_config(n_clients)
+        config = section.client_config(n_clients, sample_rate=sample_rate, clients_per_round=clients_per_round)
         accountant = PrivacyAccountant(target_delta=section.target_delta, epsilon_budget=section.epsilon_budget,
                                        backend=section.accounting_backend, population=n_clients)
         self.section = section
@@ -191,8 +198,12 @@ class ClientDPHook(TrainerHook):
         return RingEncoding(self.dp.fixed_point_spec(), encode)
 
     def aggregate(self, round_id: int, mean: np.ndarray, contributors: Sequence[int]) -> np.ndarray:
+        """The DP release of the round. ``contributors`` empty: an empty Poisson sample (the trainer passes a
+        zero mean) — central placement still releases ``N(0, (z·sens)²)/(q·N)``, already accounted."""
         self._pending = None  # released: the record stays whatever happens next
         self._at("released")
+        if not contributors and self.dp.config.adaptive is not None:
+            mean = np.zeros(mean.size + 1, dtype=mean.dtype)  # the (empty) clipped-count coordinate
         self._last = self.dp.finalize(mean, total_weight=len(contributors))
         if self.ledger is not None and self.dp.accountant is not None:
             self.ledger.persist(self.dp.accountant)  # no-op content-wise unless finalize recorded more
@@ -231,7 +242,7 @@ def hooks_from_config(config: TrainConfig) -> list[TrainerHook]:
         hooks.append(ClientDPHook(config.dp, n_clients=config.n_parties,
                                   aggregator=config.federation.aggregator,
                                   aggregator_options=config.federation.aggregator_options,
-                                  ledger_path=Path(config.run_dir) / LEDGER_FILE))
+                                  ledger_path=Path(config.run_dir) / LEDGER_FILE, **config.sampling_options))
     if config.watermark:
         from fedguard_train.watermarking import WatermarkHook
 

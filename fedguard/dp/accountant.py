@@ -43,8 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
-import numpy as np
-
 from fedguard.checks import check_int, number_problem
 from fedguard.dp.errors import UnsupportedEventError
 from fedguard.dp.events import (
@@ -70,22 +68,36 @@ LEDGER_FORMAT: Final[str] = "fedguard.dp.ledger/1"
 
 @dataclass(frozen=True, slots=True)
 class LedgerEntry:
-    """One recorded release: ``event`` run ``count`` times, tagged with a free-form ``label``."""
+    """One recorded release: ``event`` run ``count`` times, tagged with a free-form ``label``.
+
+    ``sensitivity``: the L2 sensitivity (one client's or record's contribution to the released sum, in the
+    caller's units) that the noise was calibrated to — the event itself is normalised (a noise *multiplier*),
+    so this is what ties it to the release; ``None`` when the caller did not state one (older ledgers).
+    """
 
     event: Event
     count: int
     label: str = ""
+    sensitivity: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"event": event_to_dict(self.event), "count": self.count, "label": self.label}
+        out: dict[str, Any] = {"event": event_to_dict(self.event), "count": self.count, "label": self.label}
+        if self.sensitivity is not None:
+            out["sensitivity"] = self.sensitivity
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LedgerEntry:
-        unknown = sorted(set(data) - {"event", "count", "label"})
+        unknown = sorted(set(data) - {"event", "count", "label", "sensitivity"})
         if unknown:
             raise ConfigError(f"unknown ledger entry key(s) {unknown}")
         count = check_int("ledger entry count", data.get("count"), low=1)
-        return cls(event_from_dict(data["event"]), count, str(data.get("label", "")))
+        sensitivity = data.get("sensitivity")
+        problem = number_problem("ledger entry sensitivity", sensitivity, low=0, low_open=True, optional=True)
+        if problem:
+            raise ConfigError(problem)
+        return cls(event_from_dict(data["event"]), count, str(data.get("label", "")),
+                   None if sensitivity is None else float(sensitivity))
 
 
 def _contains(event: Event, kinds: tuple[type, ...]) -> bool:
@@ -210,17 +222,42 @@ class PrivacyAccountant:
         from dp_accounting.pld import PLDAccountant
         from dp_accounting.rdp import RdpAccountant
 
-        acc = PLDAccountant(value_discretization_interval=self.pld_discretization) if self.backend == "pld" else RdpAccountant()
         # a canonical order: the same multiset of events gives bit-identical epsilon however it was recorded
-        for event, count in sorted(groups.items(), key=lambda kv: json.dumps(event_to_dict(kv[0]), sort_keys=True)):
-            if isinstance(event, DistributedDiscreteGaussianEvent) and isinstance(acc, RdpAccountant):
-                # KLS Proposition 14: the minimum of its three forms at each order (dp_accounting's ZCDpEvent
-                # takes one form for all orders); dp_accounting still converts the RDP curve to epsilon
-                acc._rdp = acc._rdp + count * np.asarray(event.rdp(acc._orders), dtype=np.float64)
-                continue
-            inner = to_dp_accounting(event)
-            acc.compose(inner, count)
+        ordered = sorted(groups.items(), key=lambda kv: json.dumps(event_to_dict(kv[0]), sort_keys=True))
+        if self.backend == "rdp" and any(isinstance(e, DistributedDiscreteGaussianEvent) for e in groups):
+            return self._rdp_epsilon_per_order(ordered, delta)
+        acc = PLDAccountant(value_discretization_interval=self.pld_discretization) if self.backend == "pld" else RdpAccountant()
+        for event, count in ordered:
+            acc.compose(to_dp_accounting(event), count)
         return float(acc.get_epsilon(delta))
+
+    @staticmethod
+    def _rdp_epsilon_per_order(ordered: list[tuple[Event, int]], delta: float) -> float:
+        """RDP epsilon with each distributed discrete Gaussian at its tight per-order bound, through
+        ``dp_accounting``'s public API only.
+
+        KLS Proposition 14 gives three linear RDP forms ``xi_f + rho_f·alpha``, each valid at every order;
+        the tight bound is their minimum *per order*, a curve no single ``ZCDpEvent`` expresses. The RDP
+        conversion is order-wise: ``epsilon = min_alpha g_alpha(RDP(alpha))`` (dp_accounting's
+        ``compute_epsilon``, Canonne-Kamath-Steinke's Proposition 12 bound per order). So for each order
+        ``alpha`` of ``DEFAULT_RDP_ORDERS`` we compose the ledger on an ``RdpAccountant(orders=[alpha])``, with
+        each discrete-Gaussian event as the ``ZCDpEvent`` of the form smallest at ``alpha`` (exact at that one
+        order), and take the minimum of the per-order epsilons — the same number the whole-curve accountant
+        would give, without writing into its private state."""
+        from dp_accounting.rdp import RdpAccountant
+        from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS
+
+        best = math.inf
+        for alpha in DEFAULT_RDP_ORDERS:
+            acc = RdpAccountant(orders=[float(alpha)])
+            for event, count in ordered:
+                if isinstance(event, DistributedDiscreteGaussianEvent):
+                    rho, xi = min(event.forms(), key=lambda f: f[1] + f[0] * float(alpha))
+                    acc.compose(to_dp_accounting(ZCDPEvent(rho, xi)), count)
+                else:
+                    acc.compose(to_dp_accounting(event), count)
+            best = min(best, float(acc.get_epsilon(delta)))
+        return best
 
     @staticmethod
     def _prv_epsilon(groups: Counter[Event], delta: float) -> float:
@@ -299,9 +336,10 @@ class PrivacyAccountant:
             return count > cached[1]
         return self.epsilon_if(event, count) > self.epsilon_budget  # one composition, no search
 
-    def spend(self, event: Event, count: int = 1, *, label: str = "") -> None:
+    def spend(self, event: Event, count: int = 1, *, label: str = "", sensitivity: float | None = None) -> None:
         """Record ``event`` ``count`` times, *refusing* first if that would exceed ``epsilon_budget``.
 
+        ``sensitivity``: the L2 sensitivity the release's noise was calibrated to (stored in the entry).
         Raises :class:`BudgetExceededError` (ledger unchanged) if the budget would be exceeded,
         :class:`UnsupportedEventError` if the backend cannot account the event.
         """
@@ -313,19 +351,24 @@ class PrivacyAccountant:
                 f"epsilon={self.epsilon_budget:g}; nothing was released"
             )
         left = self._allowance.get(event)
-        self.record(event, count, label=label)
+        self.record(event, count, label=label, sensitivity=sensitivity)
         if left is not None and left[0] == self._version - 1:
             self._allowance[event] = (self._version, left[1] - count)
 
-    def record(self, event: Event, count: int = 1, *, label: str = "") -> None:
+    def record(self, event: Event, count: int = 1, *, label: str = "", sensitivity: float | None = None) -> None:
         """Record a release that *has already happened*, whatever the budget (the ledger never lies)."""
         count = check_int("count", count, low=1)
+        problem = number_problem("sensitivity", sensitivity, low=0, low_open=True, optional=True)
+        if problem:
+            raise ConfigError(problem)
+        sensitivity = None if sensitivity is None else float(sensitivity)
         self.check_supported(event)
         last = self._ledger[-1] if self._ledger else None
-        if last is not None and last.event == event and last.label == label:
-            self._ledger[-1] = LedgerEntry(event, last.count + count, label)  # run-length: 10k steps, 1 entry
+        if last is not None and last.event == event and last.label == label and last.sensitivity == sensitivity:
+            # run-length: 10k steps, 1 entry
+            self._ledger[-1] = LedgerEntry(event, last.count + count, label, sensitivity)
         else:
-            self._ledger.append(LedgerEntry(event, count, label))
+            self._ledger.append(LedgerEntry(event, count, label, sensitivity))
         self._cache = {}
         self._version += 1
 
@@ -339,7 +382,7 @@ class PrivacyAccountant:
             return False
         last = self._ledger[-1]
         if last.count > 1:
-            self._ledger[-1] = LedgerEntry(last.event, last.count - 1, label)
+            self._ledger[-1] = LedgerEntry(last.event, last.count - 1, label, last.sensitivity)
         else:
             self._ledger.pop()
         self._cache = {}
@@ -361,7 +404,8 @@ class PrivacyAccountant:
             return False
         # run-length merging may have grown the checkpoint's last entry since
         at = mine[len(head)]
-        return at.event == tail.event and at.label == tail.label and at.count >= tail.count
+        return (at.event == tail.event and at.label == tail.label and at.sensitivity == tail.sensitivity
+                and at.count >= tail.count)
 
     def remaining(self) -> float:
         """Budget left (``inf`` without a budget)."""

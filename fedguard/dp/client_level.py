@@ -73,6 +73,7 @@ from fedguard.updates import ClientUpdate
 
 Placement = Literal["central", "distributed"]
 Denominator = Literal["expected", "participants"]
+Sampling = Literal["poisson", "fixed_size"]
 
 
 def _real(x: object) -> bool:
@@ -115,7 +116,12 @@ class ClientDPConfig:
             ``allow_non_private``.
         noise_multiplier: ``z`` > 0 (effective, including the count query under adaptive clipping);
             ``0`` only with ``allow_non_private``.
-        sampling_rate: ``q`` in (0, 1], the Poisson client-sampling rate.
+        sampling_rate: ``q`` in (0, 1], the client-sampling rate (``fixed_size``: ``k/N``).
+        sampling: ``"poisson"`` (each client independently with probability ``q``; central placement is
+            accounted as ``PoissonSampled(q, Gaussian(z))``, amplification by subsampling) or
+            ``"fixed_size"`` (``k = q·N`` clients without replacement; accounted as ``Gaussian(z)``, *no*
+            amplification: dp_accounting amplifies sampling without replacement only under the replace-one
+            relation, and on its RDP accountant only, while this ledger is add/remove throughout).
         population: ``N``, the number of clients (needed for ``denominator="expected"``; also enforces
             ``delta < 1/N`` on an accountant built by :meth:`make_accountant`).
         placement: ``"central"`` or ``"distributed"``.
@@ -131,6 +137,7 @@ class ClientDPConfig:
     noise_multiplier: float
     sampling_rate: float = 1.0
     population: int | None = None
+    sampling: Sampling = "poisson"
     placement: Placement = "central"
     denominator: Denominator = "expected"
     adaptive: AdaptiveClipping | None = None
@@ -155,6 +162,10 @@ class ClientDPConfig:
         problem = int_problem("population", self.population, low=1, optional=True)
         if problem:
             p.append(problem)
+        if self.sampling not in ("poisson", "fixed_size"):
+            p.append(f"sampling must be 'poisson' or 'fixed_size', got {self.sampling!r}")
+        elif self.sampling == "fixed_size" and self.population is None:
+            p.append("sampling='fixed_size' needs population (the number of clients N), got None")
         if self.placement not in ("central", "distributed"):
             p.append(f"placement must be 'central' or 'distributed', got {self.placement!r}")
         if self.denominator not in ("expected", "participants"):
@@ -222,6 +233,24 @@ class ClientDPConfig:
             backend="pld" if self.placement == "central" else "rdp",
             population=self.population,
         )
+
+
+def _amplified_rate(config: ClientDPConfig) -> float:
+    """The sampling rate the accounting may amplify by: ``q`` for Poisson sampling, 1 for a fixed-size sample
+    (see :attr:`ClientDPConfig.sampling`)."""
+    return config.sampling_rate if config.sampling == "poisson" else 1.0
+
+
+def sample_fixed_size(client_ids: Sequence[int], size: int, rng: SecureRNG) -> list[int]:
+    """A uniformly random ``size``-subset of ``client_ids`` without replacement (in the given order): the
+    ``size`` smallest of one uniform draw per client."""
+    ids = list(client_ids)
+    size = check_int("size", size, low=0, high=len(ids))
+    if size == len(ids):
+        return ids
+    draws = rng.uniform01(len(ids))
+    chosen = set(np.argsort(draws, kind="stable")[:size].tolist())
+    return [c for i, c in enumerate(ids) if i in chosen]
 
 
 def sample_clients(client_ids: Sequence[int], sampling_rate: float, rng: SecureRNG) -> list[int]:
@@ -367,7 +396,7 @@ class ClientLevelDP:
         if not config.private:
             return NonPrivateEvent()
         if config.placement == "central":
-            return gaussian_round_event(config.noise_multiplier, config.sampling_rate)
+            return gaussian_round_event(config.noise_multiplier, _amplified_rate(config))
         from fedguard.dp.events import ZCDPEvent
 
         return ZCDPEvent(0.5 / config.noise_multiplier**2)  # placeholder of the right kind for backend checks
@@ -378,7 +407,7 @@ class ClientLevelDP:
         if not self.config.private:
             return NonPrivateEvent()
         if self.config.placement == "central":
-            return gaussian_round_event(self.config.noise_multiplier, self.config.sampling_rate)
+            return gaussian_round_event(self.config.noise_multiplier, _amplified_rate(self.config))
         d = dimension if dimension is not None else self._dimension
         if d is None:
             raise ConfigError("the distributed event needs the vector dimension: call begin_round(r, dimension=d)")
@@ -426,8 +455,11 @@ class ClientLevelDP:
         """The ledger label of round ``round_id``'s release (states the sensitivity the noise used)."""
         if self.config.placement == "central":
             # the clip norm itself (adaptive: per round) is in the round's DPRoundResult and checkpoint
+            q = _amplified_rate(self.config)
+            sampled = f", Poisson-sampled q={q:g}" if q < 1 else (
+                ", fixed-size sample (not amplified)" if self.config.sampling_rate < 1 else "")
             return (f"round {round_id}: central Gaussian z={self.config.noise_multiplier:g} x sensitivity "
-                    f"(clip sensitivity + post-quantisation excess {self.quantisation_excess:.4g})")
+                    f"(clip sensitivity + post-quantisation excess {self.quantisation_excess:.4g}){sampled}")
         return (f"round {round_id}: distributed discrete Gaussian, planned for min_survivors="
                 f"{self.config.min_survivors}")
 
@@ -447,9 +479,20 @@ class ClientLevelDP:
         event = self.round_event()
         label = self.release_label(self._open)
         if self.accountant is not None:
-            self.accountant.spend(event, label=label)
+            self.accountant.spend(event, label=label, sensitivity=self.release_sensitivity())
         self._prepaid = event
         return event, label
+
+    def release_sensitivity(self) -> float | None:
+        """The L2 sensitivity of one client's contribution to the released *sum*, in update units, that the
+        round's noise is calibrated to (stored in the ledger entry). Central: :attr:`noise_sensitivity`
+        (clip, adaptive count coordinate, post-quantisation excess). Distributed: the integer sensitivity
+        ``Δ2`` of :func:`~fedguard.dp.distributed.integer_sensitivity` divided by the encoding's scale."""
+        if self.config.placement == "central" or self._dimension is None:
+            sens = float(self.noise_sensitivity)
+            return sens if math.isfinite(sens) else None  # allow_non_private: an unbounded clip
+        l2, _ = self.distributed_mechanism(self._dimension).sensitivity
+        return float(l2 / self.fixed_point_spec().scale)
 
     def _max_clients(self) -> int:
         pop = self.config.population
@@ -501,7 +544,9 @@ class ClientLevelDP:
             mean, m = getattr(aggregate, "mean", None), getattr(aggregate, "total_weight", total_weight)
         if not isinstance(mean, np.ndarray) or mean.ndim != 1:
             raise InvalidUpdateError(f"aggregate must be a 1-D array or have a 1-D .mean, got {type(mean).__name__}")
-        m = check_int("total_weight (the number of contributors)", m, low=1)
+        # an empty Poisson sample (central, fixed denominator) still releases: noise only, and it is accounted
+        empty_ok = self.config.placement == "central" and self.config.denominator == "expected"
+        m = check_int("total_weight (the number of contributors)", m, low=0 if empty_ok else 1)
         width = mean.size
         if self._dimension is not None and width != self._dimension:
             raise InvalidUpdateError(f"aggregate has length {width}, expected {self._dimension}")
@@ -511,7 +556,8 @@ class ClientLevelDP:
             # the aggregator should have refused to reveal this (RoundSpec.min_contributors); it did not, so
             # the server has seen an under-noised sum: the ledger never lies
             if self.accountant is not None:
-                self.accountant.record(event, label=f"round {round_id} (under-noised: {m} survivors)")
+                self.accountant.record(event, label=f"round {round_id} (under-noised: {m} survivors)",
+                                       sensitivity=self.release_sensitivity())
             self._open = None
             self._prepaid = None
             self.next_round = round_id + 1
@@ -524,7 +570,8 @@ class ClientLevelDP:
         if self.accountant is not None:
             if self._prepaid is None:
                 try:
-                    self.accountant.spend(event, label=self.release_label(round_id))
+                    self.accountant.spend(event, label=self.release_label(round_id),
+                                          sensitivity=self.release_sensitivity())
                 except BudgetExceededError:
                     self._open = None
                     raise
@@ -548,9 +595,11 @@ class ClientLevelDP:
         return DPRoundResult(round_id, update, epsilon, event, m, clip_used, self.clip_norm, fraction)
 
     def _denominator(self, m: int) -> float:
+        """``D``: ``m`` (participants) or the public expected count ``q·N`` (``k`` for a fixed-size sample)."""
         if self.config.denominator == "participants":
             return float(m)
-        return self.config.sampling_rate * float(self.config.population or 1)
+        expected = self.config.sampling_rate * float(self.config.population or 1)
+        return float(round(expected)) if self.config.sampling == "fixed_size" else expected
 
     # -- checkpointing -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -40,11 +40,12 @@ import numpy as np
 import torch
 
 from fedguard.encoding import FixedPointSpec
-from fedguard.errors import BudgetExceededError, ConfigError, ProtocolAbort
+from fedguard.errors import BudgetExceededError, ConfigError, InvalidUpdateError, ProtocolAbort
+from fedguard.federation.fedavg import FedAvgOutcome
 from fedguard.federation.protocol import Aggregator, RoundSpec
 from fedguard.federation.registry import make_aggregator
 from fedguard.federation.round import ClientResult, RoundResult, run_round
-from fedguard.federation.transport import InProcessTransport
+from fedguard.federation.transport import InProcessTransport, TrafficLog
 from fedguard.params import AdapterLayout, flatten, layout_of, load_vector, parameter_counts
 from fedguard.rng import SecureRNG
 from fedguard_train.checkpoint import load_latest, load_round_metrics, save_checkpoint
@@ -187,7 +188,8 @@ class Trainer(ABC):
             self.aggregator = self._make_aggregator()  # a bad aggregator config fails before any model loads
         try:
             if self.aggregator is not None:  # e.g. DP's release guard: before any model loads
-                self.hooks.check_aggregator(self.aggregator, config.n_parties)
+                self.hooks.check_aggregator(self.aggregator, self.round_size)
+                self._check_sampling(self.aggregator)
             self.setup()
             self.spec = FixedPointSpec(clip=config.federation.clip, value_bits=config.federation.value_bits,
                                        ring_bits=64, max_weight=max(1, max(len(i) for i in self.client_items)))
@@ -196,7 +198,7 @@ class Trainer(ABC):
             if self.aggregator is not None:  # e.g. a packing or norm bound that cannot hold: before any training
                 encoding = self.hooks.ring_encoding()
                 self.aggregator.check_round(RoundSpec(
-                    1, tuple(range(len(self.client_items))), self.layout.size + 1, 64,
+                    1, tuple(range(self.round_size)), self.layout.size + 1, 64,
                     fixed_point=self.spec if encoding is None else None))
         except BaseException:
             self.close()
@@ -277,7 +279,7 @@ class Trainer(ABC):
         fed = self.config.federation
         aggregator = make_aggregator(fed.aggregator, fed.aggregator_options)
         try:
-            aggregator.check_clients(self.config.n_parties)
+            aggregator.check_clients(self.round_size)  # a fixed-size sample: rounds of clients_per_round
         except BaseException:
             aggregator.close()
             raise
@@ -374,6 +376,64 @@ class Trainer(ABC):
                 self.observer.row(row)
         return result
 
+    # -- participant selection (client sampling) --------------------------------------------------------
+    @property
+    def round_size(self) -> int:
+        """The most clients a round can have: ``federation.clients_per_round`` or every party."""
+        k = self.config.sampling_options["clients_per_round"]
+        return int(k) if k is not None else self.config.n_parties
+
+    def _check_sampling(self, aggregator: Aggregator) -> None:
+        """A Poisson sample may hold any number of clients from 1 to all: refuse, before any model loads, an
+        aggregator that cannot run a round with one of those sizes (e.g. masking with threshold 2)."""
+        if self.config.sampling_options["sample_rate"] is None:
+            return
+        for size in range(1, self.config.n_parties + 1):
+            try:
+                aggregator.check_clients(size)
+            except ConfigError as err:
+                raise ConfigError(f"federation.sample_rate: a Poisson sample may hold {size} client(s), but {err}; "
+                                  "use federation.clients_per_round (a fixed-size sample) instead") from err
+
+    def participants(self, round_id: int) -> list[int]:
+        """The clients of round ``round_id``, in increasing order: every party by default; with
+        ``federation.sample_rate`` a Poisson sample (each client independently with probability ``q``; may be
+        empty), with ``federation.clients_per_round`` ``k`` clients uniformly without replacement.
+
+        Drawn from ``SecureRNG.for_testing(f"{seed}/sample/{round_id}")``, so a resumed run samples exactly
+        as an uninterrupted one. Amplification by sampling (central DP) assumes whoever sees the released
+        models cannot recompute the sample: the run's ``seed`` is the server's secret (docs/dp.md).
+        Subclasses may override (e.g. canary clients); the base calls it once per round."""
+        from fedguard.dp.client_level import sample_clients, sample_fixed_size
+
+        everyone = list(range(len(self.client_items)))
+        options = self.config.sampling_options
+        rng = SecureRNG.for_testing(f"{self.config.seed}/sample/{round_id}")
+        if options["sample_rate"] is not None:
+            return sample_clients(everyone, float(options["sample_rate"]), rng)
+        if options["clients_per_round"] is not None:
+            return sample_fixed_size(everyone, int(options["clients_per_round"]), rng)
+        return everyone
+
+    def _empty_round(self, round_id: int) -> RoundResult:
+        """A round whose sample is empty: no client trains and nothing is aggregated, but the hooks still
+        run (``on_round_start``, then ``aggregate`` on a zero mean with no contributors), so central DP
+        releases its noise-only update and accounts it, as the mechanism must every round."""
+        start = self.global_vector()
+        self.hooks.on_round_start(round_id, ())
+        try:
+            mean = np.asarray(self.hooks.aggregate(round_id, np.zeros(start.size, dtype=np.float32), ()),
+                              dtype=np.float32)
+            new_global = start + mean
+            if not np.all(np.isfinite(new_global)):
+                raise InvalidUpdateError(f"round {round_id}: the released update of an empty sample is not finite")
+        except BaseException:
+            self.load(start)
+            raise
+        self.load(new_global)
+        outcome = FedAvgOutcome(round_id, mean, 0, (), {}, TrafficLog(), 0.0)
+        return RoundResult(round_id, new_global, mean, {}, outcome, 0, ())
+
     def client_step(self, round_id: int, client: int, start: np.ndarray) -> ClientResult:
         """Load ``start``, train ``client`` locally, return its update ``θ_k − start`` (a non-finite one aborts
         the round, naming the client)."""
@@ -395,13 +455,15 @@ class Trainer(ABC):
             raise ConfigError("the trainer's aggregator is closed")
         # Quantisation is seeded (the run is reproducible); the protocol's keys and masks come from OS entropy.
         try:
-            result = run_round(round_id, self.global_vector(), range(len(self.client_items)),
-                               lambda client, start_vec: self.client_step(round_id, client, start_vec),
-                               self.aggregator, self.spec, hooks=self.hooks, load=self.load,
-                               rng=SecureRNG.for_testing(f"{cfg.seed}/aggregate/{round_id}"), protocol_rng=SecureRNG(),
-                               transport=self.transport,
-                               # DP: the survivors its noise is planned for
-                               min_contributors=self.hooks.min_contributors)
+            chosen = self.participants(round_id)
+            result = self._empty_round(round_id) if not chosen else run_round(
+                round_id, self.global_vector(), chosen,
+                lambda client, start_vec: self.client_step(round_id, client, start_vec),
+                self.aggregator, self.spec, hooks=self.hooks, load=self.load,
+                rng=SecureRNG.for_testing(f"{cfg.seed}/aggregate/{round_id}"), protocol_rng=SecureRNG(),
+                transport=self.transport,
+                # DP: the survivors its noise is planned for
+                min_contributors=self.hooks.min_contributors)
         except (ProtocolAbort, TrainingDiverged) as err:
             # nothing was decoded (ProtocolAbort's contract) or nothing reached the aggregator: hooks may
             # take back what they prepared for the release (DP's write-ahead record)
@@ -410,8 +472,12 @@ class Trainer(ABC):
         final = self.server_step(round_id, result)
         if final is not result.global_vector:
             self.load(final)
-        row: dict[str, Any] = {"round": round_id, "train_loss": result.mean_loss, "clients": len(result.contributors),
+        row: dict[str, Any] = {"round": round_id,
+                               "train_loss": result.mean_loss if result.losses else float("nan"),
+                               "clients": len(result.contributors),
                                "bytes_up": result.bytes_up, "bytes_down": result.bytes_down}
+        if any(v is not None for v in cfg.sampling_options.values()):
+            row["sampled"] = len(result.participants)
         if round_id % cfg.eval.every == 0 or round_id == cfg.federation.rounds:
             row.update(self.evaluate())
         self.hooks.on_round_end(round_id, self.model, row)
