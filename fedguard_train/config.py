@@ -143,12 +143,17 @@ class FederationConfig:
     aggregator_options: Any = field(default_factory=dict)
     clip: float = 1.0  # fixed-point clipping range of update values
     value_bits: int = 24
+    # client sampling (at most one): Poisson, each client independently with probability sample_rate per round;
+    # or a fixed-size sample of clients_per_round without replacement. Drawn from seed + round (reproducible).
+    sample_rate: float | None = None
+    clients_per_round: int | None = None
 
     def __post_init__(self) -> None:
         from fedguard.federation.registry import AggregatorOptions, aggregator_options
 
         problems = [p for p in (int_problem("clients", self.clients, low=1), int_problem("rounds", self.rounds, low=1))
                     if p]
+        problems += _sampling_problems(self.clients, self.sample_rate, self.clients_per_round)
         if not self.clip > 0:
             problems.append(f"clip must be > 0, got {self.clip}")
         if not 2 <= self.value_bits <= 40:
@@ -166,6 +171,23 @@ class FederationConfig:
                     problems += [p if p.startswith(("unknown", "aggregator_options")) else f"aggregator_options.{p}"
                                  for p in err.problems]
         _raise_problems(self, problems)
+
+
+def _sampling_problems(clients: int, sample_rate: object, clients_per_round: object) -> list[str]:
+    """``federation.sample_rate`` in (0, 1] or ``federation.clients_per_round`` in [1, clients], not both."""
+    problems: list[str] = []
+    if sample_rate is not None and clients_per_round is not None:
+        problems.append(f"set federation.sample_rate (Poisson sampling) or federation.clients_per_round (a fixed-size "
+                        f"sample), not both; got {sample_rate!r} and {clients_per_round!r}")
+    if sample_rate is not None and not (isinstance(sample_rate, (int, float)) and not isinstance(sample_rate, bool)
+                                        and 0 < sample_rate <= 1):
+        problems.append(f"sample_rate must be a number in (0, 1], got {sample_rate!r}")
+    if clients_per_round is not None:
+        problem = int_problem("clients_per_round", clients_per_round, low=1,
+                              high=clients if isinstance(clients, int) and clients >= 1 else None)
+        if problem:
+            problems.append(f"{problem} (federation.clients={clients})")
+    return problems
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -218,7 +240,9 @@ class DPSection:
     ``pld``). ``placement: distributed``: each client adds its share of discrete-Gaussian noise inside a
     secure aggregator's ring (Kairouz, Liu, Steinke, ICML 2021; backend ``rdp``, a zCDP bound).
     ``target_delta`` is required (below ``1/clients``); ``epsilon_budget`` stops the run before a round
-    that would exceed it. Every client trains every round (sampling rate 1).
+    that would exceed it. With ``federation.sample_rate`` (Poisson) central rounds are accounted as
+    Poisson-sampled Gaussians (amplification) and the mean is over the expected count ``q·N``; with
+    ``federation.clients_per_round`` (or distributed placement) there is no amplification (docs/dp.md).
     """
 
     clip_norm: float
@@ -233,6 +257,10 @@ class DPSection:
     ring_bits: int = 64
     adaptive: AdaptiveClipping | None = None  # adaptive clipping (Andrew et al. 2021): target_quantile, ...
     allow_non_private: bool = False  # zero noise / unbounded clipping, for testing (epsilon is infinite)
+    # the mean's denominator: "expected" (the public q·N, or k for clients_per_round: the release does not
+    # depend on how many were sampled) or "participants" (the contributors). None: expected with central
+    # placement and client sampling, participants otherwise
+    denominator: Literal["expected", "participants"] | None = None
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -243,6 +271,8 @@ class DPSection:
         if self.placement == "distributed" and self.backend not in (None, "rdp"):
             problems.append(f"backend must be 'rdp' for distributed placement (its release is a zCDP bound), "
                             f"got {self.backend!r}")
+        if self.denominator not in (None, "expected", "participants"):
+            problems.append(f"denominator must be 'expected' or 'participants', got {self.denominator!r}")
         try:
             self.client_config(self.min_survivors or 1)
         except ConfigError as err:
@@ -253,22 +283,53 @@ class DPSection:
     def accounting_backend(self) -> DPBackend:
         return self.backend or ("rdp" if self.placement == "distributed" else "pld")
 
-    def client_config(self, n_clients: int) -> Any:
-        """The :class:`fedguard.dp.ClientDPConfig` of a federation of ``n_clients`` (every client, every round)."""
+    def resolved_denominator(self, *, sampled: bool) -> Literal["expected", "participants"]:
+        """``denominator``, or its default: ``expected`` for central placement with client sampling."""
+        if self.denominator is not None:
+            return self.denominator
+        return "expected" if sampled and self.placement == "central" else "participants"
+
+    def client_config(self, n_clients: int, *, sample_rate: float | None = None,
+                      clients_per_round: int | None = None) -> Any:
+        """The :class:`fedguard.dp.ClientDPConfig` of a federation of ``n_clients``: every client every round,
+        a Poisson sample at ``sample_rate`` or a fixed-size sample of ``clients_per_round``."""
         from fedguard.dp import ClientDPConfig
 
+        q, sampling = 1.0, "poisson"
+        if sample_rate is not None:
+            q = float(sample_rate)
+        elif clients_per_round is not None and clients_per_round < n_clients:
+            q, sampling = clients_per_round / n_clients, "fixed_size"
+        sampled = sample_rate is not None or clients_per_round is not None
         raw: dict[str, Any] = {"clip_norm": self.clip_norm, "noise_multiplier": self.noise_multiplier,
-                               "population": n_clients, "denominator": "participants", "placement": self.placement,
+                               "sampling_rate": q, "sampling": sampling, "population": n_clients,
+                               "denominator": self.resolved_denominator(sampled=sampled), "placement": self.placement,
                                "colluding": self.colluding, "value_bits": self.value_bits,
                                "ring_bits": self.ring_bits, "adaptive": self.adaptive,
                                "allow_non_private": self.allow_non_private}
         if self.placement == "distributed":
-            raw["min_survivors"] = self.min_survivors if self.min_survivors is not None else n_clients
+            per_round = clients_per_round if clients_per_round is not None else n_clients
+            raw["min_survivors"] = self.min_survivors if self.min_survivors is not None else per_round
         return ClientDPConfig.from_dict(raw)
 
-    def problems_with(self, *, n_clients: int, aggregator: str, aggregator_options: Any) -> list[str]:
-        """What this section cannot do with the rest of the run's configuration."""
+    def problems_with(self, *, n_clients: int, aggregator: str, aggregator_options: Any,
+                      sample_rate: float | None = None, clients_per_round: int | None = None) -> list[str]:
+        """What this section cannot do with the rest of the run's configuration (``sample_rate`` /
+        ``clients_per_round``: the federation's client sampling)."""
         problems = []
+        if sample_rate is not None and sample_rate < 1:
+            if self.placement == "distributed":
+                problems.append("dp.placement 'distributed' with federation.sample_rate: the server draws the sample, "
+                                "so Poisson sampling brings no amplification against it, and a Poisson sample can "
+                                "fall below dp.min_survivors; use federation.clients_per_round >= dp.min_survivors")
+            elif self.denominator == "participants":
+                problems.append("dp.denominator 'participants' with federation.sample_rate: the released mean would "
+                                "depend on how many clients were sampled, which the amplification argument keeps "
+                                "secret (sensitivity C/(qN) needs the fixed denominator); use 'expected'")
+        if (self.placement == "distributed" and clients_per_round is not None and self.min_survivors is not None
+                and self.min_survivors > clients_per_round):
+            problems.append(f"dp.min_survivors must be <= federation.clients_per_round={clients_per_round}, got "
+                            f"{self.min_survivors}: a round never has more survivors than sampled clients")
         if not self.target_delta < 1 / n_clients:
             problems.append(f"dp.target_delta must be < 1/federation.clients = {1 / n_clients:g}, got {self.target_delta}")
         if self.placement == "distributed":
@@ -509,7 +570,8 @@ class TrainConfig:
         fed = self.federation
         if self.dp is not None:
             problems += self.dp.problems_with(n_clients=fed.clients, aggregator=fed.aggregator,
-                                              aggregator_options=fed.aggregator_options)
+                                              aggregator_options=fed.aggregator_options,
+                                              **self.sampling_options)
         if self.hetero is not None and self.trainer != "hetero":
             problems.append(f"the hetero: section applies to trainer 'hetero' only, got trainer {self.trainer!r}")
         if self.trainer == "hetero":
@@ -535,6 +597,14 @@ class TrainConfig:
             problems.append("watermark needs in-process clients (training.nproc_per_node = 1)")
         if problems:
             raise ConfigError.collect(problems)
+
+    @property
+    def sampling_options(self) -> dict[str, Any]:
+        """``sample_rate`` / ``clients_per_round`` of a federated run (a centralized baseline samples nobody)."""
+        fed = self.federation
+        if self.mode == "centralized":
+            return {"sample_rate": None, "clients_per_round": None}
+        return {"sample_rate": fed.sample_rate, "clients_per_round": fed.clients_per_round}
 
     @property
     def n_parties(self) -> int:
