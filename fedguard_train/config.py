@@ -147,6 +147,11 @@ class FederationConfig:
     # or a fixed-size sample of clients_per_round without replacement. Drawn from seed + round (reproducible).
     sample_rate: float | None = None
     clients_per_round: int | None = None
+    # what travels (fedguard/quantise.py): the ring sized to need ("auto": 32 bits where the sum fits, else 64);
+    # quantised uploads of upload_bits (8/16/32) per value, equal client weights; Hadamard rotation before quantising
+    ring_bits: int | Literal["auto"] = "auto"
+    upload_bits: int | None = None
+    rotation: bool = False
 
     def __post_init__(self) -> None:
         from fedguard.federation.registry import AggregatorOptions, aggregator_options
@@ -158,6 +163,13 @@ class FederationConfig:
             problems.append(f"clip must be > 0, got {self.clip}")
         if not 2 <= self.value_bits <= 40:
             problems.append(f"value_bits must be in [2, 40], got {self.value_bits}")
+        if self.ring_bits != "auto" and self.ring_bits not in (32, 64):
+            problems.append(f"ring_bits must be 'auto', 32 or 64, got {self.ring_bits!r}")
+        if self.upload_bits is not None and self.upload_bits not in (8, 16, 32):
+            problems.append(f"upload_bits must be 8, 16, 32 or null, got {self.upload_bits!r}")
+        if self.upload_bits is not None and self.ring_bits != "auto":
+            problems.append(f"upload_bits={self.upload_bits} fixes the ring width; leave ring_bits: auto "
+                            f"(got {self.ring_bits!r})")
         options = self.aggregator_options
         if options is None:
             options = {}
