@@ -17,6 +17,8 @@ from fedguard.updates import ClientUpdate
 from fedguard.wire import decode
 from fedguard_train.capture import CapturingAggregator, ServerView
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture
 def task(tmp_path: Path) -> Path:
