@@ -23,7 +23,8 @@ Run a party (``python -m fedguard.secagg.mpc.network --help``)::
 
     python -m fedguard.secagg.mpc.network keygen --out control.key          # once; copy to every host
     python -m fedguard.secagg.mpc.network party --rank 0 --parties 3 \\
-        --rendezvous 10.0.0.1:29500 --coordinator 10.0.0.9:29600 --control-key control.key [--norm-check]
+        --rendezvous 10.0.0.1:29500 --coordinator 10.0.0.9:29600 --control-key control.key [--norm-check] \\
+        [--roster roster.json]   # check every share's client signature against the deployment's roster
     python -m fedguard.secagg.mpc.network dealer --parties 3 --rendezvous 10.0.0.1:29500   # --norm-check only
 
 and on the server: ``NetworkParties(3, listen=("0.0.0.0", 29600), control_key=key, norm_check=...)``, or
@@ -56,6 +57,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from fedguard import wire
 from fedguard.checks import int_problem, is_int, number_problem
 from fedguard.errors import ConfigError, MessageError, ProtocolAbort
+from fedguard.identity import Roster
 from fedguard.secagg.mpc.norm import NormCheck
 from fedguard.secagg.mpc.parties import (
     AggregationJob,
@@ -245,10 +247,12 @@ def _ints(meta: Mapping[str, Any], key: str) -> list[int]:
 
 
 def encode_job(job: AggregationJob, rank: int) -> wire.Message:
-    """Party ``rank``'s view of ``job``: every client's ephemeral key and only this party's ciphertext."""
+    """Party ``rank``'s view of ``job``: every client's ephemeral key, and only this party's ciphertext and
+    the client's signature on it (empty without a roster), which the party checks against its own roster."""
     ids = sorted(job.inputs)
     cts = [job.inputs[c].ciphertexts[rank] if rank < len(job.inputs[c].ciphertexts) else b"" for c in ids]
     offsets = np.cumsum([0] + [len(ct) for ct in cts], dtype=np.int64)
+    sigs = [job.inputs[c].signatures[rank] if rank < len(job.inputs[c].signatures) else b"" for c in ids]
     epks = b"".join(job.inputs[c].ephemeral_key for c in ids)
     norm = None if job.norm is None else {
         "bound": job.norm.bound, "length": job.norm.length, "chunk": job.norm.chunk,
@@ -259,8 +263,9 @@ def encode_job(job: AggregationJob, rank: int) -> wire.Message:
         "vector_length": job.vector_length, "ring_bits": job.ring_bits, "min_contributors": job.min_contributors,
         "norm": norm, "n_parties": max((len(s.ciphertexts) for s in job.inputs.values()), default=0),
         "epk_lengths": [len(job.inputs[c].ephemeral_key) for c in ids],
+        "sig_lengths": [len(sig) for sig in sigs],
     }, arrays={"ids": np.asarray(ids, dtype=np.int64), "epk": wire.bytes_array(epks),
-               "offsets": offsets, "ct": wire.bytes_array(b"".join(cts))})
+               "offsets": offsets, "ct": wire.bytes_array(b"".join(cts)), "sig": wire.bytes_array(b"".join(sigs))})
 
 
 def decode_job(msg: wire.Message, rank: int) -> AggregationJob:
@@ -273,15 +278,21 @@ def decode_job(msg: wire.Message, rank: int) -> AggregationJob:
     epk, ct = msg.blob("epk"), msg.blob("ct")
     epk_lengths = _ints(meta, "epk_lengths")
     n_parties = _int(meta, "n_parties")
+    sig = msg.blob("sig") if "sig" in msg.arrays else b""
+    sig_lengths = _ints(meta, "sig_lengths") if "sig_lengths" in meta else [0] * len(ids)
     if (len(epk_lengths) != len(ids) or offsets.size != len(ids) + 1 or not 0 <= rank < n_parties
-            or sum(epk_lengths) != len(epk) or int(offsets[-1]) != len(ct) or bool(np.any(np.diff(offsets) < 0))):
-        raise MessageError("mpc-job message has inconsistent ids, keys or ciphertext offsets")
-    inputs, start = {}, 0
+            or sum(epk_lengths) != len(epk) or int(offsets[-1]) != len(ct) or bool(np.any(np.diff(offsets) < 0))
+            or len(sig_lengths) != len(ids) or any(n < 0 for n in sig_lengths) or sum(sig_lengths) != len(sig)):
+        raise MessageError("mpc-job message has inconsistent ids, keys, ciphertext offsets or signatures")
+    inputs, start, sig_start = {}, 0, 0
     for i, c in enumerate(ids):
         key = epk[start:start + epk_lengths[i]]
         start += epk_lengths[i]
         mine = ct[int(offsets[i]):int(offsets[i + 1])]
-        inputs[c] = SealedShares(key, tuple(mine if k == rank else b"" for k in range(n_parties)))
+        my_sig = sig[sig_start:sig_start + sig_lengths[i]]
+        sig_start += sig_lengths[i]
+        inputs[c] = SealedShares(key, tuple(mine if k == rank else b"" for k in range(n_parties)),
+                                 tuple(my_sig if k == rank else b"" for k in range(n_parties)))
     norm = meta.get("norm")
     check = None
     if norm is not None:
@@ -346,8 +357,15 @@ def connect(address: tuple[str, int], key: bytes, *, deadline_s: float, timeout_
 
 def serve_party(rank: int, n_parties: int, rendezvous: tuple[str, int], coordinator: tuple[str, int],
                 control_key: bytes, *, norm_check: bool = False, timeout_s: float = 60.0,
-                startup_timeout_s: float = 300.0, interface: str | None = None) -> None:
-    """Run one compute party until the coordinator says close (or the channel fails)."""
+                startup_timeout_s: float = 300.0, interface: str | None = None, roster: Roster | None = None) -> None:
+    """Run one compute party until the coordinator says close (or the channel fails).
+
+    With a ``roster`` (the deployment's client identities, ``--roster`` on the command line) the party does
+    what :class:`~fedguard.secagg.mpc.parties.CryptenParties` parties do: a share counts only with its
+    client's Ed25519 signature for this party, deployment and round (an unsigned, forged, replayed or
+    non-rostered share is invalid, so a coordinator cannot make up clients), and a second job for a round
+    this party has served is refused (a replay beside a fake input). Without one it trusts the coordinator
+    to relay only real clients' shares (honest-but-curious)."""
     from fedguard.secagg.mpc.crypten_rng import describe_generators
     from fedguard.secagg.mpc.parties import _party_aggregate, _prepare_process
     from fedguard.secagg.mpc.sharing import new_party_key, public_key_bytes
@@ -356,6 +374,7 @@ def serve_party(rank: int, n_parties: int, rendezvous: tuple[str, int], coordina
     crypten = _prepare_process(rank, n_parties, rendezvous[1], timeout_s, norm_check, host=rendezvous[0],
                                interface=interface)
     private = new_party_key()
+    served: set[int] = set()  # rounds this party has served (a second job for one is refused with a roster)
     crypten.init()
     channel = connect(coordinator, control_key, deadline_s=startup_timeout_s, timeout_s=timeout_s)
     channel.send(_message("mpc-ready", sender=rank, meta={
@@ -368,7 +387,7 @@ def serve_party(rank: int, n_parties: int, rendezvous: tuple[str, int], coordina
                 break
             try:
                 job = decode_job(msg, rank)
-                result = _party_aggregate(crypten, rank, n_parties, private, job)
+                result = _party_aggregate(crypten, rank, n_parties, private, job, roster, served)
             except Exception as err:  # noqa: BLE001 - reported, then this party stops (the round aborts)
                 channel.send(_message("mpc-error", round_id=msg.round, sender=rank,
                                       meta={"reason": f"{type(err).__name__}: {str(err)[:300]}"}))
@@ -606,6 +625,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--coordinator", required=True, help="HOST:PORT the server listens on")
             p.add_argument("--control-key", required=True, help="the 32-byte control key file (mode 0600)")
             p.add_argument("--norm-check", action="store_true", help="a dealer serves the norm check")
+            p.add_argument("--roster", default=None,
+                           help="the deployment's client roster (`fedguard roster add`): accept only shares "
+                                "signed by rostered clients, and serve each round once")
     args = parser.parse_args(argv)
     if args.command == "keygen":
         print(write_control_key(args.out))
@@ -615,7 +637,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     serve_party(args.rank, args.parties, parse_address(args.rendezvous), parse_address(args.coordinator),
                 read_control_key(args.control_key), norm_check=args.norm_check, timeout_s=args.timeout,
-                interface=args.interface)
+                interface=args.interface, roster=Roster.load(args.roster) if args.roster else None)
     return 0
 
 

@@ -9,6 +9,13 @@ client and party: the made-up shares count as invalid, too few remain, nothing i
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -44,7 +51,13 @@ def _honest_job(agg: MpcAggregator, spec: RoundSpec, xs: dict[int, np.ndarray]) 
     return captured
 
 
-def _made_up(parties: SimulatedParties, spec: RoundSpec, client: int) -> SealedShares:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _made_up(parties: Any, spec: RoundSpec, client: int) -> SealedShares:
     zeros = np.zeros(spec.vector_length, dtype=np.uint64)
     return seal(zeros, parties.public_keys, round_id=spec.round_id, client_id=client, rng=SecureRNG())
 
@@ -123,3 +136,92 @@ def test_crypten_party_processes_check_signatures_and_serve_each_round_once() ->
         with pytest.raises(ProtocolAbort, match="only 0 client"):
             InProcessTransport().run(unsigned.server(spec13), {c: unsigned.client(spec13, c, xs[c]) for c in IDS})
         assert all(parties.alive())
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(240)
+def test_remote_party_programs_check_signatures_against_their_roster(tmp_path: Path) -> None:
+    """``backend: network``: two party programs (separate OS processes that rendezvous by address on
+    127.0.0.1, as across machines) started with ``--roster``: a signed round is exact; made-up clients beside
+    a victim, a replayed job and unsigned shares are each refused at the parties, nothing revealed."""
+    from fedguard.encoding import ring_sum
+    from fedguard.secagg.mpc.network import NetworkParties, read_control_key, write_control_key
+
+    key_file = write_control_key(tmp_path / "control.key")
+    roster_file = ROSTER.save(tmp_path / "roster.json")
+    parties = NetworkParties(2, listen=("127.0.0.1", 0), control_key=read_control_key(key_file), timeout_s=30.0,
+                             startup_timeout_s=120.0)
+    host, port = parties.bind()
+    rendezvous = f"127.0.0.1:{_free_port()}"
+    cmd = [sys.executable, "-m", "fedguard.secagg.mpc.network", "party", "--parties", "2", "--rendezvous",
+           rendezvous, "--interface", "lo", "--timeout", "30", "--coordinator", f"{host}:{port}", "--control-key",
+           str(key_file), "--roster", str(roster_file)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([*cmd, "--rank", str(r)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for r in range(2)]
+    try:
+        parties.start()
+        agg = MpcAggregator(parties=parties, identities=IDENTITIES, deployment="mpc-test", min_clients=2)
+        rng = SecureRNG.for_testing("network-signed")
+        xs = {c: rng.ring_elements(4, 64) for c in IDS}
+        spec = RoundSpec(21, IDS, 4)
+        inputs = _honest_job(agg, spec, xs)  # a signed round through the remote parties
+        assert all(len(s.signatures) == 2 and all(s.signatures) for s in inputs.values())
+        spec22 = RoundSpec(22, IDS, 4)
+        out = InProcessTransport().run(agg.server(spec22), {c: agg.client(spec22, c, xs[c]) for c in IDS})
+        np.testing.assert_array_equal(out.result.ring_sum, ring_sum(list(xs.values()), 64))
+        # the server makes up clients 21 and 22 (shares it sealed itself) beside victim 20's real, signed
+        # shares of this round: only the victim's count, below min_contributors: refused, nothing revealed
+        attack = RoundSpec(23, IDS, 4)
+        server = agg.server(attack)
+        outbox = server.open()
+        server.accept(20, agg.client(attack, 20, xs[20]).handle(outbox[20]))
+        real = server._inbox[20]
+        victim = SealedShares(real.blob("epk"), tuple(real.blob(f"ct{k}") for k in range(2)),
+                              tuple(real.blob(f"sig{k}") for k in range(2)))
+        job = AggregationJob(23, 4, 64, {20: victim, 21: _made_up(parties, attack, 21),
+                                         22: _made_up(parties, attack, 22)}, min_contributors=2)
+        with pytest.raises(ProtocolAbort, match="only 1 client"):
+            parties.aggregate(job)
+    finally:
+        parties.close()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(240)
+def test_remote_party_programs_refuse_a_replayed_job_and_unsigned_shares(tmp_path: Path) -> None:
+    from fedguard.secagg.mpc.network import NetworkParties, read_control_key, write_control_key
+
+    key_file = write_control_key(tmp_path / "control.key")
+    roster_file = ROSTER.save(tmp_path / "roster.json")
+    parties = NetworkParties(2, listen=("127.0.0.1", 0), control_key=read_control_key(key_file), timeout_s=30.0,
+                             startup_timeout_s=120.0)
+    host, port = parties.bind()
+    cmd = [sys.executable, "-m", "fedguard.secagg.mpc.network", "party", "--parties", "2", "--rendezvous",
+           f"127.0.0.1:{_free_port()}", "--interface", "lo", "--timeout", "30", "--coordinator", f"{host}:{port}",
+           "--control-key", str(key_file), "--roster", str(roster_file)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([*cmd, "--rank", str(r)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for r in range(2)]
+    try:
+        parties.start()
+        agg = MpcAggregator(parties=parties, identities=IDENTITIES, deployment="mpc-test", min_clients=2)
+        xs = {c: SecureRNG.for_testing(f"replay-net/{c}").ring_elements(4, 64) for c in IDS}
+        spec = RoundSpec(31, IDS, 4)
+        inputs = _honest_job(agg, spec, xs)
+        with pytest.raises(ProtocolAbort, match="already served round 31"):  # the same job again
+            parties.aggregate(AggregationJob(31, 4, 64, inputs, min_contributors=2))
+    finally:
+        parties.close()  # after an abort the coordinator has closed the channels; the parties stop
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
