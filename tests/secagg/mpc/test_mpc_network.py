@@ -137,6 +137,22 @@ def test_a_job_travels_with_only_the_receiving_partys_ciphertexts() -> None:
         decode_job(broken, 0)
 
 
+def test_a_job_carries_each_clients_signature_only_to_its_party() -> None:
+    inputs = {c: SealedShares(bytes([c]) * 32, tuple(bytes([c, k]) * 7 for k in range(2)),
+                              tuple(bytes([c, k, 9]) * 20 + bytes(4) for k in range(2))) for c in (3, 8)}
+    job = AggregationJob(round_id=4, vector_length=3, ring_bits=64, inputs=inputs)
+    for rank in range(2):
+        back = decode_job(wire.decode(wire.encode(encode_job(job, rank))), rank)
+        for c, s in inputs.items():
+            assert back.inputs[c].signatures[rank] == s.signatures[rank]
+            assert back.inputs[c].signatures[1 - rank] == b""
+    bad = encode_job(job, 0)
+    broken = wire.Message(kind=bad.kind, round=bad.round, stage=bad.stage, sender=bad.sender,
+                          recipient=bad.recipient, meta={**bad.meta, "sig_lengths": [64, 65]}, arrays=bad.arrays)
+    with pytest.raises(MessageError, match="inconsistent"):
+        decode_job(broken, 0)
+
+
 def test_control_key_files_are_private_and_exact(tmp_path: Path) -> None:
     path = write_control_key(tmp_path / "control.key")
     assert oct(path.stat().st_mode & 0o777) == "0o600" and len(read_control_key(path)) == 32
