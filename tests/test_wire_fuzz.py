@@ -306,15 +306,21 @@ def _aggregator(name: str) -> Aggregator:
         return PlaintextAggregator()
     if name == "masking":
         return MaskingAggregator(rng=SecureRNG.for_testing("fuzz-graph"))
+    if name == "masking-signed":  # SecAgg+ over the 4 clients: the coin-flipped graph is in play
+        from fedguard.identity import Identity, Roster
+        from fedguard.secagg.masking.signed import SignedMaskingAggregator
+
+        identities = {c: Identity.generate(c) for c in (10, 11, 12, 13)}
+        return SignedMaskingAggregator(roster=Roster.of(identities, "fuzz"), identities=identities, neighbours=2)
     if name == "mpc":
         return MpcAggregator(parties=SimulatedParties(3), min_clients=2)
     return PaillierAggregator(key_bits=512, keypair=_PAILLIER_KEY, min_clients=3, allow_insecure_test_keys=True)
 
 
-@pytest.mark.parametrize("name", ["plaintext", "masking", "mpc", "paillier"])
+@pytest.mark.parametrize("name", ["plaintext", "masking", "masking-signed", "mpc", "paillier"])
 def test_live_round_refuses_fuzzed_payloads_and_stays_exact(name: str) -> None:
     agg = _aggregator(name)
-    budget = max(FAST_N // 20, 400) if name in ("plaintext", "masking") else max(FAST_N // 100, 300)
+    budget = max(FAST_N // 20, 400) if name in ("plaintext", "masking", "masking-signed") else max(FAST_N // 100, 300)
     counts = _live_round(agg, budget, seed=3)
     assert sum(counts.values()) >= budget
     for family in FAMILIES:
@@ -330,7 +336,7 @@ def test_live_round_refuses_100k_fuzzed_payloads() -> None:
     print(f"live-round fuzz: {sum(total.values())} payloads, {dict(total)}")
 
 
-@pytest.mark.parametrize("name", ["plaintext", "masking", "mpc", "paillier"])
+@pytest.mark.parametrize("name", ["plaintext", "masking", "masking-signed", "mpc", "paillier"])
 def test_a_crafted_reply_drops_only_its_sender_and_the_log_names_it(name: str, caplog: pytest.LogCaptureFixture
                                                                    ) -> None:
     """A client whose reply is a hostile frame (a 5,000-digit round number, well framed) counts as dropped
