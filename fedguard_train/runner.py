@@ -21,6 +21,7 @@ from fedguard_train.trainers.base import RunResult, Trainer, prepare_run_dir
 ROUND_COLUMNS = [
     Column("round", "round", "{:d}", 5),
     Column("train_loss", "train loss", "{:.4f}", 10),
+    Column("sampled", "sampled", "{:d}", 7),  # client sampling: the round's sample size (0: a noise-only round)
     Column("rougeL", "ROUGE-L", "{:.2f}", 8),
     Column("bleu4", "BLEU-4", "{:.2f}", 7),
     Column("perplexity", "ppl", "{:.2f}", 8),
@@ -52,6 +53,8 @@ class _Table(RoundTable):
             hidden.add("epsilon")
         if not config.watermark:
             hidden |= {"wm_bits", "wm_owners"}
+        if all(v is None for v in config.sampling_options.values()):
+            hidden.add("sampled")
         super().__init__([c for c in ROUND_COLUMNS if c.key not in hidden], write=_write_line)
 
     def shown(self, values: dict[str, Any]) -> dict[str, Any]:

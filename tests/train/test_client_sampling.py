@@ -209,3 +209,13 @@ def test_expected_denominator_divides_by_q_times_n_not_the_sample(tmp_path: Path
     step = float(np.linalg.norm((after - start).astype(np.float64)))
     # every update is clipped to 1e-3 (they are far larger); the sum's norm <= m·C, divided by q·N = 2
     assert 0 < step <= len(chosen) * 1e-3 / 2 * (1 + 1e-3)
+
+
+def test_the_round_table_shows_the_sample_size_only_when_sampling(tmp_path: Path, task: Path) -> None:
+    from fedguard_train.runner import _Table
+
+    assert "sampled" not in [c.key for c in _Table(_config(tmp_path, task)).columns]
+    table = _Table(_config(tmp_path, task, dp=DP, sample_rate=0.3))
+    assert [c.key for c in table.columns][:3] == ["round", "train_loss", "sampled"]
+    row = table.format_row(table.shown({"round": 2, "train_loss": float("nan"), "sampled": 0, "epsilon": 1.25}))
+    assert row.split()[:3] == ["2", "nan", "0"] and "1.250" in row
