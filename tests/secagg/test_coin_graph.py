@@ -19,6 +19,7 @@ from fedguard.federation.protocol import AggregateResult, ClientSide, RoundSpec,
 from fedguard.federation.transport import InProcessTransport
 from fedguard.identity import Identity, Roster
 from fedguard.rng import SecureRNG
+from fedguard.secagg.masking import MaskingAggregator
 from fedguard.secagg.masking.graph import CommunicationGraph
 from fedguard.secagg.masking.signed import (
     COIN,
@@ -198,3 +199,40 @@ def test_a_commitment_binds_the_coin_to_deployment_round_and_client() -> None:
               coin_commitment(coin, deployment="d", round_id=1, client=3),
               coin_commitment(bytes(32), deployment="d", round_id=1, client=2)}
     assert h not in others and len(others) == 4
+
+
+def test_a_server_choosing_the_list_from_the_commitments_gets_no_advantage() -> None:
+    """The server wants clients 10 and 11 to be neighbours (e.g. 11 is its accomplice). Against the
+    unsigned protocol it just tries graph keys until they are: every try succeeds. Against the coin flip its
+    only choice before the coins is the commitment list: it drops client 19 at advertise whenever 19's
+    commitment "looks bad" (first byte odd). Over 200 rounds the event still occurs at the uniform rate
+    4/9 (each client has 4 of 9 possible neighbours in H_{4,10}), within 4 standard deviations."""
+    spec = RoundSpec(3, IDS, 5, 64)
+    unsigned_hits = 0
+    for i in range(20):  # the server-keyed graph: grind the key until the wish holds
+        for attempt in range(200):
+            graph = MaskingAggregator(neighbours=4, rng=SecureRNG.for_testing(f"key/{i}/{attempt}")).graph(spec)
+            if 10 in graph.neighbours(11):
+                unsigned_hits += 1
+                break
+    assert unsigned_hits == 20
+    trials, hits = 200, 0
+    agg = _agg()
+    for i in range(trials):
+        spec_i = RoundSpec(1000 + i, IDS, 5, 64)
+        protocol = SecureRNG.for_testing(f"grind/{i}")
+        clients = {c: agg.client(spec_i, c, np.zeros(5, dtype=np.uint64), rng=protocol.spawn(str(c))) for c in IDS}
+        server = agg.server(spec_i)
+        outbox = server.open()
+        replies = {c: clients[c].handle(outbox[c]) for c in IDS}
+        if wire.decode(replies[19]).blob("coin_commitment")[0] % 2:
+            del replies[19]  # "19 dropped": the commitment list is the server's to choose
+        for c, reply in replies.items():
+            server.accept(c, reply)
+        coin_out = server.close_stage()
+        assert isinstance(coin_out, dict)
+        _advance(server, clients, coin_out)  # the coins: the graph is drawn
+        hits += 10 in server.graph.neighbours(11)  # type: ignore[attr-defined]
+    p = 4 / 9
+    sigma = (trials * p * (1 - p)) ** 0.5
+    assert abs(hits - trials * p) <= 4 * sigma, (hits, trials * p)
