@@ -254,6 +254,8 @@ def bench_server(n: int, params: int, dropped_frac: float, neighbours: int | Non
     clients = {c: agg.client(spec, c, x, rng=rng.spawn(f"client/{c}")) for c in spec.participants}
     server_s: dict[str, float] = {}
     client_s: dict[str, float] = {}
+    server_cpu: dict[str, float] = {}  # CPU time of this thread: less sensitive to other jobs than wall time
+    client_cpu: dict[str, float] = {}
     up: dict[str, list[int]] = {}
     start = time.perf_counter()
     outbox = server.open()
@@ -264,17 +266,19 @@ def bench_server(n: int, params: int, dropped_frac: float, neighbours: int | Non
         stage = server.stage
         if stage == "mask":
             dropped, attempt = draw_dropped()
-        c_time = s_time = 0.0
+        c_time = s_time = c_cpu = s_cpu = 0.0
         sizes = []
         for c in sorted(outbox):
             if stage in ("mask", "consistency", "unmask") and c in dropped:
                 continue
-            t0 = time.perf_counter()
+            t0, p0 = time.perf_counter(), time.thread_time()
             reply = clients[c].handle(outbox[c])
-            t1 = time.perf_counter()
+            t1, p1 = time.perf_counter(), time.thread_time()
             server.accept(c, reply)
             s_time += time.perf_counter() - t1
+            s_cpu += time.thread_time() - p1
             c_time += t1 - t0
+            c_cpu += p1 - p0
             sizes.append(len(reply))
         if stage == "unmask" and workers > 1:  # the same close, on a copy, with mask regeneration in processes
             twin = copy.deepcopy(server)
@@ -283,14 +287,17 @@ def bench_server(n: int, params: int, dropped_frac: float, neighbours: int | Non
             twin_result = twin.close_stage()
             parallel_close = time.perf_counter() - t0
             del twin
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, p0 = time.perf_counter(), time.process_time(), time.thread_time()
         step = server.close_stage()
         close = time.perf_counter() - t0
         if stage == "unmask":
             unmask_cpu = time.process_time() - c0
         server_s[f"{stage}_accept"] = s_time
         server_s[f"{stage}_close"] = close
+        server_cpu[f"{stage}_accept"] = s_cpu
+        server_cpu[f"{stage}_close"] = time.thread_time() - p0
         client_s[stage] = c_time / max(1, len(sizes))
+        client_cpu[stage] = c_cpu / max(1, len(sizes))
         up[stage] = sizes
         if isinstance(step, AggregateResult):
             result = step
@@ -318,7 +325,9 @@ def bench_server(n: int, params: int, dropped_frac: float, neighbours: int | Non
         "server_unmask_close_cpu_s": unmask_cpu,
         f"server_unmask_close_s_with_{workers}_workers": parallel_close if workers > 1 else None,
         "server_s": server_s, "server_total_s": sum(server_s.values()),
+        "server_cpu_s": server_cpu, "server_total_cpu_s": sum(server_cpu.values()),
         "client_mean_s_per_stage": client_s,
+        "client_mean_cpu_s_per_stage": client_cpu, "client_total_cpu_s": sum(client_cpu.values()),
         "masks_regenerated_by_server": {"self": survivors, "pairwise": pair_masks},
         "bytes_up_per_client": bytes_up,
         "plaintext_upload_bytes": plaintext_bytes,
@@ -405,6 +414,8 @@ def signed_side_by_side(args: argparse.Namespace) -> int:
                           if isinstance(r, dict)}
         row["server_extra_outside_unmask_close_s"] = server_outside["signed"] - server_outside["honest_but_curious"]
         row["ratio_server_with_extra_only"] = 1 + row["server_extra_outside_unmask_close_s"] / hbc["server_total_s"]
+        row["ratio_client_total_cpu"] = sig["client_total_cpu_s"] / hbc["client_total_cpu_s"]
+        row["ratio_server_total_cpu"] = sig["server_total_cpu_s"] / hbc["server_total_cpu_s"]
         pairs.append(row)
         for name in ("honest_but_curious", "signed"):
             r = row[name]
@@ -416,10 +427,11 @@ def signed_side_by_side(args: argparse.Namespace) -> int:
               f"{row['ratio_server_total']:.3f}x, bytes up {row['ratio_bytes_up_total']:.4f}x; the signed stages' "
               f"own cost: client +{row['client_extra_outside_mask_s']*1e3:.1f} ms "
               f"({row['ratio_client_with_extra_only']:.3f}x), server +{row['server_extra_outside_unmask_close_s']*1e3:.0f} ms "
-              f"({row['ratio_server_with_extra_only']:.3f}x) (load now {os.getloadavg()[0]:.1f})")
+              f"({row['ratio_server_with_extra_only']:.3f}x); CPU time: client {row['ratio_client_total_cpu']:.3f}x, "
+              f"server {row['ratio_server_total_cpu']:.3f}x (load now {os.getloadavg()[0]:.1f})")
     keys = ("ratio_client_total", "ratio_server_total", "ratio_server_unmask_close", "ratio_bytes_up_total",
             "ratio_client_with_extra_only", "ratio_server_with_extra_only", "client_extra_outside_mask_s",
-            "server_extra_outside_unmask_close_s")
+            "server_extra_outside_unmask_close_s", "ratio_client_total_cpu", "ratio_server_total_cpu")
     median = {k: statistics.median(p[k] for p in pairs) for k in keys}
     report: dict[str, Any] = {
         "benchmark": "secagg_masking_signed", "quick": args.quick, "n_clients": args.clients, "params": args.params,
@@ -454,7 +466,8 @@ def signed_side_by_side(args: argparse.Namespace) -> int:
     print(f"median ratio signed / honest-but-curious over {len(pairs)} pairs: client "
           f"{median['ratio_client_total']:.3f}x (its own stages alone {median['ratio_client_with_extra_only']:.3f}x), "
           f"server {median['ratio_server_total']:.3f}x (alone {median['ratio_server_with_extra_only']:.3f}x) "
-          f"(goal <= 1.2x), bytes up "
+          f"(goal <= 1.2x); CPU time: client {median['ratio_client_total_cpu']:.3f}x, server "
+          f"{median['ratio_server_total_cpu']:.3f}x; bytes up "
           f"{median['ratio_bytes_up_total']:.4f}x; load {load} -> {report['loadavg_at_end']}")
     out = args.out if args.out is not None else (None if args.quick else RESULTS.with_name("secagg_masking_signed.json"))
     if out is not None:
