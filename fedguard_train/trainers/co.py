@@ -368,8 +368,11 @@ class FedCoLLM(Trainer):
 
     # -- evaluation and checkpoints ------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
-        """The small model's scores (the main keys) and the server LLM's (``llm_*``) on the held-out split."""
+        """The small model's scores (the main keys) and the server LLM's (``llm_*``) on the held-out split
+        (each client alone, :meth:`run_local`: the small model's only)."""
         row = super().evaluate()
+        if self._alone:
+            return row
         llm = evaluate(self.llm, self.llm_tokenizer, self.test_examples, self.llm_test_items,
                        max_new_tokens=self.config.eval.max_new_tokens)
         for key in SCORES:
