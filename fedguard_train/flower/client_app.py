@@ -41,7 +41,11 @@ def _relay(msg: Message, context: Context) -> Message:
     if not path:
         return Message(Error(code=WORKER_ERROR_CODE, reason="this SuperNode has no fedguard-socket in its "
                              "--node-config"), reply_to=msg)
-    header, blobs = to_worker_request(msg.content[RECORD])
+    record = msg.content.config_records.get(RECORD)
+    if record is None:
+        return Message(Error(code=WORKER_ERROR_CODE, reason=f"the message carries no {RECORD!r} config record"),
+                       reply_to=msg)
+    header, blobs = to_worker_request(record)
     deadline = time.monotonic() + CONNECT_SECONDS
     while True:
         try:
@@ -54,8 +58,8 @@ def _relay(msg: Message, context: Context) -> Message:
             time.sleep(0.2)
     if "error" in out_header:
         return Message(Error(code=WORKER_ERROR_CODE, reason=str(out_header["error"])), reply_to=msg)
-    record: ConfigRecord = from_worker_reply(out_header, out_blobs)
-    return Message(RecordDict({RECORD: record}), reply_to=msg)
+    answer: ConfigRecord = from_worker_reply(out_header, out_blobs)
+    return Message(RecordDict({RECORD: answer}), reply_to=msg)
 
 
 app.query(ACTION)(_relay)

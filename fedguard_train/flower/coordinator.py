@@ -88,14 +88,14 @@ class RemoteRounds(Trainer):
 
 
 def remote_trainer(config: TrainConfig, exchange: StageExchange, *, timeouts: Timeouts | None = None,
-                   quiet: bool = True) -> Trainer:
+                   quiet: bool = True) -> RemoteRounds:
     """The configured trainer, with the run's hooks, whose rounds go over ``exchange``."""
     from fedguard_train.privacy import hooks_from_config
     from fedguard_train.trainers import trainer_class
 
     base = trainer_class(config.trainer)
     cls = type(f"Remote{base.__name__}", (RemoteRounds, base), {})
-    trainer = cls(config, hooks=hooks_from_config(config), quiet=quiet)
+    trainer: RemoteRounds = cls(config, hooks=hooks_from_config(config), quiet=quiet)
     trainer.exchange = exchange
     trainer.timeouts = timeouts if timeouts is not None else Timeouts()
     trainer.drops = DropLog()
