@@ -1,6 +1,7 @@
 # fedguard — the two commands of the README, each installing what it needs on a fresh machine.
 #   make demo   the main job: FedHomoLLM with LoRA on SmolLM2-135M (examples/homo_lora.yaml)
 #   make test   the test suite (what .ci/run calls)
+#   make demo-flower  the main job with masking over Flower's Deployment Engine (processes on 127.0.0.1)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.fedguard-installed
 MODEL_STAMP := $(VENV)/.smollm2-installed
 WORDNET := /usr/share/wordnet/data.noun
 
-.PHONY: install demo demo-sim test test-all lint bench clean
+.PHONY: install demo demo-sim demo-flower test test-all lint bench clean
 
 install: $(STAMP)
 
@@ -20,7 +21,8 @@ $(STAMP): pyproject.toml constraints/cpu.txt Makefile
 	$(PIP) install --quiet --upgrade pip
 	# torch first and alone, pinned to the CPU wheel: a later resolver run cannot then pull a CUDA build.
 	$(PIP) install --quiet -c constraints/cpu.txt torch
-	$(PIP) install --quiet -c constraints/cpu.txt -e '.[train,dp,mpc,dev]'
+	# flower: flwr 1.42 with protobuf < 7, rich < 15, typer < 0.21, packaging < 26 (pins in pyproject.toml)
+	$(PIP) install --quiet -c constraints/cpu.txt -e '.[train,dp,mpc,dev,flower]'
 	# CrypTen 0.4.1 is installed without its declared dependencies: they pull torchvision (which breaks
 	# transformers' imports beside this torch) and the dead `sklearn` package. Its real runtime
 	# dependencies come from the `mpc` extra above; fedguard.secagg.mpc.crypten_compat patches its torch-2.13 breakage.
@@ -42,6 +44,12 @@ demo: $(STAMP) $(MODEL_STAMP) $(WORDNET)
 	# --resume: a second `make demo` continues (or re-reports) runs/homo_lora instead of replacing it;
 	# `fedguard train examples/homo_lora.yaml --overwrite` starts it again.
 	$(VENV)/bin/fedguard train examples/homo_lora.yaml --resume
+
+# the main job over Flower's Deployment Engine: a TLS flower-superlink and one flower-supernode + fedguard
+# worker per client on 127.0.0.1, started and stopped by `fedguard flower run` (docs/flower.md);
+# --resume: a second `make demo-flower` continues runs/flower_homo_lora instead of replacing it.
+demo-flower: $(STAMP) $(MODEL_STAMP) $(WORDNET)
+	$(VENV)/bin/fedguard flower run examples/flower_homo_lora.yaml --resume
 
 # the in-process runtime simulation on a tiny random model (seconds; no downloads)
 demo-sim: $(STAMP)
