@@ -169,7 +169,11 @@ def test_resumed_round_loop_has_the_same_ledger_and_epsilon():
     run(first, range(2))
     resumed = ClientLevelDP.from_state_dict(first.state_dict(), rng=SecureRNG.for_testing("r2"))
     run(resumed, range(2, 4))
-    assert resumed.accountant.ledger == straight.accountant.ledger
+    # the events are the same; the sensitivities of rounds 2-3 follow each run's adaptive clip norm, which
+    # the (differently seeded) count noise moved: each entry states the one its release used
+    assert [(e.event, e.count, e.label) for e in resumed.accountant.ledger] == \
+        [(e.event, e.count, e.label) for e in straight.accountant.ledger]
+    assert resumed.accountant.ledger[:2] == straight.accountant.ledger[:2]
     assert resumed.accountant.epsilon() == straight.accountant.epsilon()
     with pytest.raises(ConfigError, match="already finalized"):
         resumed.begin_round(1)
