@@ -62,6 +62,50 @@ def required_ring_bits(value_bits: int, max_total_weight: int) -> int:
     return (max_total_weight * max_abs_int(value_bits)).bit_length() + 1
 
 
+RING_CHOICES: tuple[int, ...] = (32, 64)
+"""Ring widths ``ring_bits: auto`` chooses from: word sizes every aggregator handles (the wire carries a ring
+element in the smallest unsigned integer type that holds it, :func:`ring_wire_dtype`)."""
+
+
+def choose_ring_bits(value_bits: int, max_total_weight: int, choices: Sequence[int] = RING_CHOICES) -> int:
+    """Ring sized to need: the smallest ``k`` in ``choices`` with ``max_total_weight · M <= 2^(k-1) - 1``,
+    ``M = 2^(b-1) - 1`` (:func:`required_ring_bits`), so that a signed sum of that total weight never wraps.
+
+    ``max_total_weight`` is ``n_clients · max_weight``. Raises :class:`RingOverflowError` (naming the bits
+    needed) when no choice holds it.
+
+    >>> choose_ring_bits(16, 3 * 300), choose_ring_bits(24, 3 * 300)
+    (32, 64)
+    """
+    need = required_ring_bits(value_bits, max_total_weight)
+    for k in sorted(int(c) for c in choices):
+        if k >= need:
+            return k
+    raise RingOverflowError(
+        f"a total weight of {max_total_weight} at value_bits={value_bits} needs a ring of {need} bits; the widest "
+        f"available is {max(choices)}: lower value_bits or the clients' weights")
+
+
+def ring_wire_dtype(ring_bits: int) -> np.dtype:
+    """The smallest little-endian unsigned type that holds ``Z_{2^k}``: ``<u1``/``<u2``/``<u4``/``<u8`` for
+    ``k <= 8/16/32/64``. Ring vectors travel in it, so a 32-bit ring costs 4 bytes per value on the wire."""
+    problem = int_problem("ring_bits", ring_bits, low=2, high=64)
+    if problem:
+        raise ConfigError(problem)
+    for width, code in ((8, "u1"), (16, "<u2"), (32, "<u4")):
+        if ring_bits <= width:
+            return np.dtype(code)
+    return np.dtype("<u8")
+
+
+def to_wire(ring: np.ndarray, ring_bits: int) -> np.ndarray:
+    """A ring vector (uint64, elements in ``[0, 2^k)``) in :func:`ring_wire_dtype` (lossless: checked)."""
+    r = np.asarray(ring, dtype=np.uint64)
+    if ring_bits < 64 and r.size and int(r.max()) >> ring_bits:
+        raise InvalidUpdateError(f"ring vector has an element outside Z_2^{ring_bits}")
+    return r.astype(ring_wire_dtype(ring_bits))
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class FixedPointSpec:
     """How float updates become ring elements.

@@ -4,7 +4,8 @@ A 6B-7B-class model is instantiated on PyTorch's ``meta`` device (shapes only, n
 is attached exactly as in training, and the travelling parameters are counted with the same
 :func:`fedguard.params.layout_of` the runtime uses. Message sizes come from :func:`fedguard.wire.encoded_size`
 of the very messages the runtime sends: the float32 global-adapter broadcast, and the uint64 ring vector a
-client uploads through an aggregator (``d`` values + 1 weight slot).
+client uploads through an aggregator (``d`` values + 1 weight slot, in the ring's width: 8 bytes for the 64-bit
+ring, 4 for a 32-bit one, 2 and 1 for 16- and 8-bit quantised uploads; :mod:`fedguard.quantise`).
 
 Two shapes: ChatGLM-6B's (the paper's model: hidden 4096, 28 layers, vocabulary 130,528, one tied
 embedding, 6.17B parameters; built as a transformers ``glm`` config whose gated MLP width 10,923 matches
@@ -34,9 +35,9 @@ import numpy as np
 import torch
 
 from fedguard import wire
-from fedguard.encoding import FixedPointSpec
 from fedguard.errors import ConfigError
 from fedguard.params import layout_of
+from fedguard.quantise import UploadPlan, plan_upload
 from fedguard.rng import SecureRNG
 from fedguard_train.config import AdapterConfig
 from fedguard_train.models import FAMILIES, attach_adapter
@@ -113,16 +114,27 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 # -- bytes per round from real messages ------------------------------------------------------------------
-ENCODINGS: dict[str, dict[str, int]] = {
+ENCODINGS: dict[str, dict[str, Any]] = {
     "24-bit values (trainer default)": {"value_bits": 24},
+    "16-bit values, ring auto": {"value_bits": 16},
     "8-bit values": {"value_bits": 8},
+    "16-bit upload": {"upload_bits": 16},
+    "8-bit upload": {"upload_bits": 8},
 }
-"""Fixed-point encodings measured: the trainer's ``FixedPointSpec(clip, value_bits, ring_bits=64, max_weight)``
-with ``federation.value_bits`` 24 (default) and 8. Masking, MPC and plaintext upload 64-bit ring elements
-either way; Paillier packs more values per ciphertext at fewer bits."""
+"""Encodings measured, as :func:`fedguard.quantise.plan_upload` arguments (the trainer's ``federation`` keys) with
+``ring_bits: auto`` and at most :data:`MAX_WEIGHT` examples per client: 24-bit values need the 64-bit ring (8 B
+per value for masking, MPC, plaintext); 16-bit values fit the 32-bit ring (4 B, as fp32); quantised uploads of
+16 and 8 bits (equal client weights) travel in 2 and 1 B. Paillier packs more values per ciphertext at fewer
+bits."""
+
+MAX_WEIGHT = 300
+"""Examples per client assumed by the rows (the demo's WordNet task gives each of 3 clients ~290)."""
+
+DEFAULT_AGGREGATORS: tuple[str, ...] = ("plaintext", "masking", "paillier", "mpc")
+"""Aggregators measured by default (variants that need runtime material, e.g. a roster, are left out)."""
 
 
-def _measure_round(name: str, options: Mapping[str, Any], spec: FixedPointSpec, length: int, clients: int,
+def _measure_round(name: str, options: Mapping[str, Any], plan: UploadPlan, length: int, clients: int,
                    seed: str) -> dict[str, float]:
     """One real round of ``length`` values over aggregator ``name``: mean bytes up and down per client
     (all stages) and the broadcast of the global vector to one client."""
@@ -131,9 +143,10 @@ def _measure_round(name: str, options: Mapping[str, Any], spec: FixedPointSpec, 
     from fedguard.updates import ClientUpdate
 
     rng = SecureRNG.for_testing(f"comm-cost/{seed}")
-    updates = [ClientUpdate(c, 1, (rng.normal(length) * 0.1).astype(np.float32), 1 + c) for c in range(clients)]
+    updates = [plan.forward(ClientUpdate(c, 1, (rng.normal(length) * 0.1).astype(np.float32), 1 + c))
+               for c in range(clients)]
     with make_aggregator(name, dict(options)) as aggregator:
-        outcome = aggregate_updates(updates, aggregator, spec, round_id=1, rng=rng.spawn("q"))
+        outcome = aggregate_updates(updates, aggregator, plan.spec, round_id=1, rng=rng.spawn("q"))
     if len(outcome.contributors) != clients:
         raise ConfigError(f"{name}: only {len(outcome.contributors)} of {clients} clients contributed")
     traffic = outcome.traffic
@@ -148,7 +161,7 @@ def round_bytes_table(
     project_to: int = 3_670_016,
     aggregators: Sequence[str] | None = None,
     options: Mapping[str, Mapping[str, Any]] | None = None,
-    encodings: Mapping[str, Mapping[str, int]] = ENCODINGS,
+    encodings: Mapping[str, Mapping[str, Any]] = ENCODINGS,
 ) -> list[dict[str, Any]]:
     """Bytes per client and round for each aggregator and encoding, measured from real rounds.
 
@@ -162,21 +175,24 @@ def round_bytes_table(
     short, long = lengths
     if not 0 < short < long:
         raise ConfigError(f"lengths must be two increasing positive sizes, got {lengths}")
-    names = list(aggregators) if aggregators is not None else available_aggregators()
+    names = list(aggregators) if aggregators is not None else [
+        a for a in DEFAULT_AGGREGATORS if a in available_aggregators()]
     rows = []
     for name in names:
         opts = dict((options or {}).get(name, {}))
         for label, fields in encodings.items():
-            spec = FixedPointSpec(clip=1.0, ring_bits=64, max_weight=clients, **fields)
-            a = _measure_round(name, opts, spec, short, clients, f"{name}/{label}/a")
-            b = _measure_round(name, opts, spec, long, clients, f"{name}/{label}/b")
+            plans = [plan_upload(**{"clip": 1.0, "value_bits": 24, "max_weight": MAX_WEIGHT, **fields},
+                                 n_clients=clients, dimension=n) for n in (short, long)]
+            a = _measure_round(name, opts, plans[0], short, clients, f"{name}/{label}/a")
+            b = _measure_round(name, opts, plans[1], long, clients, f"{name}/{label}/b")
             per_up = (b["up"] - a["up"]) / (long - short)
             per_down = (b["down"] - a["down"]) / (long - short)
             fixed_up, fixed_down = a["up"] - per_up * short, a["down"] - per_down * short
             per_bc = (b["broadcast"] - a["broadcast"]) / (long - short)
             fixed_bc = a["broadcast"] - per_bc * short
             rows.append({
-                "aggregator": name, "encoding": label, "clients": clients,
+                "aggregator": name, "encoding": label, "clients": clients, "ring_bits": plans[0].spec.ring_bits,
+                "value_bits": plans[0].spec.value_bits,
                 "measured_lengths": list(lengths), "measured_up": [a["up"], b["up"]],
                 "up_bytes_per_value": per_up, "up_fixed_bytes": fixed_up,
                 "down_bytes_per_value": per_down, "down_fixed_bytes": fixed_down,
@@ -196,11 +212,12 @@ def format_round_table(rows: list[dict[str, Any]]) -> str:
              f"{rows[0]['measured_lengths'][0]:,} and {rows[0]['measured_lengths'][1]:,} values; projected to "
              f"{n:,} values (down includes the fp32 broadcast of the global vector)",
              "",
-             "| aggregator | encoding | up B/value | up vs fp32 | up fixed (B) | down B/value | up per round (MiB) | "
-             "down per round (MiB) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| aggregator | encoding | ring bits | up B/value | up vs fp32 | up fixed (B) | down B/value | "
+             "up per round (MiB) | down per round (MiB) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['aggregator']} | {r['encoding']} | {r['up_bytes_per_value']:.2f} | {r['up_vs_fp32']:.2f}x | "
+        lines.append(f"| {r['aggregator']} | {r['encoding']} | {r['ring_bits']} | {r['up_bytes_per_value']:.2f} | "
+                     f"{r['up_vs_fp32']:.2f}x | "
                      f"{r['up_fixed_bytes']:,.0f} | {r['down_bytes_per_value']:.2f} | "
                      f"{r['projected_up_bytes'] / 2**20:,.1f} | {r['projected_down_bytes'] / 2**20:,.1f} |")
     return "\n".join(lines)

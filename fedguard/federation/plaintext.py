@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from fedguard.checks import int_problem
-from fedguard.encoding import ring_sum
+from fedguard.encoding import ring_sum, to_wire
 from fedguard.errors import ConfigError, InvalidUpdateError, MessageError
 from fedguard.federation.protocol import (
     AggregateResult,
@@ -45,10 +45,10 @@ class _PlaintextServer(ServerSide):
         return {c: self._message(_INPUT, c, kind=_REQUEST.kind, meta=meta) for c in self.spec.participants}
 
     def _schema(self, stage: str) -> MessageSchema:
-        return _REPLY
+        return ring_input_schema(_REPLY.kind, ring_bits=self.spec.ring_bits)
 
     def _check_reply(self, stage: str, msg: Message) -> None:
-        check_ring_vector(msg.arrays["x"], self.spec, f"input of client {msg.sender}")
+        check_ring_vector(msg.arrays["x"], self.spec, f"input of client {msg.sender}")  # the round's wire type
 
     def _close(self, stage: str, replies: dict[int, Message]) -> AggregateResult:
         abort = too_few_contributors(self.spec, len(replies), stage=stage)
@@ -70,7 +70,7 @@ class _PlaintextClient(ClientSide):
         mine = {"vector_length": self.spec.vector_length, "ring_bits": self.spec.ring_bits}
         if dict(msg.meta) != mine:
             raise MessageError(f"client {self.client_id} expects a request for {mine}, got {dict(msg.meta)}")
-        return self._reply(kind=_REPLY.kind, arrays={"x": self._x})
+        return self._reply(kind=_REPLY.kind, arrays={"x": to_wire(self._x, self.spec.ring_bits)})
 
 
 @dataclass(frozen=True, kw_only=True)

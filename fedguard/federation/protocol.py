@@ -40,7 +40,7 @@ import numpy as np
 
 from fedguard import wire
 from fedguard.checks import int_problem, is_int
-from fedguard.encoding import FixedPointSpec
+from fedguard.encoding import FixedPointSpec, ring_wire_dtype
 from fedguard.errors import ConfigError, MessageError, ProtocolAbort, ProtocolViolation, RingOverflowError
 from fedguard.rng import SecureRNG
 from fedguard.wire import SERVER, Message, MessageSchema
@@ -219,17 +219,23 @@ def too_few_contributors(spec: RoundSpec, count: int, who: str = "the server", *
         round_id=spec.round_id, stage=stage, nothing_revealed=True)
 
 
-def ring_input_schema(kind: str, *, extra_meta: Mapping[str, type] | None = None) -> MessageSchema:
-    """Schema of a message carrying one uint64 ring vector named ``x``."""
-    return MessageSchema(kind=kind, meta=dict(extra_meta or {}), arrays={"x": ("<u8", 1)})
+def ring_input_schema(kind: str, *, extra_meta: Mapping[str, type] | None = None, ring_bits: int = 64) -> MessageSchema:
+    """Schema of a message carrying one ring vector named ``x``, in the wire type of ``Z_{2^ring_bits}``
+    (:func:`fedguard.encoding.ring_wire_dtype`: uint64 for the 64-bit ring, uint32 for a 32-bit one)."""
+    return MessageSchema(kind=kind, meta=dict(extra_meta or {}), arrays={"x": (ring_wire_dtype(ring_bits).str, 1)})
 
 
 def check_ring_vector(
     x: np.ndarray, spec: RoundSpec, what: str, *, error: type[Exception] = MessageError
 ) -> np.ndarray:
-    """Validate a ring vector's dtype, length and range (raising ``error``); returns it as uint64."""
+    """Validate a ring vector's dtype, length and range (raising ``error``); returns it as uint64. The round's
+    wire type (:func:`fedguard.encoding.ring_wire_dtype`, e.g. uint32 for a 32-bit ring) is accepted too."""
+    wire_type = ring_wire_dtype(spec.ring_bits)
+    if isinstance(x, np.ndarray) and x.dtype == wire_type and x.dtype != np.uint64:
+        x = x.astype(np.uint64)
     if not isinstance(x, np.ndarray) or x.dtype != np.uint64:
-        raise error(f"{what} must be a uint64 numpy array, got {getattr(x, 'dtype', type(x).__name__)}")
+        raise error(f"{what} must be a uint64 numpy array (or {wire_type} for the round's {spec.ring_bits}-bit "
+                    f"ring), got {getattr(x, 'dtype', type(x).__name__)}")
     if x.shape != (spec.vector_length,):
         raise error(f"{what} must have shape ({spec.vector_length},), got {x.shape}")
     if spec.ring_bits < 64 and x.size and int(x.max()) >> spec.ring_bits:

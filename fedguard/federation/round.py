@@ -40,6 +40,7 @@ from fedguard.errors import InvalidUpdateError
 from fedguard.federation.fedavg import FedAvgOutcome, RingEncoder, aggregate_updates
 from fedguard.federation.protocol import Aggregator
 from fedguard.federation.transport import InProcessTransport
+from fedguard.quantise import UploadPlan
 from fedguard.rng import SecureRNG
 from fedguard.updates import ClientUpdate
 
@@ -145,6 +146,7 @@ def run_round(
     transport: InProcessTransport | None = None,
     rounding: Rounding = "stochastic",
     min_contributors: int = 1,
+    upload: UploadPlan | None = None,
 ) -> RoundResult:
     """Run round ``round_id`` from ``θ_r = global_vector`` and return ``θ_{r+1}`` (see the module doc).
 
@@ -160,6 +162,9 @@ def run_round(
         drop_at: ``{client: stage}`` — clients that go silent from that protocol stage on.
         min_contributors: the round's ``RoundSpec.min_contributors`` (e.g. DP's ``min_survivors``): the
             aggregator aborts before decoding a sum of fewer clients' inputs.
+        upload: the run's :class:`~fedguard.quantise.UploadPlan` (rotation, equal weights): applied to each
+            update after ``client_update`` (e.g. after DP clipping) and, inverted, to the decoded mean before
+            ``aggregate`` (e.g. before central DP noise). ``spec`` should be ``upload.spec``.
     Raises whatever ``on_round_start`` or ``client_step`` raise, :class:`~fedguard.errors.ProtocolAbort`
     when too few clients survive, and :class:`~fedguard.errors.InvalidUpdateError` for a non-finite
     update or result.
@@ -174,7 +179,8 @@ def run_round(
         for client in participants:
             local = client_step(client, global_vector)
             losses[client] = float(local.loss)
-            updates.append(hooks.client_update(ClientUpdate(client, round_id, local.delta, local.weight)))
+            update = hooks.client_update(ClientUpdate(client, round_id, local.delta, local.weight))
+            updates.append(upload.forward(update) if upload is not None else update)
         encoding = hooks.ring_encoding()
         outcome = aggregate_updates(
             updates, aggregator, encoding.spec if encoding is not None else spec, round_id=round_id, rng=rng,
@@ -182,7 +188,8 @@ def run_round(
             transport=transport, rounding=rounding, encoder=encoding.encode if encoding is not None else None,
             min_contributors=min_contributors,
         )
-        mean = hooks.aggregate(round_id, outcome.mean, outcome.contributors)
+        decoded = upload.inverse(outcome.mean, round_id) if upload is not None else outcome.mean
+        mean = hooks.aggregate(round_id, decoded, outcome.contributors)
         new_global = global_vector + mean
         if not np.all(np.isfinite(new_global)):
             raise InvalidUpdateError(f"round {round_id}: the aggregated global vector is not finite")

@@ -39,7 +39,6 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 import torch
 
-from fedguard.encoding import FixedPointSpec
 from fedguard.errors import BudgetExceededError, ConfigError, InvalidUpdateError, ProtocolAbort
 from fedguard.federation.fedavg import FedAvgOutcome
 from fedguard.federation.protocol import Aggregator, RoundSpec
@@ -47,6 +46,7 @@ from fedguard.federation.registry import make_aggregator
 from fedguard.federation.round import ClientResult, RoundResult, run_round
 from fedguard.federation.transport import InProcessTransport, TrafficLog
 from fedguard.params import AdapterLayout, flatten, layout_of, load_vector, parameter_counts
+from fedguard.quantise import plan_upload
 from fedguard.rng import SecureRNG
 from fedguard_train.checkpoint import load_latest, load_round_metrics, save_checkpoint
 from fedguard_train.config import TrainConfig
@@ -191,14 +191,24 @@ class Trainer(ABC):
                 self.hooks.check_aggregator(self.aggregator, self.round_size)
                 self._check_sampling(self.aggregator)
             self.setup()
-            self.spec = FixedPointSpec(clip=config.federation.clip, value_bits=config.federation.value_bits,
-                                       ring_bits=64, max_weight=max(1, max(len(i) for i in self.client_items)))
+            fed = config.federation  # what travels: ring sized to need, quantised uploads, rotation (fedguard/quantise.py)
+            self.upload = plan_upload(clip=fed.clip, value_bits=fed.value_bits, ring_bits=fed.ring_bits,
+                                      upload_bits=fed.upload_bits, rotation=fed.rotation,
+                                      n_clients=len(self.client_items), dimension=self.layout.size,
+                                      max_weight=max(1, max(len(i) for i in self.client_items)),
+                                      seed=f"{config.seed}/upload")
+            self.spec = self.upload.spec
             # e.g. central DP calibrates its noise to what is actually summed
-            self.hooks.on_encoding(self.spec, self.layout.size)
+            self.hooks.on_encoding(self.spec, self.upload.dp_dimension)
             if self.aggregator is not None:  # e.g. a packing or norm bound that cannot hold: before any training
                 encoding = self.hooks.ring_encoding()
+                if encoding is not None and (fed.upload_bits is not None or fed.rotation):
+                    raise ConfigError("federation.upload_bits and federation.rotation do not compose with a hook's own "
+                                      "ring encoding (dp placement: distributed adds its noise to the unrotated "
+                                      "update in its own ring): use dp placement: central or drop them")
                 self.aggregator.check_round(RoundSpec(
-                    1, tuple(range(self.round_size)), self.layout.size + 1, 64,
+                    1, tuple(range(self.round_size)), self.upload.travelling_length + 1,
+                    self.spec.ring_bits if encoding is None else encoding.spec.ring_bits,
                     fixed_point=self.spec if encoding is None else None))
         except BaseException:
             self.close()
@@ -463,7 +473,7 @@ class Trainer(ABC):
                 rng=SecureRNG.for_testing(f"{cfg.seed}/aggregate/{round_id}"), protocol_rng=SecureRNG(),
                 transport=self.transport,
                 # DP: the survivors its noise is planned for
-                min_contributors=self.hooks.min_contributors)
+                min_contributors=self.hooks.min_contributors, upload=self.upload)
         except (ProtocolAbort, TrainingDiverged) as err:
             # nothing was decoded (ProtocolAbort's contract) or nothing reached the aggregator: hooks may
             # take back what they prepared for the release (DP's write-ahead record)

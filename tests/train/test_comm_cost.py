@@ -39,13 +39,19 @@ def test_bytes_per_round_come_from_real_rounds_of_every_aggregator() -> None:
     rows = round_bytes_table(lengths=(500, 1000), project_to=1000, options=TEST_OPTIONS)
     by = {(r["aggregator"], r["encoding"]): r for r in rows}
     assert {a for a, _ in by} >= {"plaintext", "masking", "paillier", "mpc"}
-    for (name, _), r in by.items():
+    ring_bytes = {"24-bit values (trainer default)": 8, "16-bit values, ring auto": 4, "8-bit values": 4,
+                  "16-bit upload": 2, "8-bit upload": 1}  # the ring sized to need, on the wire
+    for (name, encoding), r in by.items():
         assert r["projected_up_bytes"] == pytest.approx(r["measured_up"][1])  # the fit reproduces the 2nd round
-        if name != "paillier":  # 64-bit ring elements: 8 bytes per value, twice fp32
-            assert r["up_bytes_per_value"] == pytest.approx(8.0, abs=0.01)  # (+ a few header digits)
+        assert r["ring_bits"] == 8 * ring_bytes[encoding]
+        if name in ("plaintext", "masking"):  # ring elements in the ring's width (+ a few header digits)
+            assert r["up_bytes_per_value"] == pytest.approx(ring_bytes[encoding], abs=0.01)
+        if name == "mpc":  # the first share travels as a 64-bit word inside its sealed box whatever the ring
+            assert r["up_bytes_per_value"] == pytest.approx(8.0, abs=0.01)
     fine, coarse = by[("paillier", "24-bit values (trainer default)")], by[("paillier", "8-bit values")]
     assert coarse["up_bytes_per_value"] < fine["up_bytes_per_value"]  # more 8-bit values per ciphertext
-    assert "| paillier | 8-bit values |" in format_round_table(rows)
+    assert by[("paillier", "8-bit upload")]["up_bytes_per_value"] < coarse["up_bytes_per_value"]  # weight 1: narrower slots
+    assert "| paillier | 8-bit values | 32 |" in format_round_table(rows)
 
 
 @pytest.mark.deepspeed
@@ -60,7 +66,11 @@ def test_the_trainers_round_table_shows_the_bytes_comm_cost_measures(tmp_path: P
     result = trainer.run()
     d = trainer.layout.size
     (row,) = round_bytes_table(lengths=(500, 1000), clients=2, project_to=d, aggregators=["masking"],
-                               encodings={"default": {"value_bits": config.federation.value_bits}})
+                               encodings={"default": {"value_bits": config.federation.value_bits,
+                                                      "max_weight": trainer.spec.max_weight}})
+    # the ring sized to need: a tiny task's weights fit 24-bit values into the 32-bit ring (4 B per value)
+    assert trainer.spec.ring_bits == row["ring_bits"] == 32
+    assert row["up_bytes_per_value"] == pytest.approx(4.0, abs=0.01)
     assert result.history[0]["bytes_up"] == pytest.approx(2 * row["projected_up_bytes"], abs=2)
     report = write_report(Path(config.run_dir), config=config.to_dict(), history=result.history,
                           baseline=result.baseline, partition=trainer.partition, counts=trainer.counts).read_text()

@@ -91,6 +91,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedguard.checks import check_int
+from fedguard.encoding import to_wire
 from fedguard.errors import ConfigError, InvalidUpdateError, MessageError, ProtocolAbort, ProtocolViolation
 from fedguard.federation.protocol import (
     AggregateResult,
@@ -258,6 +259,8 @@ class _MaskingServer(ServerSide):
                 for c in self.spec.participants}
 
     def _schema(self, stage: str) -> MessageSchema:
+        if stage == MASK:  # the masked input travels in the round's ring width (uint32 for a 32-bit ring)
+            return ring_input_schema(_MASKED.kind, ring_bits=self.spec.ring_bits)
         return _REPLY_SCHEMAS[stage]
 
     def _check_reply(self, stage: str, msg: Message) -> None:
@@ -551,7 +554,7 @@ class _MaskingClient(ClientSide):
         if self.spec.ring_bits < 64:
             y &= np.uint64((1 << self.spec.ring_bits) - 1)
         self._held, self._senders = held, tuple(senders)
-        return self._reply(kind=_MASKED.kind, arrays={"x": y})
+        return self._reply(kind=_MASKED.kind, arrays={"x": to_wire(y, self.spec.ring_bits)})
 
     def _unmask(self, msg: Message) -> bytes:
         _UNMASK_REQ.validate(msg)
