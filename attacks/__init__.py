@@ -1,5 +1,7 @@
-"""Leakage and watermark-removal attacks against fedguard configurations (none written yet).
+"""Attacks against fedguard configurations: watermark removal and forgery (``attacks.watermark``), update
+inversion (``attacks.inversion``) and membership inference (``attacks.membership``, metrics in ``attacks.roc``);
+``attacks.run_view`` reads a run and its captured server view as an attacker would.
 
-Each attack is to return a result dataclass that an audit can report. Nothing in ``fedguard`` imports this
-package.
+Each attack returns a result dataclass that an audit can report (``audits.leakage``, ``audits.report``).
+Nothing in ``fedguard`` imports this package.
 """

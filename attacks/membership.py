@@ -193,9 +193,10 @@ def shadow_splits(n: int, n_shadows: int, seed: int) -> np.ndarray:
 
 @dataclass(frozen=True, slots=True)
 class ShadowRecipe:
-    """How the attacker trains each shadow: ``lora_r`` > 0 trains a LoRA adapter of that rank on the
-    attention projections (``target_modules``: peft's default for the architecture when ``None``),
-    0 fine-tunes every parameter; ``steps`` AdamW steps of ``batch_size`` examples at ``lr``."""
+    """How the attacker trains each shadow: ``lora_r`` > 0 adds a LoRA adapter of that rank on the
+    attention projections (``target_modules``: peft's default for the architecture when ``None``);
+    0 trains the parameters of the base that require grad (all of a plain model; the adapter of a peft
+    model, as the run did); ``steps`` AdamW steps of ``batch_size`` examples at ``lr``."""
 
     steps: int = 100
     batch_size: int = 8
@@ -224,9 +225,6 @@ def train_shadow(base: torch.nn.Module, items: Sequence[Item], recipe: ShadowRec
         model = get_peft_model(model, LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=0.0,
                                                  target_modules=list(recipe.target_modules)
                                                  if recipe.target_modules else None))
-    else:
-        for p in model.parameters():
-            p.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)

@@ -300,6 +300,7 @@ def capture_server_view(trainer: Trainer, aggregator: Aggregator) -> Aggregator:
     hooks[:] = [h for h in hooks if not isinstance(h, ServerViewHook)]
     hooks.insert(0, ServerViewHook(trainer, view))
     message = WARNING.format(path=root)
-    _LOG.warning(message)
+    if _LOG.hasHandlers():  # the run's log, when it has one; stderr always (without a handler, once)
+        _LOG.warning(message)
     print(f"WARNING: {message}", file=sys.stderr, flush=True)
     return CapturingAggregator(aggregator, view)
