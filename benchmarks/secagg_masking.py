@@ -180,19 +180,21 @@ def bench_client(params: int, neighbours: int, repeats: int, flower: dict[str, A
         q = f["parameters_mod"](q, FLOWER_MOD)
         return [f["ndarray_to_bytes"](a) for a in q]  # the reply, as secaggplus_mod serialises it
 
-    fq, fm, reply = [], [], None
+    fq, fm, fm_cpu, reply = [], [], [], None
     for _ in range(repeats):
         start = time.perf_counter()
         q = flower_quantise()
         fq.append(time.perf_counter() - start)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         reply = flower_mask(q)
         fm.append(time.perf_counter() - start)
+        fm_cpu.append(time.thread_time() - cpu)
     f_expand = _median_time(lambda: [f["pseudo_rand_gen"](rd_seed, FLOWER_MOD, [(params,), ()])
                                      for _ in range(neighbours + 1)], repeats)
     f_ka = _median_time(lambda: [f["generate_shared_key"](f["bytes_to_private_key"](sk1_pem), f["bytes_to_public_key"](pk))
                                  for pk in peers_pk], repeats)
     flw: dict[str, Any] = {"quantise_s": statistics.median(fq), "mask_stage_s": statistics.median(fm),
+           "mask_stage_cpu_s": statistics.median(fm_cpu),
            "total_s": statistics.median(fq) + statistics.median(fm), "mask_expansion_s": f_expand,
            "key_agreements_s": f_ka,
            "masked_reply_payload_bytes": sum(len(b) for b in reply or []),
@@ -367,7 +369,7 @@ def flower_server_unmask(flower: dict[str, Any], n: int, params: int, survivors:
     seed_shares = f["create_shares"](os.urandom(32), threshold, neighbours + 1)[:threshold]
     sk_shares = f["create_shares"](sk_pem, threshold, neighbours + 1)[:threshold]
     dropped = n - survivors
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.thread_time()
     for _ in range(survivors):
         seed = f["combine_shares"](seed_shares)
         masked = f["parameters_subtraction"](masked, f["pseudo_rand_gen"](seed, FLOWER_MOD, dims))
@@ -378,7 +380,8 @@ def flower_server_unmask(flower: dict[str, Any], n: int, params: int, survivors:
             key = f["generate_shared_key"](f["bytes_to_private_key"](secret), f["bytes_to_public_key"](pk_pem))
             masked = f["parameters_addition"](masked, f["pseudo_rand_gen"](key, FLOWER_MOD, dims))
     f["parameters_mod"](masked, FLOWER_MOD)
-    return {"server_unmask_s": time.perf_counter() - start, "self_masks": survivors, "pairwise_masks": pair_masks,
+    return {"server_unmask_s": time.perf_counter() - start, "server_unmask_cpu_s": time.thread_time() - cpu,
+            "self_masks": survivors, "pairwise_masks": pair_masks,
             "secrets_combined": n}
 
 
@@ -448,12 +451,18 @@ def signed_side_by_side(args: argparse.Namespace) -> int:
                                       last["threshold"])
         signed_mask_stage = statistics.median(p["signed"]["client_mean_s_per_stage"]["mask"] for p in pairs)
         signed_unmask = statistics.median(p["signed"]["server_unmask_close_s"] for p in pairs)
+        signed_mask_cpu = statistics.median(p["signed"]["client_mean_cpu_s_per_stage"]["mask"] for p in pairs)
+        signed_unmask_cpu = statistics.median(p["signed"]["server_cpu_s"]["unmask_close"] for p in pairs)
         report["flower"].update({
             "client_mask_stage_s": client["flower"]["mask_stage_s"],
             "client_quantise_plus_mask_s": client["flower"]["total_s"],
             "server_unmask_s": unmask["server_unmask_s"],
             "ratio_signed_client_mask_stage_over_flower": signed_mask_stage / client["flower"]["mask_stage_s"],
             "ratio_signed_server_unmask_over_flower": signed_unmask / unmask["server_unmask_s"],
+            "client_mask_stage_cpu_s": client["flower"]["mask_stage_cpu_s"],
+            "server_unmask_cpu_s": unmask["server_unmask_cpu_s"],
+            "ratio_signed_client_mask_stage_over_flower_cpu": signed_mask_cpu / client["flower"]["mask_stage_cpu_s"],
+            "ratio_signed_server_unmask_over_flower_cpu": signed_unmask_cpu / unmask["server_unmask_cpu_s"],
             "note": "like for like: the signed protocol's client mask stage (decrypt d share pairs, d agreements, "
                     "1 + d mask expansions, add, serialise) vs Flower's; its server unmask close vs Flower's "
                     "unmask loop on the same mask counts. Flower has no signature or consistency stage.",
@@ -461,7 +470,9 @@ def signed_side_by_side(args: argparse.Namespace) -> int:
         print(f"flower: client mask stage {client['flower']['mask_stage_s']*1e3:.1f} ms vs signed "
               f"{signed_mask_stage*1e3:.1f} ms ({report['flower']['ratio_signed_client_mask_stage_over_flower']:.2f}x); "
               f"server unmask {unmask['server_unmask_s']:.2f} s vs signed {signed_unmask:.2f} s "
-              f"({report['flower']['ratio_signed_server_unmask_over_flower']:.2f}x)")
+              f"({report['flower']['ratio_signed_server_unmask_over_flower']:.2f}x); CPU time: client mask "
+              f"{report['flower']['ratio_signed_client_mask_stage_over_flower_cpu']:.2f}x, server unmask "
+              f"{report['flower']['ratio_signed_server_unmask_over_flower_cpu']:.2f}x Flower's")
     report["loadavg_at_end"] = list(os.getloadavg())
     print(f"median ratio signed / honest-but-curious over {len(pairs)} pairs: client "
           f"{median['ratio_client_total']:.3f}x (its own stages alone {median['ratio_client_with_extra_only']:.3f}x), "
