@@ -1,0 +1,176 @@
+"""Round time and bytes over Flower's Deployment Engine vs the same job in one process (same run).
+
+    /path/to/venv-with-flwr/bin/python benchmarks/flower_round.py --quick          # tiny GPT-2, masking, 3 clients
+    .../python benchmarks/flower_round.py --config examples/flower_homo_lora.yaml  # the demo config (SmolLM2)
+    .../python benchmarks/flower_round.py --dropout                                # masking, n=10, 30% killed
+
+Round time: the config's job runs first in process (``fedguard train``'s trainer), then over Flower (a TLS
+SuperLink, one SuperNode + worker per client, ``fedguard flower run``'s launcher), in the same run; per
+round it reports the round's seconds as each run's round table records them (training, aggregation,
+evaluation, checkpoint) and the ratio Flower ÷ in-process. Process start-up (model loading in every
+worker, Flower's processes) is reported apart, not in the ratio. Both runs must end with bit-identical
+adapters (checked).
+
+Bytes: per round, fedguard's own accounting of its wire messages (the round table's ``bytes_up`` /
+``bytes_down``, which include the broadcast of ``θ_r``) beside the bytes of the Flower messages carrying
+them as Flower serialises them (``GridExchange.flower_bytes``).
+
+``--dropout``: masking with 10 clients over Flower, 3 SuperNodes killed on receiving the *share* stage of
+round 1 (mid-round): the round must complete over the 7 survivors with the exact aggregate — the global
+adapter bit-identical to the in-process round with the same 3 clients dropped at the same stage.
+
+Writes benchmarks/results/flower_round[_quick|_dropout].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _tiny(run_dir: Path, clients: int, rounds: int, aggregator: str, **options: Any) -> Any:
+    from tests.train.conftest import tiny_config, write_task
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    task = write_task(run_dir / "task.jsonl", n=max(48, 12 * clients))
+    return tiny_config(run_dir, task, data__partition="iid" if clients > 3 else "attribute",
+                       data__max_examples=max(48, 12 * clients),
+                       federation={"clients": clients, "rounds": rounds, "aggregator": aggregator,
+                                   "aggregator_options": options})
+
+
+def _with(config: Any, **changes: Any) -> Any:
+    from fedguard_train.config import TrainConfig
+
+    raw = config.to_dict()
+    for key, value in changes.items():
+        section, _, name = key.partition("__")
+        if name:
+            raw[section][name] = value
+        else:
+            raw[section] = value
+    return TrainConfig.from_dict(raw)
+
+
+def _load(uptime: str = "/proc/loadavg") -> str:
+    return Path(uptime).read_text().split(" ")[0]
+
+
+def compare(config: Any, work: Path) -> dict[str, Any]:
+    from fedguard_train.checkpoint import load_latest
+    from fedguard_train.flower.launcher import Deployment, FlowerOptions
+    from fedguard_train.runner import build_trainer
+
+    out: dict[str, Any] = {"config": {"model": config.model.name_or_path, "clients": config.n_parties,
+                                      "rounds": config.federation.rounds,
+                                      "aggregator": config.federation.aggregator},
+                           "load_before": _load()}
+    local_cfg = _with(config, run_dir=str(work / "in_process"))
+    t0 = time.perf_counter()
+    trainer = build_trainer(local_cfg, quiet=True)
+    out["in_process_setup_s"] = time.perf_counter() - t0
+    local = trainer.run(overwrite=True)
+    out["in_process_total_s"] = time.perf_counter() - t0
+    flower_cfg = _with(config, run_dir=str(work / "flower"))
+    t0 = time.perf_counter()
+    with Deployment(flower_cfg, FlowerOptions()) as deployment:
+        deployment.start()
+        started = time.perf_counter()
+        summary = deployment.run(overwrite=True)
+    out["flower_total_s"] = time.perf_counter() - t0
+    out["flower_start_s"] = started - t0
+    out["load_after"] = _load()
+    if summary.get("status") != "completed":
+        raise SystemExit(f"the Flower run did not complete: {summary}")
+    rounds = []
+    for row_in, row_fl in zip(local.history, summary["history"]):
+        r = str(row_in["round"])
+        rounds.append({"round": row_in["round"], "in_process_s": row_in["seconds"], "flower_s": row_fl["seconds"],
+                       "ratio": row_fl["seconds"] / row_in["seconds"],
+                       "fedguard_bytes_up": row_fl["bytes_up"], "fedguard_bytes_down": row_fl["bytes_down"],
+                       "in_process_bytes_up": row_in["bytes_up"], "in_process_bytes_down": row_in["bytes_down"],
+                       "flower_bytes_up": summary["flower_bytes"][r]["up"],
+                       "flower_bytes_down": summary["flower_bytes"][r]["down"],
+                       "flower_round_trips": summary["round_trips"][r]})
+    out["rounds"] = rounds
+    a, b = load_latest(Path(local_cfg.run_dir)), load_latest(Path(flower_cfg.run_dir))
+    out["bit_identical"] = bool(a is not None and b is not None and a.vector.tobytes() == b.vector.tobytes())
+    out["round_ratio_mean"] = sum(r["flower_s"] for r in rounds) / sum(r["in_process_s"] for r in rounds)
+    return out
+
+
+def dropout(work: Path) -> dict[str, Any]:
+    """n=10 masking, 3 SuperNodes killed at round 1's share stage."""
+    from fedguard.federation.round import run_round
+    from fedguard.rng import SecureRNG
+    from fedguard_train.checkpoint import load_latest
+    from fedguard_train.flower.launcher import Deployment, FlowerOptions
+    from fedguard_train.runner import build_trainer
+
+    killed = (2, 5, 8)
+    config = _tiny(work / "flower", 10, 1, "masking")
+    opts = FlowerOptions(stage_timeout=90.0, first_timeout=900.0, torch_threads=1,
+                         faults={k: "kill:1:share" for k in killed})
+    t0 = time.perf_counter()
+    with Deployment(config, opts) as deployment:
+        deployment.start()
+        summary = deployment.run(overwrite=True)
+    seconds = time.perf_counter() - t0
+    import torch
+
+    torch.set_num_threads(1)
+    ref = build_trainer(_with(config, run_dir=str(work / "ref")), quiet=True)
+    expected = run_round(1, ref.global_vector(), range(10), lambda c, v: ref.client_step(1, c, v), ref.aggregator,
+                         ref.spec, hooks=ref.hooks, rng=SecureRNG.for_testing(f"{config.seed}/aggregate/1"),
+                         drop_at={k: "share" for k in killed})
+    got = load_latest(Path(config.run_dir))
+    return {"clients": 10, "killed": list(killed), "stage": "share", "status": summary.get("status"),
+            "threshold": ref.aggregator.threshold(10) if ref.aggregator else None,
+            "contributors_flower": summary["history"][0]["clients"] if summary.get("history") else None,
+            "contributors_in_process": list(expected.contributors),
+            "drops": summary.get("drops"),
+            "exact": bool(got is not None and got.vector.tobytes() == expected.global_vector.tobytes()),
+            "seconds": seconds, "load": _load()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="a run config (default with --quick: tiny GPT-2, masking, 3 clients)")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--dropout", action="store_true")
+    parser.add_argument("--rounds", type=int, default=None, help="override federation.rounds")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="fedguard-flower-bench-"))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.dropout:
+        result = dropout(work)
+        name = "flower_round_dropout"
+    else:
+        from fedguard_train.config import TrainConfig
+
+        if args.config:
+            config = TrainConfig.from_yaml(args.config)
+            name = "flower_round"
+        else:
+            config = _tiny(work / "cfg", 3, 3, "masking")
+            name = "flower_round_quick"
+        if args.rounds is not None:
+            config = _with(config, federation__rounds=args.rounds)
+        result = compare(config, work)
+    out = ROOT / "benchmarks" / "results" / f"{name}.json"
+    out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print(json.dumps(result, indent=1, default=str))
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
