@@ -141,3 +141,24 @@ def test_too_few_survivors_abort_revealing_nothing(tmp_path: Path, task: Path) -
     assert "nothing revealed" in summary["error"]
     assert not (Path(config.run_dir) / "checkpoints" / "latest.json").exists()
     assert _alive(pids) == []
+
+
+@pytest.mark.slow
+def test_a_new_deployment_resumes_the_run_from_its_checkpoint(tmp_path: Path, task: Path) -> None:
+    """The whole deployment (SuperLink included) stops after round 1; a new one with ``resume`` continues
+    from the fedguard checkpoint, and the two rounds end bit-identical to an uninterrupted in-process run."""
+    from fedguard_train.config import TrainConfig
+    from fedguard_train.flower.launcher import Deployment
+    from fedguard_train.runner import build_trainer
+
+    reference = build_trainer(_config(tmp_path, task, "in", "masking"), quiet=True)
+    reference.run()
+    config = _config(tmp_path, task, "flower", "masking")
+    first = TrainConfig.from_dict({**config.to_dict(), "federation": {**config.to_dict()["federation"], "rounds": 1}})
+    summary, _ = _deploy(first, _options())
+    assert summary["status"] == "completed" and len(summary["history"]) == 1
+    with Deployment(config, _options()) as deployment:
+        deployment.start()
+        resumed = deployment.run(resume=True)
+    assert resumed["status"] == "completed" and [row["round"] for row in resumed["history"]] == [1, 2]
+    assert _final_vector(config.run_dir).tobytes() == reference.global_vector().tobytes()

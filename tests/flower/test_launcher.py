@@ -1,0 +1,106 @@
+"""The parts of the Flower deployment that need no running Flower: TLS material, the local IPC frames, the
+launcher's refusals before any process starts."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from fedguard.errors import ConfigError, MessageError
+from fedguard_train.flower.certs import make_tls
+from fedguard_train.flower.ipc import MAX_HEADER_BYTES, encode_frame, read_frame, request
+from fedguard_train.flower.launcher import FlowerOptions
+from fedguard_train.flower.rounds import Timeouts
+
+
+def test_tls_material_chains_names_the_hosts_and_keeps_keys_private(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    files = make_tls(tmp_path / "certs", hosts=("127.0.0.1", "server.example.org"))
+    ca = x509.load_pem_x509_certificate(files.ca.read_bytes())
+    cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+    ca_key = ca.public_key()
+    assert isinstance(ca_key, ec.EllipticCurvePublicKey)
+    cert.verify_directly_issued_by(ca)  # raises if the signature or issuer is wrong
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert names.get_values_for_type(x509.DNSName) == ["server.example.org"]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    for key in (files.key, files.ca_key):
+        assert key.stat().st_mode & 0o077 == 0
+    before = files.key.read_bytes()
+    assert make_tls(tmp_path / "certs").key.read_bytes() == before  # a complete set is reused, never replaced
+    files.cert.unlink()
+    with pytest.raises(ConfigError, match="partial TLS set"):
+        make_tls(tmp_path / "certs")
+    assert files.key.read_bytes() == before
+    with pytest.raises(ConfigError):
+        make_tls(tmp_path / "other", hosts=())
+
+
+def test_ipc_frames_round_trip_and_malformed_frames_raise_message_error(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+
+    def echo() -> None:
+        conn, _ = server.accept()
+        with conn:
+            header, blobs = read_frame(conn)
+            conn.sendall(encode_frame({"seen": header}, {k: v[::-1] for k, v in blobs.items()}))
+
+    thread = threading.Thread(target=echo)
+    thread.start()
+    header, blobs = request(path, {"op": "stage", "round": 3}, {"protocol": b"abc", "empty": b""}, timeout=10)
+    thread.join()
+    server.close()
+    assert header == {"seen": {"op": "stage", "round": 3}} and blobs == {"protocol": b"cba", "empty": b""}
+
+    def parse(data: bytes) -> None:
+        a, b = socket.socketpair()
+        with a, b:
+            a.sendall(data)
+            a.shutdown(socket.SHUT_WR)
+            read_frame(b)
+
+    good = encode_frame({"op": "x"}, {"p": b"12345"})
+    for bad in (b"XXXX" + good[4:], good[:-2], good[:8] + b"[1,2]" + good[8 + 5:],
+                b"FGIP" + (MAX_HEADER_BYTES + 1).to_bytes(4, "little"),
+                encode_frame({"op": "x"})[:8] + b"{}" + b"", b""):
+        with pytest.raises(MessageError):
+            parse(bad)
+    a, b = socket.socketpair()
+    with a, b:  # a blob list that lies about its entries
+        raw = b'{"blobs":[["p",-1]]}'
+        a.sendall(b"FGIP" + len(raw).to_bytes(4, "little") + raw)
+        with pytest.raises(MessageError, match="bad blob"):
+            read_frame(b)
+    with pytest.raises(MessageError):
+        encode_frame({}, {str(i): b"" for i in range(9)})
+
+
+def test_options_and_deployment_refuse_bad_input_before_any_process(tmp_path: Path, task: Path) -> None:
+    from fedguard_train.flower.launcher import Deployment
+    from tests.train.conftest import tiny_config
+
+    with pytest.raises(ConfigError) as err:
+        FlowerOptions(stage_timeout=0, first_timeout=-1, join_timeout=float("nan"), run_timeout=0, torch_threads=0)
+    assert len(err.value.problems) == 5
+    with pytest.raises(ConfigError):
+        Timeouts(first=0)
+    dp = tiny_config(tmp_path / "dp", task, dp={"noise_multiplier": 1.0, "clip_norm": 0.1, "target_delta": 1e-3})
+    with pytest.raises(ConfigError, match="not yet supported over Flower"):
+        Deployment(dp)
+    plain = tiny_config(tmp_path / "p", task)
+    with pytest.raises(ConfigError, match="faults name clients"):
+        Deployment(plain, FlowerOptions(faults={5: "kill:1:input"}))
+    masking = tiny_config(tmp_path / "m", task, federation={"clients": 2, "rounds": 1, "aggregator": "masking",
+                                                            "aggregator_options": {"threshold": 3}})
+    with pytest.raises(ConfigError, match="threshold"):
+        Deployment(masking)
+    assert not (tmp_path / "m" / "run" / "flower").exists()  # nothing was started or written
