@@ -33,7 +33,8 @@ no longer inside it; and at the first round ``B = 0`` makes ``∇A = 0``.
 Metrics against the client's true batch: exact-recovery rate (a true sequence appears verbatim),
 token accuracy (positional matches of the best recovered sequence), ROUGE-1/2 F1 (``rouge-score`` over
 token ids, or over decoded text when a tokenizer is given); the chance level is the same metrics for
-uniformly random sequences of the true lengths.
+uniformly random sequences of the true lengths, matched best-of-k as the recovery is (k = the number
+of sequences the attack returned).
 
 The optimisation-based attack (LAMP/TAG with the base model as a language prior) is not implemented.
 """
@@ -347,9 +348,10 @@ def score_recovery(truth: Sequence[Sequence[int]], recovered: Sequence[Sequence[
         r1 += best[1]
         r2 += best[2]
         pairs.append((tuple(true), best[3]))
-        rand = rng.integers(0, vocab_size, size=len(true)).tolist()
-        c1 += scorer.score(t_text, _text(rand, decode))["rouge1"].fmeasure
-        cacc += _token_accuracy(true, rand)
+        # chance: the same best-of-k matching against k uniformly random sequences (k = guesses made)
+        guesses = [rng.integers(0, vocab_size, size=len(true)).tolist() for _ in range(max(len(recovered), 1))]
+        c1 += max(scorer.score(t_text, _text(g, decode))["rouge1"].fmeasure for g in guesses)
+        cacc += max(_token_accuracy(true, g) for g in guesses)
     n = len(truth)
     return RecoveryScore(exact / n, acc / n, 100 * r1 / n, 100 * r2 / n, 100 * c1 / n, cacc / n, tuple(pairs))
 
