@@ -228,8 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_quality:
         variants: list[tuple[str, dict[str, Any]]] = [
             ("fp32-reference (24-bit values, 64-bit ring)", {}),
-            ("16-bit upload", {"upload_bits": 16, "clip": public_clip}),
             ("8-bit upload", {"upload_bits": 8, "clip": public_clip}),
+            ("16-bit upload", {"upload_bits": 16, "clip": public_clip}),
             ("8-bit upload + rotation", {"upload_bits": 8, "clip": public_clip, "rotation": True}),
         ]
         for i, (label, fed) in enumerate(variants):
@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
                               keep_updates=(i == 0))
             if i == 0:
                 updates = row.pop("_updates")
+                report["nmse"] = nmse_table(updates, public_clip)  # load-independent: saved first
+                save()
             row["label"] = label
             row["load"] = load_line()
             report["quality"].append(row)
@@ -245,7 +247,6 @@ def main(argv: list[str] | None = None) -> None:
                   f"values), load {row['load']}", flush=True)
             save()
     if updates:
-        report["nmse"] = nmse_table(updates, public_clip)
         for r in report["nmse"]:
             print(f"[nmse] {r['encoding']:28s} rotation={r['rotation']!s:5s} clip={r['clip']:6s} "
                   f"{r['bytes_per_value']:.3f} B/value  NMSE {r['nmse']:.3e}", flush=True)

@@ -488,6 +488,12 @@ class Aggregator(ABC):
         :meth:`check_clients`."""
         self.check_clients(spec.n_clients)
 
+    def precompute(self, spec: RoundSpec) -> int:
+        """Offline work for a coming round with these public parameters, done before the clients' inputs
+        exist (e.g. Paillier obfuscators for a long-lived key); the trainer calls it before local training.
+        Returns how many items were made (nothing by default)."""
+        return 0
+
     def close(self) -> None:
         """Release what this aggregator holds (nothing by default). Idempotent."""
 

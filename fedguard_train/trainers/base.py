@@ -444,6 +444,19 @@ class Trainer(ABC):
         outcome = FedAvgOutcome(round_id, mean, 0, (), {}, TrafficLog(), 0.0)
         return RoundResult(round_id, new_global, mean, {}, outcome, 0, ())
 
+    def _precompute(self, round_id: int) -> float | None:
+        """The aggregator's offline work for round ``round_id`` (:meth:`Aggregator.precompute`, e.g. Paillier's
+        obfuscator pools), for every client, before local training; its seconds, or None when nothing was made."""
+        if self.aggregator is None:
+            return None
+        encoding = self.hooks.ring_encoding()
+        spec = RoundSpec(round_id, tuple(range(len(self.client_items))), self.upload.travelling_length + 1,
+                         self.spec.ring_bits if encoding is None else encoding.spec.ring_bits,
+                         fixed_point=self.spec if encoding is None else None)
+        start = time.perf_counter()
+        made = self.aggregator.precompute(spec)
+        return time.perf_counter() - start if made else None
+
     def client_step(self, round_id: int, client: int, start: np.ndarray) -> ClientResult:
         """Load ``start``, train ``client`` locally, return its update ``θ_k − start`` (a non-finite one aborts
         the round, naming the client)."""
@@ -466,6 +479,7 @@ class Trainer(ABC):
         # Quantisation is seeded (the run is reproducible); the protocol's keys and masks come from OS entropy.
         try:
             chosen = self.participants(round_id)
+            offline = self._precompute(round_id)
             result = self._empty_round(round_id) if not chosen else run_round(
                 round_id, self.global_vector(), chosen,
                 lambda client, start_vec: self.client_step(round_id, client, start_vec),
@@ -488,6 +502,8 @@ class Trainer(ABC):
                                "bytes_up": result.bytes_up, "bytes_down": result.bytes_down}
         if any(v is not None for v in cfg.sampling_options.values()):
             row["sampled"] = len(result.participants)
+        if offline is not None:  # e.g. Paillier obfuscators made before local training (not in the protocol's time)
+            row["offline_seconds"] = offline
         if round_id % cfg.eval.every == 0 or round_id == cfg.federation.rounds:
             row.update(self.evaluate())
         self.hooks.on_round_end(round_id, self.model, row)

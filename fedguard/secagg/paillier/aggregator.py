@@ -514,8 +514,12 @@ class PaillierAggregator(Aggregator):
             problems.append(f"the pinned key has {pinned.bits} bits, key_bits={opts.key_bits}")
         if problems:
             raise ConfigError.collect(problems)
+        if opts.precompute and keypair is None:  # one long-lived key, so that obfuscators can be made offline
+            keypair = generate_keypair(opts.key_bits, allow_insecure_test_keys=opts.allow_insecure_test_keys)
+            pinned = keypair.public
         self.options: PaillierOptions = opts
         self._keypair = keypair
+        self._pools: dict[int, ObfuscatorPool] = {}
         self._cfg = _Config(opts.key_bits, opts.key_holder, pinned, opts.max_clients, opts.min_clients, opts.workers,
                             opts.on_bad_input, opts.obfuscator)
 
@@ -564,6 +568,30 @@ class PaillierAggregator(Aggregator):
         self._cfg.key_holder_for(spec)
         self._cfg.layout(spec, self._cfg.key_bits)
 
+    def precompute(self, spec: RoundSpec) -> int:
+        """The offline half of encryption for a coming round (``precompute=True`` only; otherwise nothing):
+        fill each participant's obfuscator pool for the long-lived key up to the round's ciphertext count
+        ``⌈L/S⌉`` (:class:`~fedguard.secagg.paillier.packing.SlotLayout`). Each pool stays with its client
+        (in a deployment, in that client's memory; here, in this simulation's aggregator object) and hands
+        every obfuscator out once. Returns the number of obfuscators made."""
+        if not self.options.precompute or self._cfg.pinned is None:
+            return 0
+        need = self._cfg.layout(spec, self._cfg.key_bits).n_ciphertexts
+        made = 0
+        for client in spec.participants:
+            pool = self._pools.get(client)
+            if pool is None:
+                pool = self._pools[client] = ObfuscatorPool(self._cfg.pinned, method=self._cfg.obfuscator)
+            if len(pool) < need:
+                made += need - len(pool)
+                pool.fill(need - len(pool), workers=self._cfg.workers)
+        return made
+
+    def pooled(self, client: int) -> int:
+        """Obfuscators ready in ``client``'s pool."""
+        pool = self._pools.get(client)
+        return 0 if pool is None else len(pool)
+
     def server(self, spec: RoundSpec, *, rng: SecureRNG | None = None) -> ServerSide:
         if self._cfg.min_clients > spec.n_clients:
             raise ConfigError(f"min_clients={self._cfg.min_clients} exceeds the {spec.n_clients} participants")
@@ -583,6 +611,8 @@ class PaillierAggregator(Aggregator):
             raise ConfigError(f"min_clients={self._cfg.min_clients} exceeds the {spec.n_clients} participants")
         if obfuscators is not None and not isinstance(obfuscators, ObfuscatorPool):
             raise ConfigError(f"obfuscators must be an ObfuscatorPool, got {type(obfuscators).__name__}")
+        if obfuscators is None:  # the pool precompute() filled for this client, if any
+            obfuscators = self._pools.get(client_id)
         return _PaillierClient(spec, client_id, ring_input, self._cfg, rng=rng, keypair=self._keypair,
                                obfuscators=obfuscators)
 

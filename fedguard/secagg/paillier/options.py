@@ -97,6 +97,11 @@ class PaillierOptions(AggregatorOptions):
             about 4x faster than ``r^n``, DCR only) or ``"standard"`` (``r^n`` with a fresh uniform ``r``, DCR
             only); see :mod:`fedguard.secagg.paillier.keys`. A client-side choice: ciphertexts look the same.
         allow_insecure_test_keys: accept keys below 2048 bits (unit tests only).
+        precompute: the offline half of encryption between rounds. The key holder keeps one long-lived key
+            pair for the whole run (generated once, when the aggregator is built, instead of one per round), so
+            each client can fill an :class:`~fedguard.secagg.paillier.keys.ObfuscatorPool` for it before its
+            update exists (:meth:`PaillierAggregator.precompute`, called by the trainer before local
+            training); encryption in the round is then one multiplication per ciphertext.
     """
 
     removed: ClassVar[dict[str, str]] = {
@@ -113,9 +118,12 @@ class PaillierOptions(AggregatorOptions):
     on_bad_input: BadInputPolicy = "abort"
     obfuscator: ObfuscatorMethod = DEFAULT_OBFUSCATOR
     allow_insecure_test_keys: bool = False
+    precompute: bool = False
 
     def _problems(self) -> list[str]:
         problems: list[str] = []
+        if not isinstance(self.precompute, bool):
+            problems.append(f"precompute must be a bool, got {self.precompute!r}")
         if not isinstance(self.allow_insecure_test_keys, bool):
             problems.append(f"allow_insecure_test_keys must be a bool, got {self.allow_insecure_test_keys!r}")
         problems += [p for p in (
