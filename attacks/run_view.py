@@ -53,8 +53,12 @@ class LoadedRun:
         return self.path / "server_view"
 
 
-def load_run(path: str | Path) -> LoadedRun:
-    """Rebuild a run's model, data and final global vector (see the module docstring)."""
+def load_run(path: str | Path, *, extra_heldout: int = 0) -> LoadedRun:
+    """Rebuild a run's model, data and final global vector (see the module docstring).
+
+    ``extra_heldout``: WordNet runs only — that many more examples the run never loaded, drawn by the same
+    seeded permutation that chose the run's examples (so from the same distribution), appended to the
+    held-out split (more non-members for the membership attacks than ``data.test_size``)."""
     from fedguard_train.checkpoint import load_latest
     from fedguard_train.config import TrainConfig
     from fedguard_train.data import load_examples, partition, tokenize, train_test_split
@@ -84,6 +88,15 @@ def load_run(path: str | Path) -> LoadedRun:
     train, test = train_test_split(examples, cfg.data.test_size, seed=cfg.seed)
     parts = partition(train, cfg.federation.clients, cfg.data.partition, alpha=cfg.data.dirichlet_alpha,
                       seed=cfg.seed)
+    if extra_heldout > 0:
+        if cfg.data.source != "wordnet":
+            raise ConfigError("extra held-out examples are drawn for WordNet runs only (data.source: wordnet)")
+        import dataclasses
+
+        seen = {(e.prompt, e.response) for e in examples}
+        more = load_examples(dataclasses.replace(cfg.data, max_examples=cfg.data.max_examples + extra_heldout),
+                             seed=cfg.seed)
+        test = test + [e for e in more if (e.prompt, e.response) not in seen][:extra_heldout]
     client_items = [tokenize(p, tokenizer, cfg.data) for p in parts]
     test_items = tokenize(test, tokenizer, cfg.data)
     texts = {"members": [(e.prompt + "\n" + e.response).encode() for p in parts for e in p],

@@ -288,6 +288,8 @@ def register_attacks(commands: Any) -> None:
     p.add_argument("--shadows", type=int, default=0, help="LiRA shadow fine-tunes (even; 0: no LiRA)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws for the intervals")
     p.add_argument("--max-members", type=int, default=200, help="members scored (a seeded sample)")
+    p.add_argument("--extra-nonmembers", type=int, default=0,
+                   help="WordNet runs: more held-out examples the run never loaded (same seeded draw)")
     p.set_defaults(handler=_run_membership)
 
 
@@ -299,6 +301,8 @@ def register_audit(commands: Any) -> None:
     p.add_argument("--shadows", type=int, default=0, help="LiRA shadow fine-tunes (even; 0: no LiRA)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws for the intervals")
     p.add_argument("--max-members", type=int, default=200, help="members scored (a seeded sample)")
+    p.add_argument("--extra-nonmembers", type=int, default=0,
+                   help="WordNet runs: more held-out examples the run never loaded (same seeded draw)")
     p.set_defaults(handler=_run_audit)
 
 
@@ -327,7 +331,7 @@ def _run_membership(args: argparse.Namespace) -> int:
     from attacks import run_view
     from attacks.run_view import load_run
 
-    run = load_run(args.run)
+    run = load_run(args.run, extra_heldout=args.extra_nonmembers)
     target, members, name = None, None, "global model"
     if args.client is not None:
         rounds = run_view.captured_rounds(run)
@@ -355,7 +359,7 @@ def _run_audit(args: argparse.Namespace) -> int:
     from attacks import run_view
     from attacks.run_view import load_run
 
-    run = load_run(args.run)
+    run = load_run(args.run, extra_heldout=args.extra_nonmembers)
     notes: list[str] = []
     memberships = [membership_on_run(run, shadows=args.shadows, n_boot=args.n_boot, seed=args.seed,
                                      max_members=args.max_members, progress=not args.quiet)]
