@@ -265,3 +265,31 @@ def test_aggregate_updates_puts_its_spec_in_the_round_unless_a_custom_encoder_ma
 
     aggregate_updates(updates, spy, SPEC, round_id=0, rng=rng, encoder=noisy)
     assert spy.seen[-1].fixed_point is None
+
+
+def test_masking_signed_is_registered_with_checked_options(tmp_path: Any) -> None:
+    from fedguard.identity import Identity, Roster
+    from fedguard.secagg.masking.options import SignedMaskingOptions
+
+    assert "masking-signed" in available_aggregators()
+    with pytest.raises(ConfigError, match="unknown key 'aggregator_options.roster'; did you mean 'roster_file'"):
+        aggregator_options("masking-signed", {"roster": "r.json"})
+    with pytest.raises(ConfigError, match="max_corrupt must be an int >= 0"):
+        aggregator_options("masking-signed", {"max_corrupt": -1})
+    with pytest.raises(ConfigError, match="identity_files do not exist: client 1"):
+        aggregator_options("masking-signed", {"identity_files": {1: str(tmp_path / "none.key")}})
+    identities = {c: Identity.generate(c) for c in range(3)}
+    paths = {c: identities[c].save(tmp_path / f"{c}.key") for c in identities}
+    roster = Roster.of(identities, "registry-test").save(tmp_path / "r.json")
+    options = {"roster_file": str(roster), "identity_files": {str(c): str(p) for c, p in paths.items()}}
+    opts = aggregator_options("masking-signed", options)
+    assert isinstance(opts, SignedMaskingOptions) and opts.identity_files == {c: str(p) for c, p in paths.items()}
+    assert type(opts).from_dict(json.loads(json.dumps(opts.to_dict()))) == opts  # a checkpointed config reads back equal
+    with make_aggregator("masking-signed", opts) as agg:
+        spec = RoundSpec(1, (0, 1, 2), 4)
+        agg.check_round(spec)
+        rng = np.random.default_rng(0)
+        updates = [ClientUpdate(c, 1, (0.1 * rng.normal(size=3)).astype(np.float32), 1) for c in range(3)]
+        out = aggregate_updates(updates, agg, FixedPointSpec(), round_id=1)
+        assert out.contributors == (0, 1, 2)
+        np.testing.assert_allclose(out.mean, np.mean([u.vector for u in updates], axis=0), atol=1e-5)

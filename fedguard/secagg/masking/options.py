@@ -126,6 +126,13 @@ class SignedMaskingOptions(MaskingOptions):
     identity_files: str | Mapping[Any, str] | None = None
     max_corrupt: int = 0
 
+    def __post_init__(self) -> None:
+        files = self.identity_files
+        if isinstance(files, Mapping) and _identity_files_problem(files) is None:
+            # one spelling for {0: path} and JSON's {"0": path}: a config read back from a checkpoint is equal
+            object.__setattr__(self, "identity_files", {int(k): v for k, v in files.items()})
+        super().__post_init__()
+
     def _problems(self) -> list[str]:
         problems = super()._problems()
         problem = int_problem("max_corrupt", self.max_corrupt, low=0)
