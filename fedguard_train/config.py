@@ -498,7 +498,8 @@ class CoSection:
     ``.txt``/``.jsonl`` file or directory). After each aggregation the server runs ``server_steps`` steps of
     mutual KD on public batches of ``server_batch_size`` (AdamW, ``server_lr``): the trained side minimises
     LM + ``lam``·KD (``direction`` KL at ``temperature`` on the other side's ``top_k``; ``alignment``
-    across tokenisers). ``directions``: ``both``, ``to_llm`` (small→LLM only; the aggregate is dispatched
+    across tokenisers; ``selective``: per public sequence only the side with the lower NLL teaches, FedMKT's
+    DualMinCE). ``directions``: ``both``, ``to_llm`` (small→LLM only; the aggregate is dispatched
     unchanged), ``to_small`` (LLM→small only) or ``none``. ``send_logits`` (FedMKT): the LLM's top-k on
     ``logits_examples`` public items go to every client, whose local loss adds ``client_lam``·KD on them."""
 
@@ -520,6 +521,7 @@ class CoSection:
     direction: Literal["forward", "reverse"] = "forward"
     top_k: int = 16
     alignment: Literal["dtw", "dtw-edit", "boundary"] = "boundary"
+    selective: bool = False  # FedMKT's DualMinCE: a side teaches a public sequence only where its NLL is lower
     send_logits: bool = False
     logits_examples: int = 32
     client_lam: float = 1.0

@@ -15,7 +15,9 @@ Round ``r`` (skeleton: :class:`~fedguard_train.trainers.base.Trainer`):
        ``L_LLM(φ)   = LM(f_L; x) + λ · τ² · KL_dir(p_S^τ ‖ p_L^τ)``      (small → LLM)
        ``L_small(θ) = LM(f_S; x) + λ · τ² · KL_dir(p_L^τ ‖ p_S^τ)``      (LLM → small)
 
-   (``KL_dir``: forward or reverse KL on the teacher side's top-``k``, fedguard_train/distill.py); each
+   (``KL_dir``: forward or reverse KL on the teacher side's top-``k``, fedguard_train/distill.py; with
+   ``co.selective``, FedMKT's DualMinCE: a sequence's KD term runs only from the side whose summed NLL on it
+   is lower to the other); each
    side takes one AdamW step on its adapter (``co.directions`` chooses which sides learn). The server keeps
    both optimisers' state across rounds; the updated ``θ_{r+1}`` is dispatched as the next global adapter.
 3. Optional (**FedMKT**, ``co.send_logits``): after the server step, the LLM's top-``k`` next-token
@@ -104,6 +106,15 @@ def kd_want(labels: torch.Tensor) -> torch.Tensor:
     want = torch.zeros_like(labels, dtype=torch.bool)
     want[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     return want
+
+
+def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's summed next-token negative log-likelihood over its labels (nats per sequence: comparable
+    across tokenisers, since both sides read the same text)."""
+    shift, target = logits[:, :-1, :].float(), labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(shift.reshape(-1, shift.shape[-1]), target.reshape(-1),
+                                            ignore_index=IGNORE_INDEX, reduction="none")
+    return nll.view(target.shape).sum(-1)
 
 
 def _pad_sources(sources: list[np.ndarray], width: int) -> torch.Tensor:
@@ -238,7 +249,7 @@ class FedCoLLM(Trainer):
         s = self.section
         train_llm, train_small = s.directions in ("both", "to_llm"), s.directions in ("both", "to_small")
         start = time.perf_counter()
-        sums = {"lm_llm": 0.0, "kd_to_llm": 0.0, "lm_small": 0.0, "kd_to_small": 0.0}
+        sums = {"lm_llm": 0.0, "kd_to_llm": 0.0, "lm_small": 0.0, "kd_to_small": 0.0, "small_teaches": 0.0}
         steps = s.server_steps if (train_llm or train_small) else 0
         if steps:
             generator = torch.Generator().manual_seed(seed_of(self.config.seed, "server-batches", round_id))
@@ -253,9 +264,16 @@ class FedCoLLM(Trainer):
                 with torch.set_grad_enabled(train_llm):
                     lm_l, logits_l = self._logits(self.llm, llm_b)
                 losses = []
+                teach_s = teach_l = torch.ones(len(pick), dtype=torch.bool)
+                if s.selective:  # FedMKT's DualMinCE: the side with the lower NLL on a sequence teaches it
+                    nll_s = sequence_nll(logits_s.detach(), small_b["labels"])
+                    nll_l = sequence_nll(logits_l.detach(), llm_b["labels"])
+                    teach_s, teach_l = nll_s < nll_l, nll_l < nll_s
+                    sums["small_teaches"] += float(teach_s.float().mean())
                 if train_llm:
                     target = self._targets(logits_s.detach(), small_b["attention_mask"], kd_want(llm_b["labels"]),
                                            self.to_llm_map, small_for_llm)
+                    target = TopK(target.ids, target.probs, target.mask & teach_s[:, None])
                     kd = kd_loss(logits_l, target, temperature=s.temperature, direction=s.direction)
                     losses.append(lm_l + s.lam * kd)
                     sums["lm_llm"] += float(lm_l.detach())
@@ -263,6 +281,7 @@ class FedCoLLM(Trainer):
                 if train_small:
                     target = self._targets(logits_l.detach(), llm_b["attention_mask"], kd_want(small_b["labels"]),
                                            self.to_small_map, llm_for_small)
+                    target = TopK(target.ids, target.probs, target.mask & teach_l[:, None])
                     kd = kd_loss(logits_s, target, temperature=s.temperature, direction=s.direction)
                     losses.append(lm_s + s.lam * kd)
                     sums["lm_small"] += float(lm_s.detach())
@@ -288,6 +307,8 @@ class FedCoLLM(Trainer):
         if train_small and steps:
             self.stats.server.update(server_lm_small=sums["lm_small"] / steps,
                                      server_kd_to_small=sums["kd_to_small"] / steps)
+        if s.selective and steps:
+            self.stats.server["server_small_teaches"] = sums["small_teaches"] / steps  # share of sequences
         self.stats.logits_bytes = self.logits_message_bytes * len(self.client_items) if s.send_logits else 0
         return vector
 

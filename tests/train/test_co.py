@@ -254,3 +254,22 @@ def test_the_smollm2_example_config_loads() -> None:
     config = TrainConfig.from_yaml(Path(__file__).resolve().parents[2] / "examples" / "co_smollm2.yaml")
     assert config.trainer == "co" and config.co is not None and config.co.small_layers == 8
     assert config.federation.aggregator == "masking" and config.co.server_model == "smollm2"
+
+
+@pytest.mark.deepspeed
+def test_selective_transfer_lets_only_the_lower_nll_side_teach(tmp_path: Path, task: Path) -> None:
+    """FedMKT's DualMinCE: a small model made far worse than the LLM (its adapter blown up) teaches the LLM
+    nothing (KD to the LLM exactly 0), while the LLM still teaches it; summed NLLs match the models' own loss."""
+    from fedguard_train.trainers.co import sequence_nll
+
+    trainer = FedCoLLM(co_config(tmp_path, task, co={"selective": True, "server_steps": 3}), quiet=True)
+    small, llm, _, _ = trainer._batch(trainer.public[:3])
+    with torch.no_grad():
+        out = trainer.model(**small)
+        tokens = int((small["labels"][:, 1:] != -100).sum())
+        torch.testing.assert_close(sequence_nll(out.logits, small["labels"]).sum() / tokens, out.loss)
+    trainer.load(np.full(trainer.layout.size, 3.0, dtype=np.float32))
+    trainer.server_step(1, None)  # type: ignore[arg-type]
+    stats = trainer.stats.server
+    assert stats["server_small_teaches"] == 0.0
+    assert stats["server_kd_to_llm"] == 0.0 and stats["server_kd_to_small"] > 0
