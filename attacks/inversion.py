@@ -50,9 +50,11 @@ import torch
 
 from fedguard.errors import ConfigError
 
-PROJECTIONS: tuple[str, ...] = ("h.{i}.attn.c_attn", "layers.{i}.self_attn.q_proj", "h.{i}.self_attention.query_key_value",
-                                "decoder.layers.{i}.self_attn.q_proj")
-"""Where each family's block ``i`` first projects its (normalised) input: GPT-2, Llama/Qwen2/SmolLM2, BLOOM, OPT."""
+PROJECTIONS: tuple[str, ...] = ("h.{i}.attn.c_attn", "layers.{i}.self_attn.v_proj", "h.{i}.self_attention.query_key_value",
+                                "decoder.layers.{i}.self_attn.v_proj")
+"""Which projection of block ``i`` the attack reads, per family: GPT-2, Llama/Qwen2/SmolLM2, BLOOM, OPT. Values,
+not queries, where they are separate: the query at position 0 attends to itself alone (a softmax over one
+score is constant), so the query gradient never contains the first token's input; the value's does."""
 
 
 class _Stop(Exception):

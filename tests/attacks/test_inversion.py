@@ -168,3 +168,17 @@ def test_row_space_and_config_refusals() -> None:
         row_space(np.full((2, 2), np.nan), 1e-6)
     with pytest.raises(ConfigError, match="tau must be"):
         InversionConfig(tau=0.0)
+
+
+def test_rope_model_without_positions_at_the_input_is_recovered() -> None:
+    """Llama-style (SmolLM2's family): the first block's input carries no position; order comes from block 2."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                         bos_token_id=EOS, eos_token_id=EOS, pad_token_id=EOS))
+    assert "v_proj" in target_parameters(llama)[0]  # values: the query of position 0 has no gradient
+    for batch in batches(6, 2, 1) + batches(7, 1, 4):
+        out, score = _recover(llama, batch)
+        assert out.informative and score.exact == 1.0
