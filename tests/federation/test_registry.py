@@ -41,7 +41,8 @@ NON_DEFAULT: dict[str, dict[str, Any]] = {
                  "precompute": True},
     "mpc": {"backend": "network", "n_parties": 2, "min_clients": 3, "allow_single_client": False,
             "norm_bound": 2.5, "norm_action": "clip", "clip_halvings": 3, "timeout_s": 12.0,
-            "startup_timeout_s": 60.0, "listen": "0.0.0.0:29400", "control_key_file": "control.key"},
+            "startup_timeout_s": 60.0, "listen": "0.0.0.0:29400", "control_key_file": "control.key",
+            "roster_file": None, "identity_files": None},
 }
 
 

@@ -11,15 +11,20 @@ fedguard.errors.ConfigError: threshold t=2 must exceed half of the k=5 share hol
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedguard.checks import int_problem, is_int
+from fedguard.checks import int_problem
 from fedguard.federation.protocol import AggregatorOptions
+from fedguard.secagg.identity_files import (
+    identity_files_problem,
+    missing_identity_files,
+    normalise_identity_files,
+)
 
-__all__ = ["MaskingOptions", "SignedMaskingOptions", "identity_paths", "threshold_problems"]
+__all__ = ["MaskingOptions", "SignedMaskingOptions", "threshold_problems"]
 
 
 def threshold_problems(threshold: int, neighbours: int, where: str = "") -> list[str]:
@@ -71,38 +76,6 @@ class MaskingOptions(AggregatorOptions):
         return problems
 
 
-def _identity_files_problem(value: object) -> str | None:
-    """Why ``identity_files`` is neither a path template with ``{client}`` nor a mapping of client ids to paths."""
-    if isinstance(value, str):
-        if "{client}" not in value:
-            return (f"identity_files must contain '{{client}}' (e.g. 'keys/client-{{client}}.identity'), "
-                    f"got {value!r}")
-        try:
-            value.format(client=0)
-        except (IndexError, KeyError, ValueError) as err:
-            return f"identity_files {value!r} is not a valid path template: {err}"
-        return None
-    if isinstance(value, Mapping):
-        bad = [k for k in value if not (is_int(k) or (isinstance(k, str) and k.isdigit()))]
-        if bad:
-            return f"identity_files keys must be client ids (ints >= 0), got {bad!r}"
-        paths = [v for v in value.values() if not isinstance(v, str) or not v]
-        if paths:
-            return f"identity_files values must be file paths, got {paths!r}"
-        return None
-    return (f"identity_files must be a path template with '{{client}}' or a mapping {{client id: path}}, "
-            f"got {value!r}")
-
-
-def identity_paths(identity_files: str | Mapping[Any, str], clients: Iterable[int]) -> dict[int, Path]:
-    """Where each of ``clients`` keeps its identity file, from ``identity_files`` (a template or a mapping);
-    a client the mapping does not name is left out (the caller names it as missing)."""
-    if isinstance(identity_files, str):
-        return {c: Path(identity_files.format(client=c)) for c in clients}
-    by_id = {int(k): Path(v) for k, v in identity_files.items()}
-    return {c: by_id[c] for c in clients if c in by_id}
-
-
 @dataclass(frozen=True, kw_only=True)
 class SignedMaskingOptions(MaskingOptions):
     """Options of ``aggregator: masking-signed``
@@ -127,10 +100,8 @@ class SignedMaskingOptions(MaskingOptions):
     max_corrupt: int = 0
 
     def __post_init__(self) -> None:
-        files = self.identity_files
-        if isinstance(files, Mapping) and _identity_files_problem(files) is None:
-            # one spelling for {0: path} and JSON's {"0": path}: a config read back from a checkpoint is equal
-            object.__setattr__(self, "identity_files", {int(k): v for k, v in files.items()})
+        # one spelling for {0: path} and JSON's {"0": path}: a config read back from a checkpoint is equal
+        object.__setattr__(self, "identity_files", normalise_identity_files(self.identity_files))
         super().__post_init__()
 
     def _problems(self) -> list[str]:
@@ -145,12 +116,7 @@ class SignedMaskingOptions(MaskingOptions):
                 problems.append(f"roster_file {self.roster_file!r} does not exist (create it with "
                                 "`fedguard roster add`)")
         if self.identity_files is not None:
-            problem = _identity_files_problem(self.identity_files)
+            problem = identity_files_problem(self.identity_files) or missing_identity_files(self.identity_files)
             if problem:
                 problems.append(problem)
-            elif isinstance(self.identity_files, Mapping):
-                missing = [f"client {k}: {v}" for k, v in self.identity_files.items() if not Path(v).is_file()]
-                if missing:
-                    problems.append(f"identity_files do not exist: {', '.join(missing)} (create them with "
-                                    "`fedguard keygen identity`)")
         return problems

@@ -70,6 +70,7 @@ from fedguard.errors import ConfigError, MessageError
 from fedguard.federation.protocol import AggregateResult, ClientSide, Outbox, RoundSpec, ServerSide
 from fedguard.identity import SIGNATURE_BYTES, Identity, Roster, signed_context
 from fedguard.rng import SecureRNG
+from fedguard.secagg.identity_files import load_client_identity
 from fedguard.secagg.masking.aggregator import (
     _ADVERTISE_REQ,
     _KEYS,
@@ -89,7 +90,7 @@ from fedguard.secagg.masking.aggregator import (
 )
 from fedguard.secagg.masking.crypto import KEY_BYTES, commit_seed, generate_private_key, public_bytes
 from fedguard.secagg.masking.graph import CommunicationGraph
-from fedguard.secagg.masking.options import MaskingOptions, SignedMaskingOptions, identity_paths
+from fedguard.secagg.masking.options import MaskingOptions, SignedMaskingOptions
 from fedguard.wire import Message, MessageSchema
 
 COIN = "coin"
@@ -483,15 +484,7 @@ class SignedMaskingAggregator(MaskingAggregator):
         if client in self.identities:
             return self.identities[client]
         if self._identity_files is not None:
-            path = identity_paths(self._identity_files, [client]).get(client)
-            if path is None:
-                raise ConfigError(f"aggregator_options.identity_files names no identity file for client {client}")
-            if not path.is_file():
-                raise ConfigError(f"client {client} has no identity file {str(path)!r} (create it with "
-                                  f"`fedguard keygen identity --client {client} --out {path}`)")
-            ident = Identity.load(path)
-            self._check_identity(client, ident)
-            self.identities[client] = ident
+            ident = self.identities[client] = load_client_identity(self._identity_files, client, self.roster)
             return ident
         raise ConfigError(f"no signing identity for client {client} in this process")
 

@@ -81,8 +81,9 @@ from fedguard.federation.protocol import (
     ServerSide,
     check_ring_vector,
 )
-from fedguard.identity import Identity
+from fedguard.identity import Identity, Roster
 from fedguard.rng import SecureRNG
+from fedguard.secagg.identity_files import load_client_identity
 from fedguard.secagg.mpc.norm import NormCheck
 from fedguard.secagg.mpc.options import MpcOptions
 from fedguard.secagg.mpc.parties import AggregationJob, ComputeParties, CryptenParties, SimulatedParties
@@ -247,6 +248,12 @@ class MpcAggregator(Aggregator):
         """Signing identities of the clients this process plays: their shares are signed for the parties,
         which check them against their own roster (``SimulatedParties``/``CryptenParties(roster=)``)."""
         self.deployment = deployment
+        self._identity_files = opts.identity_files
+        self.roster: Roster | None = None
+        """The roster from ``roster_file`` (parties built here check client signatures against it)."""
+        if opts.roster_file is not None:
+            self.roster = Roster.load(opts.roster_file)
+            self.deployment = deployment or self.roster.deployment
         if parties is not None and not isinstance(parties, ComputeParties):
             raise ConfigError(f"parties must be ComputeParties, got {type(parties).__name__}")
         if parties is not None and opts.norm_bound is not None and not parties.supports_norm_check:
@@ -263,7 +270,7 @@ class MpcAggregator(Aggregator):
             norm_check = opts.norm_bound is not None
             if opts.backend == "crypten":
                 parties = CryptenParties(opts.n_parties, norm_check=norm_check, timeout_s=opts.timeout_s,
-                                         startup_timeout_s=opts.startup_timeout_s).start()
+                                         startup_timeout_s=opts.startup_timeout_s, roster=self.roster).start()
             elif opts.backend == "network":
                 from fedguard.secagg.mpc.network import NetworkParties, parse_address, read_control_key
 
@@ -272,7 +279,7 @@ class MpcAggregator(Aggregator):
                                          norm_check=norm_check, timeout_s=opts.timeout_s,
                                          startup_timeout_s=opts.startup_timeout_s).start()
             else:
-                parties = SimulatedParties(opts.n_parties)
+                parties = SimulatedParties(opts.n_parties, roster=self.roster)
         self.parties = parties
 
     @property
@@ -325,6 +332,21 @@ class MpcAggregator(Aggregator):
         (the norm check's plan is built, no party is started)."""
         self.check_clients(spec.n_clients)
         self._norm(spec)
+        if self._identity_files is not None:  # every participant signs: its identity is named when missing
+            problems = []
+            for c in spec.participants:
+                try:
+                    self._identity(c)
+                except ConfigError as err:
+                    problems.append(str(err))
+            if problems:
+                raise ConfigError.collect(problems)
+
+    def _identity(self, client: int) -> Identity | None:
+        """The client's signing identity: given at construction, or loaded from ``identity_files``."""
+        if client not in self.identities and self._identity_files is not None and self.roster is not None:
+            self.identities[client] = load_client_identity(self._identity_files, client, self.roster)
+        return self.identities.get(client)
 
     def server(self, spec: RoundSpec, *, rng: SecureRNG | None = None) -> ServerSide:
         if self.min_clients > spec.n_clients:
@@ -335,7 +357,7 @@ class MpcAggregator(Aggregator):
         self, spec: RoundSpec, client_id: int, ring_input: np.ndarray, *, rng: SecureRNG | None = None
     ) -> ClientSide:
         return _MpcClient(spec, client_id, ring_input, self.parties.public_keys, self._encoding(spec),
-                          rng if rng is not None else SecureRNG(), self.identities.get(client_id),
+                          rng if rng is not None else SecureRNG(), self._identity(client_id),
                           self.deployment)
 
     def close(self) -> None:

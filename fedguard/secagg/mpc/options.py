@@ -14,11 +14,18 @@ fedguard.errors.ConfigError: backend 'in-process' was renamed: use backend='simu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Final, Literal
+from pathlib import Path
+from typing import Any, ClassVar, Final, Literal
 
 from fedguard.checks import int_problem, number_problem
 from fedguard.federation.protocol import AggregatorOptions
+from fedguard.secagg.identity_files import (
+    identity_files_problem,
+    missing_identity_files,
+    normalise_identity_files,
+)
 
 __all__ = ["BACKENDS", "Backend", "MpcOptions", "NormAction"]
 
@@ -61,6 +68,12 @@ class MpcOptions(AggregatorOptions):
             (``"network"``).
         listen: ``"HOST:PORT"`` the coordinator listens on (``backend="network"`` only).
         control_key_file: the 32-byte control key file shared with the parties (``backend="network"`` only).
+        roster_file: the deployment's client roster (``fedguard roster add``). Parties built here
+            (``"crypten"``, ``"simulated"``) then accept only shares signed by a rostered client, each round
+            once; remote parties need their own copy (``party --roster FILE``). Needs ``identity_files``.
+        identity_files: where the signing identities of the clients this process plays are (a path template
+            with ``{client}`` or a mapping ``{client id: path}``); each client signs its share for every
+            party. Needs ``roster_file``.
     """
 
     removed: ClassVar[dict[str, str]] = {
@@ -80,6 +93,12 @@ class MpcOptions(AggregatorOptions):
     startup_timeout_s: float = 300.0
     listen: str | None = None
     control_key_file: str | None = None
+    roster_file: str | None = None
+    identity_files: str | Mapping[Any, str] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "identity_files", normalise_identity_files(self.identity_files))
+        super().__post_init__()
 
     @property
     def simulated(self) -> bool:
@@ -127,4 +146,14 @@ class MpcOptions(AggregatorOptions):
             problems.append("backend='network' needs listen='HOST:PORT' and control_key_file")
         if self.backend != "network" and (self.listen is not None or self.control_key_file is not None):
             problems.append("listen and control_key_file apply to backend='network' only")
+        if (self.roster_file is None) != (self.identity_files is None):
+            problems.append("roster_file and identity_files go together: the parties check the clients' "
+                            "signatures against the roster, and the clients sign with their identities")
+        if self.roster_file is not None and (not isinstance(self.roster_file, str)
+                                             or not Path(self.roster_file).is_file()):
+            problems.append(f"roster_file {self.roster_file!r} does not exist (create it with `fedguard roster add`)")
+        if self.identity_files is not None:
+            problem = identity_files_problem(self.identity_files) or missing_identity_files(self.identity_files)
+            if problem:
+                problems.append(problem)
         return problems

@@ -225,3 +225,32 @@ def test_remote_party_programs_refuse_a_replayed_job_and_unsigned_shares(tmp_pat
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+def test_mpc_from_config_options_signs_and_checks_against_the_roster(tmp_path: Path) -> None:
+    """``aggregator: mpc`` with ``roster_file`` and ``identity_files``: the parties built here get the roster,
+    the clients sign with their identity files; a round is exact and the made-up-clients attack is refused."""
+    from fedguard.errors import ConfigError
+    from fedguard.federation.registry import make_aggregator
+
+    roster_file = ROSTER.save(tmp_path / "roster.json")
+    for c, ident in IDENTITIES.items():
+        ident.save(tmp_path / f"client-{c}.key")
+    template = str(tmp_path / "client-{client}.key")
+    with pytest.raises(ConfigError, match="roster_file and identity_files go together"):
+        make_aggregator("mpc", {"backend": "simulated", "roster_file": str(roster_file)})
+    options = {"backend": "simulated", "roster_file": str(roster_file), "identity_files": template}
+    with make_aggregator("mpc", options) as agg:
+        assert isinstance(agg, MpcAggregator) and agg.parties.roster == ROSTER  # type: ignore[attr-defined]
+        spec = RoundSpec(8, IDS, 5)
+        agg.check_round(spec)
+        xs = {c: SecureRNG.for_testing(f"config/{c}").ring_elements(5, 64) for c in IDS}
+        out = InProcessTransport().run(agg.server(spec), {c: agg.client(spec, c, xs[c]) for c in IDS})
+        np.testing.assert_array_equal(out.result.ring_sum, sum(xs.values()))
+        attack = RoundSpec(9, IDS, 5)
+        job = AggregationJob(9, 5, 64, {c: _made_up(agg.parties, attack, c) for c in IDS}, min_contributors=2)
+        with pytest.raises(ProtocolAbort, match="only 0 client"):
+            agg.parties.aggregate(job)
+    (tmp_path / "client-21.key").unlink()
+    with make_aggregator("mpc", options) as agg, pytest.raises(ConfigError, match="client 21 has no identity file"):
+        agg.check_round(RoundSpec(10, IDS, 5))
