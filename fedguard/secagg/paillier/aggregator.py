@@ -74,6 +74,7 @@ import gmpy2
 import numpy as np
 
 from fedguard.checks import is_int
+from fedguard.encoding import ring_wire_dtype, to_wire
 from fedguard.errors import ConfigError, InvalidUpdateError, MessageError, ProtocolAbort, ProtocolViolation
 from fedguard.federation.protocol import (
     AggregateResult,
@@ -83,6 +84,7 @@ from fedguard.federation.protocol import (
     RoundSpec,
     ServerSide,
     check_ring_vector,
+    ring_input_schema,
 )
 from fedguard.rng import SecureRNG
 from fedguard.secagg.paillier.errors import (
@@ -276,6 +278,9 @@ class _PaillierServer(ServerSide):
         return {c: self._message(_KEY, c, kind=_KEY_REQUEST.kind, meta=meta) for c in self.spec.participants}
 
     def _schema(self, stage: str) -> MessageSchema:
+        if stage == _DECRYPT:  # the decrypted sum travels in the round's ring word (uint8 for an 8-bit ring)
+            return ring_input_schema(_DECRYPT_REPLY.kind, extra_meta={"fingerprint": str},
+                                     ring_bits=self.spec.ring_bits)
         return _REPLY_SCHEMAS[stage]
 
     def _check_reply(self, stage: str, msg: Message) -> None:
@@ -437,7 +442,7 @@ class _PaillierClient(ClientSide):
             _CLOSING.validate(msg)
             _contributor_list(msg.meta["contributors"], self.spec, f"client {self.client_id}")
             return self._reply(kind=_DECRYPT_REPLY.kind, meta={"fingerprint": ""},
-                               arrays={"x": np.zeros(0, dtype=np.uint64)})
+                               arrays={"x": np.zeros(0, dtype=ring_wire_dtype(self.spec.ring_bits))})
         _DECRYPT_REQUEST.validate(msg)
         keypair = self._keypair
         if keypair is None:  # set in the key stage, which the stage machine runs first
@@ -464,7 +469,7 @@ class _PaillierClient(ClientSide):
                 "holder saw the refused sum, the server nothing",
             ) from err
         return self._reply(kind=_DECRYPT_REPLY.kind, meta={"fingerprint": keypair.public.fingerprint},
-                           arrays={"x": total})
+                           arrays={"x": to_wire(total, self.spec.ring_bits)})
 
 
 # -- the aggregator ----------------------------------------------------------------------------------
