@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -175,7 +175,9 @@ def canary_trainer(base: type[Trainer]) -> Callable[..., CanaryRun]:
 
         @property
         def round_size(self) -> int:
-            return int(super().round_size) + self.n_canaries
+            """The most clients a round can have: the real ones plus the included canaries."""
+            extra = self.n_canaries if self._included is None else int(np.count_nonzero(self._included))
+            return int(super().round_size) + extra
 
         def _make_aggregator(self) -> Aggregator:
             fed = self.config.federation
@@ -224,8 +226,13 @@ def canary_trainer(base: type[Trainer]) -> Callable[..., CanaryRun]:
 
 def _threshold_option(aggregator: str, options: Any, need: int) -> tuple[dict[str, Any] | None, str | None]:
     """Aggregator options whose reveal threshold is at least ``need`` (None: unchanged), and the note."""
-    raw: dict[str, Any] = dict(options) if isinstance(options, Mapping) else {
-        k: v for k, v in vars(options).items() if not k.startswith("_")} if options is not None else {}
+    raw: dict[str, Any]
+    if isinstance(options, Mapping):
+        raw = dict(options)
+    elif is_dataclass(options) and not isinstance(options, type):
+        raw = {f.name: getattr(options, f.name) for f in fields(options)}
+    else:
+        raw = {}
     if aggregator == "masking":
         current = raw.get("threshold")
         if current is not None and current >= need:

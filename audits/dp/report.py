@@ -87,7 +87,9 @@ def _draw(results: Sequence[DPAuditResult]) -> Any:
         ax2.set_xticks(x, [f"{i + 1}:{r.level}{'/' + r.breaks if r.breaks else ''}" for i, r in enumerate(results)],
                        fontsize=8)
         ax2.set_ylabel("epsilon")
-        ax2.legend(fontsize=8)
+        top = max([*acc, *low, *(r.bound.ceiling for r in results)])
+        ax2.set_ylim(0, 1.3 * top if top > 0 else 1.0)
+        ax2.legend(fontsize=8, loc="upper left", ncols=3)
     return draw
 
 

@@ -71,6 +71,16 @@ def test_distributed_dp_fedavg_correct_and_noise_broken(tmp_path: Path, task: Pa
     assert broken.violation
 
 
+def test_distributed_audit_through_masking_raises_the_threshold(tmp_path: Path, task: Path) -> None:
+    config = tiny_config(tmp_path, task, dp={**DP, "placement": "distributed"}, eval=EVAL,
+                         federation={**FED, "aggregator": "masking", "aggregator_options": {"threshold": 2}})
+    result = audit_client_level(config, ClientAuditSettings(canaries=30), run_dir=tmp_path / "audit-run",
+                                rng=SecureRNG.for_testing("masking"))
+    need = 2 + int(result.included.sum())
+    assert any(f"threshold raised to min_survivors={need}" in n for n in result.notes)
+    assert not result.violation and result.epsilon_accountant > 0
+
+
 def test_skipped_clipping_is_caught_with_canaries_above_the_clip_norm(tmp_path: Path, task: Path) -> None:
     broken = _audit(tmp_path, task, breaks="clip")
     assert broken.settings["canary_norm"] == 10.0  # the default under --break clip
