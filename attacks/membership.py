@@ -98,20 +98,19 @@ def token_stats(model: torch.nn.Module, items: Sequence[Item], *, pad_id: int = 
                 if it.get("labels") is None:
                     labels[row, 0] = IGNORE_INDEX
                 mask[row, :n] = 1
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].double()
-            logprobs = torch.log_softmax(logits, dim=-1)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
             target = labels[:, 1:]
-            probs = logprobs.exp()
-            mu = (probs * logprobs).sum(-1)
-            var = (probs * logprobs.square()).sum(-1) - mu.square()
-            sigma = var.clamp_min(1e-12).sqrt()
             for row in range(len(chunk)):
                 sel = target[row] != IGNORE_INDEX
                 if not bool(sel.any()):
                     raise ConfigError(f"example {start + row} has no scored (labelled) token")
-                tok = target[row][sel]
-                lp = logprobs[row][sel].gather(-1, tok[:, None])[:, 0]
-                out.append(TokenStats(lp.numpy(), mu[row][sel].numpy(), sigma[row][sel].numpy()))
+                # only the scored positions, in float64 (the vocabulary-wide sums of Min-K%++)
+                logprobs = torch.log_softmax(logits[row][sel].double(), dim=-1)
+                probs = logprobs.exp()
+                mu = (probs * logprobs).sum(-1)
+                sigma = ((probs * logprobs.square()).sum(-1) - mu.square()).clamp_min(1e-12).sqrt()
+                lp = logprobs.gather(-1, target[row][sel][:, None])[:, 0]
+                out.append(TokenStats(lp.numpy(), mu.numpy(), sigma.numpy()))
             if progress is not None:
                 progress(len(chunk))
     finally:
