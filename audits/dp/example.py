@@ -17,7 +17,8 @@ Settings default to the run's config: σ = ``dp.noise_multiplier``, per-example 
 
 What it can see (measured, docs/results.md): on the tiny test models the black-box loss attack is weak —
 even noise-free training certifies only ε ≈ 1.2 with 200 canaries — so it catches a missing clip when the
-clip norm is small (training becomes effectively non-private) but not noise ÷ 10.
+clip norm is small and each canary is seen often (~150 times; training becomes effectively non-private) but
+not noise ÷ 10.
 """
 
 from __future__ import annotations
