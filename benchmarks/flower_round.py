@@ -148,6 +148,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--dropout", action="store_true")
     parser.add_argument("--rounds", type=int, default=None, help="override federation.rounds")
+    parser.add_argument("--eval-examples", type=int, default=None,
+                        help="override eval.examples and evaluate only after the last round (eval.every = rounds): "
+                             "evaluation is the same code in both runs and would dilute the ratio")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedguard-flower-bench-"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -165,6 +168,8 @@ def main() -> None:
             name = "flower_round_quick"
         if args.rounds is not None:
             config = _with(config, federation__rounds=args.rounds)
+        if args.eval_examples is not None:
+            config = _with(config, eval__examples=args.eval_examples, eval__every=config.federation.rounds)
         result = compare(config, work)
     out = ROOT / "benchmarks" / "results" / f"{name}.json"
     out.write_text(json.dumps(result, indent=1, default=str) + "\n")
