@@ -54,6 +54,7 @@ def test_breaks_change_what_opacus_runs_not_what_is_accounted(config: TrainConfi
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # 12 min under load 12-15 on 2 cores; a few minutes idle
 def test_skipped_clipping_is_caught_when_canaries_are_seen_often(tmp_path: Path) -> None:
     """σ = 100, C = 1e-4: the accountant claims ε ≈ 0.3 for 300 steps at q ≈ 0.5; without clipping the noise
     σC is negligible beside the gradients and the canaries are memorised (docs/results.md: 1.59 and 1.29)."""
