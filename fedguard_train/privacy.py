@@ -135,12 +135,14 @@ class ClientDPHook(TrainerHook):
         t = aggregator.threshold(n_clients)
         need = self.min_contributors
         if t < need:
-            option = {"masking": "threshold", "paillier": "min_clients", "mpc": "min_clients"}.get(
-                getattr(aggregator, "name", ""), "its threshold")
+            option = {"masking": "threshold", "masking-signed": "threshold", "paillier": "min_clients",
+                      "mpc": "min_clients"}.get(getattr(aggregator, "name", ""))
+            fix = (f"set federation.aggregator_options.{option} >= {need}" if option is not None
+                   else f"raise the aggregator's reveal threshold to >= {need}")
             raise ConfigError(
                 f"dp.min_survivors={need}: each client adds 1/{need} of the noise variance, but aggregator "
                 f"{aggregator.label!r} reveals a sum from as few as {t} of {n_clients} clients, which would be "
-                f"under-noised; set federation.aggregator_options.{option} >= {need} or lower dp.min_survivors to {t}"
+                f"under-noised; {fix} or lower dp.min_survivors to {t}"
             )
 
     def on_layout(self, dimension: int) -> None:

@@ -139,3 +139,18 @@ def test_paillier_and_mpc_thresholds_are_checked_too(name: str, option: str, def
         hook.check_aggregator(agg, 4)
     finally:
         agg.close()
+
+
+def test_signed_masking_names_its_threshold_option(tmp_path: Path) -> None:
+    from fedguard.identity import Identity, Roster
+
+    identities = {c: Identity.generate(c) for c in range(3)}
+    for c, ident in identities.items():
+        ident.save(tmp_path / f"client-{c}.identity")
+    Roster.of(identities, "guard-test").save(tmp_path / "roster.json")
+    options = {"roster_file": str(tmp_path / "roster.json"),
+               "identity_files": str(tmp_path / "client-{client}.identity")}
+    hook = _hook(3, 3)
+    with pytest.raises(ConfigError, match=r"as few as 2 of 3 clients.*aggregator_options\.threshold >= 3"):
+        hook.check_aggregator(make_aggregator("masking-signed", options), 3)
+    hook.check_aggregator(make_aggregator("masking-signed", {**options, "threshold": 3}), 3)
