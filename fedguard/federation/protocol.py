@@ -330,7 +330,7 @@ class ServerSide(ABC):
             self._state = "aborted"
             raise ProtocolAbort(
                 f"only {len(responders)} of {len(self._expected)} clients replied in stage {stage!r}; "
-                f"{needed} are needed: round {self.spec.round_id} aborted, nothing revealed",
+                f"{needed} are needed: round {self.spec.round_id} aborted before the server decoded anything",
                 round_id=self.spec.round_id,
                 stage=stage,
             )

@@ -380,7 +380,7 @@ def test_a_round_left_with_the_key_holder_and_one_other_client_aborts_before_dec
     agg = _bounded()
     assert not agg.survives(spec, [{0, 1, 2}, {0, 1}, {0, 1}])
     server, clients = _setup(agg, spec, _inputs(spec))
-    with pytest.raises(ProtocolAbort, match="3 are needed: round 5 aborted, nothing revealed"):
+    with pytest.raises(ProtocolAbort, match="3 are needed: round 5 aborted before the server decoded anything"):
         InProcessTransport().run(server, clients, drop_at={2: "input"})
     assert clients[0].stage == "decrypt"  # the key holder never received a decryption request
     with pytest.raises(ProtocolAbort):
