@@ -80,6 +80,7 @@ def test_ledger_survives_a_restart(tmp_path: Path) -> None:
         FedguardAccountant(population_size=3, target_delta=0.5)  # delta >= 1/N protects nobody
 
 
+@pytest.mark.slow  # ~60 s of Flower polling; the accountant's logic is tested in process above
 @pytest.mark.multiprocess
 @pytest.mark.timeout(600)
 def test_example_stops_at_the_budget_on_the_deployment_engine(tmp_path: Path) -> None:

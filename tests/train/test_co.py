@@ -132,6 +132,7 @@ def test_fedmkt_logits_are_sparse_top_k_from_a_real_message_and_change_the_clien
     assert [r["client"] for r in rows] == [0, 1]
 
 
+@pytest.mark.slow  # ~70 s building the GPT-2 -> byte vocabulary map; tests/train/test_hetero.py covers two tokenisers
 @pytest.mark.deepspeed
 def test_two_tokenisers_align_both_directions(tmp_path: Path, task: Path) -> None:
     """Small model: tiny GPT-2 with GPT-2's BPE; LLM: tiny Llama with the byte tokeniser. Each public item
