@@ -471,23 +471,32 @@ class Trainer(ABC):
                                    f"checkpoint in {self.run_dir / 'checkpoints'} is kept") from err
         return ClientResult(delta, local.weight, local.loss)
 
+    def _round_result(self, round_id: int) -> tuple[RoundResult, float | None]:
+        """The round's sample, local training and aggregation (the model then holds the new global vector),
+        and the seconds of offline precomputation before it (None: none). A deployment that carries the
+        protocol's stages over a network (fedguard_train.flower) overrides only this."""
+        if self.aggregator is None:
+            raise ConfigError("the trainer's aggregator is closed")
+        chosen = self.participants(round_id)
+        offline = self._precompute(round_id)
+        if not chosen:
+            return self._empty_round(round_id), offline
+        # Quantisation is seeded (the run is reproducible); the protocol's keys and masks come from OS entropy.
+        return run_round(round_id, self.global_vector(), chosen,
+                         lambda client, start_vec: self.client_step(round_id, client, start_vec),
+                         self.aggregator, self.spec, hooks=self.hooks, load=self.load,
+                         rng=SecureRNG.for_testing(f"{self.config.seed}/aggregate/{round_id}"),
+                         protocol_rng=SecureRNG(), transport=self.transport,
+                         # DP: the survivors its noise is planned for
+                         min_contributors=self.hooks.min_contributors, upload=self.upload), offline
+
     def _round(self, round_id: int) -> dict[str, Any]:
         cfg = self.config
         start = time.perf_counter()
         if self.aggregator is None:
             raise ConfigError("the trainer's aggregator is closed")
-        # Quantisation is seeded (the run is reproducible); the protocol's keys and masks come from OS entropy.
         try:
-            chosen = self.participants(round_id)
-            offline = self._precompute(round_id)
-            result = self._empty_round(round_id) if not chosen else run_round(
-                round_id, self.global_vector(), chosen,
-                lambda client, start_vec: self.client_step(round_id, client, start_vec),
-                self.aggregator, self.spec, hooks=self.hooks, load=self.load,
-                rng=SecureRNG.for_testing(f"{cfg.seed}/aggregate/{round_id}"), protocol_rng=SecureRNG(),
-                transport=self.transport,
-                # DP: the survivors its noise is planned for
-                min_contributors=self.hooks.min_contributors, upload=self.upload)
+            result, offline = self._round_result(round_id)
         except (ProtocolAbort, TrainingDiverged) as err:
             # nothing was decoded (ProtocolAbort's contract) or nothing reached the aggregator: hooks may
             # take back what they prepared for the release (DP's write-ahead record)
