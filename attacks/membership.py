@@ -76,6 +76,20 @@ def _labels(item: Item) -> list[int]:
     return list(labels) if labels is not None else ids
 
 
+def _collate(items: Sequence[Item], pad_id: int, *, score_first: bool) -> dict[str, torch.Tensor]:
+    """Right-padded batch (:func:`fedguard_train.data.collate`); an item without ``labels`` scores its own
+    tokens, the first one too only with ``score_first`` (it has no context to be predicted from)."""
+    from fedguard_train.data import collate
+
+    rows = []
+    for it in items:
+        labels = _labels(it)
+        if not score_first and it.get("labels") is None:
+            labels = [IGNORE_INDEX, *labels[1:]]
+        rows.append({"input_ids": list(it["input_ids"]), "labels": labels})
+    return collate(rows, pad_id)
+
+
 @torch.no_grad()
 def token_stats(model: torch.nn.Module, items: Sequence[Item], *, pad_id: int = 0, batch_size: int = 16,
                 progress: Callable[[int], None] | None = None) -> list[TokenStats]:
@@ -86,18 +100,8 @@ def token_stats(model: torch.nn.Module, items: Sequence[Item], *, pad_id: int = 
     try:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            width = max(len(it["input_ids"]) for it in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, it in enumerate(chunk):
-                n = len(it["input_ids"])
-                ids[row, :n] = torch.tensor(list(it["input_ids"]))
-                lab = _labels(it)
-                labels[row, :n] = torch.tensor(lab)
-                if it.get("labels") is None:
-                    labels[row, 0] = IGNORE_INDEX
-                mask[row, :n] = 1
+            batch = _collate(chunk, pad_id, score_first=False)
+            ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
             target = labels[:, 1:]
             for row in range(len(chunk)):
@@ -230,17 +234,8 @@ def train_shadow(base: torch.nn.Module, items: Sequence[Item], recipe: ShadowRec
     model.train()
     for _ in range(recipe.steps):
         idx = torch.randint(0, len(items), (min(recipe.batch_size, len(items)),), generator=gen).tolist()
-        batch = [items[i] for i in idx]
-        width = max(len(b["input_ids"]) for b in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, b in enumerate(batch):
-            n = len(b["input_ids"])
-            ids[row, :n] = torch.tensor(list(b["input_ids"]))
-            labels[row, :n] = torch.tensor(_labels(b))
-            mask[row, :n] = 1
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        batch = _collate([items[i] for i in idx], pad_id, score_first=True)
+        loss = model(**batch).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
