@@ -285,12 +285,17 @@ def register_attacks(commands: Any) -> None:
     _common(p, "attacks")
     p.add_argument("--client", type=int, default=None, help="attack θ_r + this client's captured update instead")
     p.add_argument("--round", type=int, default=None, help="with --client: the captured round (default: the last)")
+    _membership_options(p)
+    p.set_defaults(handler=_run_membership)
+
+
+def _membership_options(p: Any) -> None:
+    """The membership-inference options shared by ``attack membership`` and ``audit leakage``."""
     p.add_argument("--shadows", type=int, default=0, help="LiRA shadow fine-tunes (even; 0: no LiRA)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws for the intervals")
     p.add_argument("--max-members", type=int, default=200, help="members scored (a seeded sample)")
     p.add_argument("--extra-nonmembers", type=int, default=0,
                    help="WordNet runs: more held-out examples the run never loaded (same seeded draw)")
-    p.set_defaults(handler=_run_membership)
 
 
 def register_audit(commands: Any) -> None:
@@ -298,11 +303,7 @@ def register_audit(commands: Any) -> None:
     p = commands.subcommand("audit", "leakage", help="what a curious server and a model holder learn from a run: "
                             "membership inference and update inversion (report: JSON, MD, PNG)")
     _common(p, "leakage")
-    p.add_argument("--shadows", type=int, default=0, help="LiRA shadow fine-tunes (even; 0: no LiRA)")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws for the intervals")
-    p.add_argument("--max-members", type=int, default=200, help="members scored (a seeded sample)")
-    p.add_argument("--extra-nonmembers", type=int, default=0,
-                   help="WordNet runs: more held-out examples the run never loaded (same seeded draw)")
+    _membership_options(p)
     p.set_defaults(handler=_run_audit)
 
 
