@@ -162,9 +162,99 @@ def nmse_table(updates: list[np.ndarray], public_clip: float, seed: int = 0) -> 
     return rows
 
 
+def quality_variants(public_clip: float) -> list[tuple[str, dict[str, Any]]]:
+    """Part 2's encodings (plaintext aggregator): the fp32-equivalent reference (24-bit values at clip 1,
+    step 1.2e-7, in a 64-bit ring: 2× fp32's bytes), the default 32-bit ring (same values, auto width),
+    32/16/8-bit quantised uploads at the public clip, and 8/16-bit with the Hadamard rotation."""
+    return [
+        ("fp32-reference (24-bit values, 64-bit ring)", {"ring_bits": 64}),
+        ("32-bit ring (24-bit values, default)", {"ring_bits": "auto"}),
+        ("32-bit upload", {"upload_bits": 32, "clip": public_clip}),
+        ("16-bit upload", {"upload_bits": 16, "clip": public_clip}),
+        ("8-bit upload", {"upload_bits": 8, "clip": public_clip}),
+        ("8-bit upload + rotation", {"upload_bits": 8, "clip": public_clip, "rotation": True}),
+        ("16-bit upload + rotation", {"upload_bits": 16, "clip": public_clip, "rotation": True}),
+    ]
+
+
 def load_line() -> str:
     one, five, fifteen = os.getloadavg()
     return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+def timing_order(aggregators: Sequence[str], repeats: int) -> list[tuple[int, str]]:
+    """(repeat, label) in run order: a discarded plaintext warm-up (repeat -1), then ``repeats`` times
+    plaintext followed by every other aggregator (Paillier also pooled), and a closing plaintext, so that
+    every private run has a plaintext run on each side of it."""
+    others = [a for a in aggregators if a != "plaintext"]
+    if "paillier" in others:  # the pooled variant: obfuscators made before local training (offline)
+        others.insert(others.index("paillier") + 1, "paillier+precompute")
+    order = [(-1, "plaintext")]
+    for rep in range(repeats):
+        order += [(rep, "plaintext")] + [(rep, label) for label in others]
+    return order + [(repeats, "plaintext")]
+
+
+def timing_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each private run ÷ the mean of the plaintext runs just before and just after it (same load, same
+    moment), then the median over repeats; also the contention-robust ``(T_plain + P − P_plain) / T_plain``
+    (P: the protocol part, from the last client update to the decoded mean)."""
+    runs = [r for r in rows if r["repeat"] >= 0]
+    plain_idx = [i for i, r in enumerate(runs) if r["label"] == "plaintext"]
+    per_label: dict[str, dict[str, list[float]]] = {}
+    for i, r in enumerate(runs):
+        if r["label"] == "plaintext":
+            continue
+        before = max(j for j in plain_idx if j < i)
+        after = min(j for j in plain_idx if j > i)
+        t_p = float(np.mean([runs[j]["rounds"][0]["round_seconds"] for j in (before, after)]))
+        p_p = float(np.mean([runs[j]["rounds"][0]["protocol_seconds"] for j in (before, after)]))
+        t, p = r["rounds"][0]["round_seconds"], r["rounds"][0]["protocol_seconds"]
+        entry = per_label.setdefault(r["label"], {"ratio": [], "ratio_protocol_delta": [], "round_seconds": [],
+                                                   "protocol_seconds": [], "offline_seconds": []})
+        entry["ratio"].append(t / t_p)
+        entry["ratio_protocol_delta"].append((t_p + p - p_p) / t_p)
+        entry["round_seconds"].append(t)
+        entry["protocol_seconds"].append(p)
+        entry["offline_seconds"].append(float(sum(o or 0.0 for o in r["offline_seconds"])))
+    summary: dict[str, Any] = {}
+    for label, entry in per_label.items():
+        summary[label] = {**entry, "ratio_median": float(np.median(entry["ratio"])),
+                          "ratio_protocol_delta_median": float(np.median(entry["ratio_protocol_delta"])),
+                          "protocol_seconds_median": float(np.median(entry["protocol_seconds"]))}
+    plain = [runs[j]["rounds"][0] for j in plain_idx]
+    summary["plaintext"] = {"round_seconds": [p["round_seconds"] for p in plain],
+                            "protocol_seconds": [p["protocol_seconds"] for p in plain]}
+    return summary
+
+
+def timing_part(raw: dict[str, Any], args: argparse.Namespace, report: dict[str, Any], save: Any) -> None:
+    """Part 1: one round per run, in :func:`timing_order`; rows and summary into ``report``."""
+    for i, (rep, label) in enumerate(timing_order(args.aggregators, args.repeats)):
+        name = label.split("+")[0]
+        options: dict[str, Any] = {"precompute": True} if label.endswith("+precompute") else {}
+        if name == "paillier" and args.quick:
+            options.update(key_bits=512, allow_insecure_test_keys=True)
+        if name == "mpc" and args.quick:
+            options = {"backend": "simulated"}
+        row = run_variant(raw, f"time-{i}-{name}", {"aggregator": name, "aggregator_options": options},
+                          rounds=1, evaluate=False)
+        row["label"], row["repeat"] = label, rep
+        row["offline_seconds"] = row.pop("_offline")
+        row["load"] = load_line()
+        report["timing"].append(row)
+        r = row["rounds"][0]
+        print(f"[timing] {'warm-up ' if rep < 0 else ''}{label}: round {r['round_seconds']:.1f} s (protocol "
+              f"{r['protocol_seconds']:.2f} s), {row['bytes_up_per_client'][0] / 1e6:.2f} MB up/client, "
+              f"load {row['load']}", flush=True)
+        save()
+    report["timing_summary"] = timing_summary(report["timing"])
+    for label, entry in report["timing_summary"].items():
+        if label != "plaintext":
+            print(f"[timing] {label}: round ÷ plaintext {entry['ratio_median']:.3f} (runs "
+                  f"{', '.join(f'{x:.3f}' for x in entry['ratio'])}), (T+ΔP)/T {entry['ratio_protocol_delta_median']:.3f}, "
+                  f"protocol {entry['protocol_seconds_median']:.2f} s", flush=True)
+    save()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -172,6 +262,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny random model (checks the plumbing)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds of the quality runs (default: the example's)")
     parser.add_argument("--aggregators", nargs="*", default=["plaintext", "masking", "mpc", "paillier"])
+    parser.add_argument("--variants", type=int, nargs="*", default=None,
+                        help="quality: indices into quality_variants (default: all; 0 = the reference)")
+    parser.add_argument("--repeats", type=int, default=2, help="timing: plaintext/private alternations")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
@@ -198,51 +291,16 @@ def main(argv: list[str] | None = None) -> None:
         out_path.write_text(json.dumps(report, indent=1, default=float) + "\n")
 
     if not args.skip_timing:
-        order = ["plaintext"] + [a for a in args.aggregators if a != "plaintext"] + ["plaintext"]
-        if "paillier" in order:  # the pooled variant: obfuscators made before local training (offline)
-            order.insert(order.index("paillier") + 1, "paillier+precompute")
-        for i, label in enumerate(order):
-            name = label.split("+")[0]
-            options: dict[str, Any] = {"precompute": True} if label.endswith("+precompute") else {}
-            if name == "paillier" and args.quick:
-                options.update(key_bits=512, allow_insecure_test_keys=True)
-            if name == "mpc" and args.quick:
-                options = {"backend": "simulated"}
-            row = run_variant(raw, f"time-{i}-{name}", {"aggregator": name, "aggregator_options": options},
-                              rounds=1, evaluate=False)
-            row["label"] = label
-            row["offline_seconds"] = row.pop("_offline")
-            row["load"] = load_line()
-            report["timing"].append(row)
-            r = row["rounds"][0]
-            print(f"[timing] {label}: round {r['round_seconds']:.1f} s (protocol {r['protocol_seconds']:.2f} s), "
-                  f"{row['bytes_up_per_client'][0] / 1e6:.2f} MB up/client, load {row['load']}", flush=True)
-            save()
-        plain = [r["rounds"][0] for r in report["timing"] if r["aggregator"] == "plaintext"]
-        t_plain = float(np.mean([p["round_seconds"] for p in plain]))
-        p_plain = float(np.mean([p["protocol_seconds"] for p in plain]))
-        report["timing_summary"] = {
-            r["label"]: {"offline_seconds": r["offline_seconds"],"round_seconds": r["rounds"][0]["round_seconds"],
-                              "protocol_seconds": r["rounds"][0]["protocol_seconds"],
-                              "ratio_vs_plaintext": r["rounds"][0]["round_seconds"] / t_plain,
-                              "ratio_protocol_delta": (t_plain + r["rounds"][0]["protocol_seconds"] - p_plain) / t_plain}
-            for r in report["timing"] if r["label"] != "plaintext"}
-        report["timing_summary"]["plaintext"] = {"round_seconds": t_plain, "protocol_seconds": p_plain,
-                                                 "runs": [p["round_seconds"] for p in plain]}
-        save()
+        timing_part(raw, args, report, save)
     updates: list[np.ndarray] = []
     if not args.skip_quality:
-        variants: list[tuple[str, dict[str, Any]]] = [
-            ("fp32-reference (24-bit values, 64-bit ring)", {}),
-            ("8-bit upload", {"upload_bits": 8, "clip": public_clip}),
-            ("16-bit upload", {"upload_bits": 16, "clip": public_clip}),
-            ("8-bit upload + rotation", {"upload_bits": 8, "clip": public_clip, "rotation": True}),
-        ]
-        for i, (label, fed) in enumerate(variants):
+        variants = [(i, label, fed) for i, (label, fed) in enumerate(quality_variants(public_clip))
+                    if args.variants is None or i in args.variants]
+        for i, label, fed in variants:
             row = run_variant(raw, f"quality-{i}", {"aggregator": "plaintext", **fed}, rounds=rounds, evaluate=True,
                               keep_updates=(i == 0))
             row.pop("_offline")
-            if i == 0:
+            if "_updates" in row:
                 updates = row.pop("_updates")
                 report["nmse"] = nmse_table(updates, public_clip)  # load-independent: saved first
                 save()
