@@ -65,7 +65,7 @@ def _load(uptime: str = "/proc/loadavg") -> str:
     return Path(uptime).read_text().split(" ")[0]
 
 
-def compare(config: Any, work: Path) -> dict[str, Any]:
+def compare(config: Any, work: Path, *, poll: float = 0.1) -> dict[str, Any]:
     from fedguard_train.checkpoint import load_latest
     from fedguard_train.flower.launcher import Deployment, FlowerOptions
     from fedguard_train.runner import build_trainer
@@ -82,7 +82,7 @@ def compare(config: Any, work: Path) -> dict[str, Any]:
     out["in_process_total_s"] = time.perf_counter() - t0
     flower_cfg = _with(config, run_dir=str(work / "flower"))
     t0 = time.perf_counter()
-    with Deployment(flower_cfg, FlowerOptions()) as deployment:
+    with Deployment(flower_cfg, FlowerOptions(poll=poll)) as deployment:
         deployment.start()
         started = time.perf_counter()
         summary = deployment.run(overwrite=True)
@@ -100,8 +100,15 @@ def compare(config: Any, work: Path) -> dict[str, Any]:
                        "in_process_bytes_up": row_in["bytes_up"], "in_process_bytes_down": row_in["bytes_down"],
                        "flower_bytes_up": summary["flower_bytes"][r]["up"],
                        "flower_bytes_down": summary["flower_bytes"][r]["down"],
-                       "flower_round_trips": summary["round_trips"][r]})
+                       "flower_round_trips": summary["round_trips"][r],
+                       # where the Flower round's time goes: per stage, the round trip's wall time and the
+                       # slowest worker's own work on it (training in the first); the rest is Flower's
+                       "stages": summary.get("stage_times", {}).get(r, []),
+                       "stage_wall_s": sum(s["wall_s"] for s in summary.get("stage_times", {}).get(r, [])),
+                       "worker_max_s": sum(s["worker_max_s"] for s in summary.get("stage_times", {}).get(r, []))})
+        rounds[-1]["flower_transport_s"] = rounds[-1]["stage_wall_s"] - rounds[-1]["worker_max_s"]
     out["rounds"] = rounds
+    out["poll_s"] = poll
     a, b = load_latest(Path(local_cfg.run_dir)), load_latest(Path(flower_cfg.run_dir))
     out["bit_identical"] = bool(a is not None and b is not None and a.vector.tobytes() == b.vector.tobytes())
     out["round_ratio_mean"] = sum(r["flower_s"] for r in rounds) / sum(r["in_process_s"] for r in rounds)
@@ -147,6 +154,7 @@ def main() -> None:
     parser.add_argument("--config", help="a run config (default with --quick: tiny GPT-2, masking, 3 clients)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--dropout", action="store_true")
+    parser.add_argument("--poll", type=float, default=0.1, help="FlowerOptions.poll (Flower's poll intervals)")
     parser.add_argument("--rounds", type=int, default=None, help="override federation.rounds")
     parser.add_argument("--eval-examples", type=int, default=None,
                         help="override eval.examples and evaluate only after the last round (eval.every = rounds): "
@@ -170,7 +178,7 @@ def main() -> None:
             config = _with(config, federation__rounds=args.rounds)
         if args.eval_examples is not None:
             config = _with(config, eval__examples=args.eval_examples, eval__every=config.federation.rounds)
-        result = compare(config, work)
+        result = compare(config, work, poll=args.poll)
     out = ROOT / "benchmarks" / "results" / f"{name}.json"
     out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(json.dumps(result, indent=1, default=str))

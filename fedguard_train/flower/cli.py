@@ -30,6 +30,9 @@ def register(commands: Commands) -> None:
                    help="seconds the first stage of a round waits (it includes local training; default 3600)")
     p.add_argument("--join-timeout", type=float, default=600.0,
                    help="seconds to wait for every client to join before round 1 (default 600)")
+    p.add_argument("--poll", type=float, default=0.1,
+                   help="seconds between Flower's polls for messages (SuperNodes, SuperExec, ServerApp; "
+                        "0.01-60, default 0.1; raise it for hundreds of SuperNodes)")
     p.add_argument("--insecure-test-mode", action="store_true",
                    help="no TLS between the processes (tests on one machine only; never on a network)")
     p.set_defaults(handler=_run)
@@ -41,7 +44,8 @@ def _run(args: argparse.Namespace) -> int:
 
     config = _load(args)
     options = FlowerOptions(insecure_test_mode=args.insecure_test_mode, stage_timeout=args.stage_timeout,
-                            first_timeout=args.first_timeout, join_timeout=args.join_timeout)
+                            first_timeout=args.first_timeout, join_timeout=args.join_timeout,
+                            poll=args.poll)
     summary = run_deployment(config, options, resume=args.resume, overwrite=args.overwrite)
     for row in summary.get("history", []):
         print(json.dumps(row))

@@ -8,7 +8,9 @@ children too: ``flower-superexec``, ``flwr-serverapp``, ``flwr-clientapp``):
 2. ``flower-superlink`` on ``127.0.0.1`` (one HTTP port for its Fleet, Control and Runtime APIs;
    ``--disable-runtime-dependency-installation``: the app runs in this environment);
 3. per client ``k``: the fedguard worker (:mod:`fedguard_train.flower.worker`, which loads the model and
-   its data shard) and a ``flower-supernode`` whose ``--node-config`` names the worker's socket;
+   its data shard) and a ``flower-supernode`` whose ``--node-config`` names the worker's socket, started
+   through :func:`fedguard_train.flower.polling.supernode_main` so that it polls every ``poll`` seconds
+   instead of 3 (every Flower process also gets Flower's ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``);
 4. ``flwr run <app> fedguard --stream``: Flower builds the app bundle (a ``pyproject.toml`` whose
    components are :mod:`fedguard_train.flower.server_app` and :mod:`fedguard_train.flower.client_app`),
    the SuperLink starts the ServerApp, which runs the rounds and writes the run's usual files
@@ -38,6 +40,7 @@ from typing import IO, Any
 from fedguard.errors import ConfigError
 from fedguard_train.config import TrainConfig
 from fedguard_train.flower.certs import make_tls
+from fedguard_train.flower.polling import DEFAULT_POLL, check_poll, flower_env
 from fedguard_train.trainers.base import env_without_launcher, prepare_run_dir
 
 APP_TOML = """[build-system]
@@ -78,6 +81,8 @@ class FlowerOptions:
         run_timeout: the whole ``flwr run`` (``None``: no limit).
         torch_threads: ``OMP_NUM_THREADS`` of each worker (``None``: inherited).
         faults: ``{client: "kill:R:STAGE" | "garbage:R:STAGE"}`` — fault injection for tests.
+        poll: how often Flower's processes and the ServerApp poll for messages (seconds, 0.01-60;
+            :mod:`fedguard_train.flower.polling`).
     """
 
     insecure_test_mode: bool = False
@@ -87,6 +92,7 @@ class FlowerOptions:
     run_timeout: float | None = None
     torch_threads: int | None = None
     faults: dict[int, str] = field(default_factory=dict)
+    poll: float = DEFAULT_POLL
 
     def __post_init__(self) -> None:
         problems = [f"{name} must be a number > 0, got {getattr(self, name)!r}"
@@ -96,6 +102,10 @@ class FlowerOptions:
             problems.append(f"run_timeout must be None or a number > 0, got {self.run_timeout!r}")
         if self.torch_threads is not None and not (isinstance(self.torch_threads, int) and self.torch_threads >= 1):
             problems.append(f"torch_threads must be None or an int >= 1, got {self.torch_threads!r}")
+        try:
+            check_poll(self.poll)
+        except ConfigError as err:
+            problems.append(str(err))
         if problems:
             raise ConfigError.collect(problems)
 
@@ -145,7 +155,7 @@ class FlowerProcesses:
     any Flower app (:class:`Deployment` runs fedguard's; ``examples/flower_dp_strategy`` another). Logs go to
     ``<work_dir>/logs``, Flower's home (installed app bundles, the CLI's connection) to ``<work_dir>/home``."""
 
-    def __init__(self, work_dir: str | Path, *, insecure_test_mode: bool = False) -> None:
+    def __init__(self, work_dir: str | Path, *, insecure_test_mode: bool = False, poll: float = DEFAULT_POLL) -> None:
         from fedguard_train.flower import flower_available
 
         if not flower_available():
@@ -153,6 +163,7 @@ class FlowerProcesses:
         self.dir = Path(work_dir)
         self.logs = self.dir / "logs"
         self.insecure_test_mode = insecure_test_mode
+        self.poll = check_poll(poll)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._files: list[IO[bytes]] = []
         self.port = 0
@@ -163,6 +174,7 @@ class FlowerProcesses:
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         env.update(FLWR_HOME=str(self.dir / "home"), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                    PYTHONUNBUFFERED="1")
+        env.update(flower_env(self.poll))
         env.update(extra)
         return env
 
@@ -197,7 +209,9 @@ class FlowerProcesses:
         _wait_port(self.port, 120, proc, "flower-superlink", self.logs / "superlink.log")
 
     def start_supernode(self, name: str, node_config: str) -> subprocess.Popen[bytes]:
-        return self.spawn(name, [_bin("flower-supernode"), *self._tls_args("supernode"), "--superlink",
+        # flower-supernode, its idle polls capped at self.poll (fedguard_train.flower.polling)
+        supernode = [sys.executable, "-m", "fedguard_train.flower.polling"]
+        return self.spawn(name, [*supernode, *self._tls_args("supernode"), "--superlink",
                                  f"127.0.0.1:{self.port}", "--port", str(free_port()), "--node-config", node_config],
                           self.env())
 
@@ -281,7 +295,8 @@ class Deployment:
             aggregator.check_clients(config.n_parties)
         self.run_dir = Path(config.run_dir)
         self.dir = self.run_dir / "flower"
-        self.flower = FlowerProcesses(self.dir, insecure_test_mode=self.options.insecure_test_mode)
+        self.flower = FlowerProcesses(self.dir, insecure_test_mode=self.options.insecure_test_mode,
+                                      poll=self.options.poll)
         self.sockets = Path(tempfile.mkdtemp(prefix="fgfl-"))  # short: Unix socket paths are limited to 107 bytes
         self.sockets.chmod(0o700)
 
@@ -339,7 +354,7 @@ class Deployment:
             summary_path.unlink()
         settings = {"config": self.config.to_dict(), "resume": resume, "overwrite": overwrite,
                     "timeouts": {"first": opts.first_timeout, "stage": opts.stage_timeout},
-                    "join_timeout": opts.join_timeout, "summary": str(summary_path)}
+                    "join_timeout": opts.join_timeout, "summary": str(summary_path), "poll": opts.poll}
         (self.dir / "settings.json").write_text(json.dumps(settings, indent=1))
         app = self.dir / "app"
         app.mkdir(exist_ok=True)

@@ -18,8 +18,9 @@ key                 type       meaning
 ``fixed_point``     bool       ... whether the inputs obey the trainer's fixed-point encoding
 ==================  =========  ==========================================================================
 
-The reply carries ``protocol`` (the client's wire reply) and, after the first stage, ``loss`` (its mean
-local loss, which the in-process round table also reports). Everything fedguard checks is inside the wire
+The reply carries ``protocol`` (the client's wire reply), ``seconds`` (how long the worker spent on the
+stage: where a round's time goes) and, after the first stage, ``loss`` (its mean local loss, which the
+in-process round table also reports). Everything fedguard checks is inside the wire
 bytes (:func:`fedguard.wire.decode` and the stage machines' guards); Flower's records are only the
 envelope.
 """
@@ -71,7 +72,7 @@ def from_worker_reply(header: dict[str, Any], blobs: dict[str, bytes]) -> Config
     values: dict[str, Any] = {}
     if "protocol" in blobs:
         values["protocol"] = blobs["protocol"]
-    for key in ("loss",):
+    for key in ("loss", "seconds"):
         if isinstance(header.get(key), float):
             values[key] = header[key]
     for key in ("client", "vector_length"):

@@ -5,7 +5,8 @@ Flower starts it in a ``flwr-serverapp`` process for the whole run. It reads the
 :class:`~fedguard_train.config.TrainConfig`, resume/overwrite and timeouts), waits for the run's clients
 (a ``hello`` round trip maps Flower node ids to fedguard client ids: each SuperNode's worker knows which
 client it is), builds the coordinator trainer (:func:`fedguard_train.flower.coordinator.remote_trainer`)
-and runs it with :class:`GridExchange` as its transport: one ``grid.send_and_receive`` per protocol stage,
+and runs it with :class:`GridExchange` as its transport: one push and pull of Flower messages per protocol stage
+(polled every ``poll`` seconds, :mod:`fedguard_train.flower.polling`),
 bounded by the stage's timeout. A node missing from the answers is a dropout for that stage. At every
 round start, nodes the server has not seen are asked who they are, so a client whose SuperNode restarted
 (a new node id) rejoins from the next round.
@@ -31,6 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedguard.errors import ConfigError, ProtocolAbort
 from fedguard_train.flower.messages import MESSAGE_TYPE, RECORD, hello_record, to_record
+from fedguard_train.flower.polling import DEFAULT_POLL, check_poll, exchange_messages
 from fedguard_train.flower.rounds import FirstStage, StageFailure, StageReply, Timeouts, stage_request
 
 _LOG = logging.getLogger(__name__)
@@ -48,14 +50,16 @@ def flower_size(message: Message) -> int:
 class GridExchange:
     """A :class:`~fedguard_train.flower.rounds.StageExchange` over Flower's :class:`~flwr.serverapp.Grid`."""
 
-    def __init__(self, grid: Grid, n_clients: int, *, hello_timeout: float = 60.0) -> None:
+    def __init__(self, grid: Grid, n_clients: int, *, hello_timeout: float = 60.0, poll: float = DEFAULT_POLL) -> None:
         self.grid = grid
         self.n_clients = n_clients
         self.hello_timeout = hello_timeout
+        self.poll = check_poll(poll)
         self.node_of: dict[int, int] = {}
         self.client_of: dict[int, int] = {}
         self.flower_bytes: dict[int, dict[str, int]] = defaultdict(lambda: {"up": 0, "down": 0})
         self.round_trips: dict[int, int] = defaultdict(int)
+        self.stage_times: dict[int, list[dict[str, Any]]] = defaultdict(list)
 
     def discover(self, *, wait_for_all: float = 0.0) -> None:
         """Ask nodes not seen yet which fedguard client they run; with ``wait_for_all`` > 0, keep asking until
@@ -66,7 +70,7 @@ class GridExchange:
             if unknown:
                 msgs = [Message(RecordDict({RECORD: hello_record()}), dst_node_id=n, message_type=MESSAGE_TYPE,
                                 group_id="hello", ttl=self.hello_timeout + 30) for n in unknown]
-                for reply in self.grid.send_and_receive(msgs, timeout=self.hello_timeout):
+                for reply in self.send_and_receive(msgs, timeout=self.hello_timeout):
                     if reply.has_error():
                         continue
                     record = reply.content.config_records.get(RECORD)
@@ -80,10 +84,17 @@ class GridExchange:
                         self.client_of[reply.metadata.src_node_id] = client
             if len(self.node_of) >= self.n_clients or time.monotonic() >= deadline:
                 break
-            time.sleep(1.0)
+            time.sleep(min(1.0, 10 * self.poll))
         if wait_for_all > 0 and len(self.node_of) < self.n_clients:
             missing = sorted(set(range(self.n_clients)) - set(self.node_of))
             raise ConfigError(f"clients {missing} did not join within {wait_for_all:.0f} s")
+
+    def send_and_receive(self, messages: list[Message], *, timeout: float) -> list[Message]:
+        """``Grid.send_and_receive`` polling every :attr:`poll` seconds instead of its fixed 3 s
+        (:func:`fedguard_train.flower.polling.exchange_messages`)."""
+        return exchange_messages(lambda msgs: self.grid.push_messages(msgs),
+                                 lambda ids: self.grid.pull_messages(ids), messages, timeout=timeout,
+                                 poll=self.poll, reply_to=lambda m: m.metadata.reply_to_message_id)
 
     def __call__(self, round_id: int, stage: str, outbox: Mapping[int, bytes], first: FirstStage | None,
                  timeout: float) -> dict[int, StageReply | StageFailure]:
@@ -101,7 +112,11 @@ class GridExchange:
             msgs.append(msg)
         self.round_trips[round_id] += 1
         answers: dict[int, StageReply | StageFailure] = {}
-        for reply in self.grid.send_and_receive(msgs, timeout=timeout):
+        worker_seconds: list[float] = []
+        started = time.perf_counter()
+        replies = self.send_and_receive(msgs, timeout=timeout)
+        wall = time.perf_counter() - started
+        for reply in replies:
             sender = self.client_of.get(reply.metadata.src_node_id)
             if sender is None or sender not in outbox:
                 continue
@@ -113,10 +128,15 @@ class GridExchange:
             record = reply.content.config_records.get(RECORD)
             protocol = record.get("protocol") if record is not None else None
             loss = record.get("loss") if record is not None else None
+            seconds = record.get("seconds") if record is not None else None
+            if isinstance(seconds, float):
+                worker_seconds.append(seconds)
             if not isinstance(protocol, bytes):
                 answers[cid] = StageFailure("the reply carries no protocol message")
                 continue
             answers[cid] = StageReply(protocol, float(loss) if isinstance(loss, float) else None)
+        self.stage_times[round_id].append({"stage": stage, "wall_s": wall,
+                                           "worker_max_s": max(worker_seconds, default=0.0)})
         return answers
 
 
@@ -134,7 +154,8 @@ def run_from_settings(grid: Grid, settings: dict[str, Any]) -> dict[str, Any]:
     try:
         config = TrainConfig.from_dict(settings["config"])
         timeouts = Timeouts(**settings.get("timeouts", {}))
-        exchange = GridExchange(grid, config.n_parties, hello_timeout=float(settings.get("hello_timeout", 60.0)))
+        exchange = GridExchange(grid, config.n_parties, hello_timeout=float(settings.get("hello_timeout", 60.0)),
+                                poll=float(settings.get("poll", DEFAULT_POLL)))
         exchange.discover(wait_for_all=float(settings.get("join_timeout", 600.0)))
         trainer = remote_trainer(config, exchange, timeouts=timeouts, quiet=False)
     except Exception as err:
@@ -158,6 +179,7 @@ def run_from_settings(grid: Grid, settings: dict[str, Any]) -> dict[str, Any]:
         summary.update(drops=[list(e) for e in trainer.drops.events],
                        flower_bytes={str(r): v for r, v in exchange.flower_bytes.items()},
                        round_trips={str(r): v for r, v in exchange.round_trips.items()},
+                       stage_times={str(r): v for r, v in exchange.stage_times.items()},
                        nodes={str(c): n for c, n in exchange.node_of.items()})
         out = settings.get("summary")
         if out:

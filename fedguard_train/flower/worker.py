@@ -31,6 +31,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,7 @@ class ClientWorker:
         if "protocol" not in blobs:
             raise MessageError("a stage request must carry the server's protocol message")
         out: dict[str, Any] = {}
+        started = time.perf_counter()
         if "broadcast" in blobs:
             out = self._start_round(header, blobs["broadcast"])
         if self.side is None or self.side.spec.round_id != round_id:
@@ -111,6 +113,7 @@ class ClientWorker:
         reply = self.side.handle(blobs["protocol"])
         if self.fault is not None and self.fault[0] == "garbage" and (round_id, stage) == self.fault[1:]:
             reply = os.urandom(len(reply))
+        out["seconds"] = time.perf_counter() - started  # this stage's work here (training included), for timing
         return out, {"protocol": reply}
 
     def _start_round(self, header: dict[str, Any], broadcast: bytes) -> dict[str, Any]:
