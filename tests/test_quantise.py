@@ -116,6 +116,26 @@ def test_the_upload_carries_exactly_ring_width_bytes_per_value(name: str, fields
         assert wire.encoded_size(as64) - len(payload) == (8 - width) * (d + 1) + header_delta
 
 
+@pytest.mark.parametrize(("fields", "width"), [({"value_bits": 24}, 8), ({"value_bits": 16}, 4),
+                                               ({"upload_bits": 16}, 2), ({"upload_bits": 8}, 1)])
+def test_an_mpc_upload_carries_one_ring_word_per_value_like_plaintext(fields: dict, width: int) -> None:
+    n = 3
+    sizes = {}
+    for d in (1000, 2000):
+        plan = plan_upload(clip=1.0, n_clients=n, max_weight=300, dimension=d, **{"value_bits": 24, **fields})
+        mpc, _ = _captured_inputs("mpc", plan, _updates(n, d))
+        plain, _ = _captured_inputs("plaintext", plan, _updates(n, d))
+        for c, payload in mpc.items():
+            msg = wire.decode(payload)
+            # party 0's sealed share: nonce + one ring word per value (d + the weight slot) + GCM tag
+            assert msg.arrays["ct0"].size == 12 + width * (d + 1) + 16
+            assert all(msg.arrays[f"ct{k}"].size == 12 + 32 + 16 for k in (1, 2))  # one seed each
+        sizes[d] = (len(mpc[0]), len(plain[0]))
+    # 1,000 more values cost MPC what they cost plaintext: width bytes each (± a digit of a length in the header)
+    mpc_bytes, plain_bytes = sizes[2000][0] - sizes[1000][0], sizes[2000][1] - sizes[1000][1]
+    assert abs(mpc_bytes - 1000 * width) <= 2 and abs(plain_bytes - 1000 * width) <= 2
+
+
 @pytest.mark.parametrize("name", AGGREGATORS)
 @pytest.mark.parametrize("fields", [{"value_bits": 16}, {"upload_bits": 16}, {"upload_bits": 8},
                                     {"upload_bits": 8, "rotation": True}, {"value_bits": 24}])

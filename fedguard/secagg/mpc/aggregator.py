@@ -9,14 +9,14 @@ Protocol (one stage, ``input``):
 
 1. The server asks each selected client for its input; the request names the parties' public keys by
    fingerprint (clients pin the keys themselves: they come from the aggregator's configuration).
-2. Client ``i`` additively shares its ring vector ``x_i`` in Z_{2^64} among the parties and encrypts each
-   share to its party (X25519 + HKDF + AES-GCM: :mod:`fedguard.secagg.mpc.sharing`). The server relays
+2. Client ``i`` additively shares its ring vector ``x_i`` in the round's ring Z_{2^k} (party 0's share
+   travels in the ring's word: k/8 bytes per value) among the parties and encrypts each share to its party (X25519 + HKDF + AES-GCM: :mod:`fedguard.secagg.mpc.sharing`). The server relays
    ciphertexts it cannot read.
 3. The server hands the ciphertexts of every client that replied to the parties
    (:mod:`fedguard.secagg.mpc.parties`). Each party decrypts its own shares, the parties agree on which
    clients' shares authenticate at every party, add their shares locally and reveal only
-   ``Σ_i x_i`` — which, because Z_{2^64} is the ring of :mod:`fedguard.encoding` (or contains it), is
-   *exactly* the plaintext sum. Dropped clients are simply absent from the sum.
+   ``Σ_i x_i`` mod 2^k — *exactly* the plaintext sum (the parties add in Z_{2^64}, which 2^k divides).
+   Dropped clients are simply absent from the sum.
 
 Weighted FedAvg comes from the encoding: ``x_i = [w_i·q_i, w_i]`` (:func:`fedguard.encoding.encode_weighted`),
 so the revealed ``[Σ w_i q_i, Σ w_i]`` decodes to the weighted mean; the server never sees a weight.
@@ -209,7 +209,10 @@ class _MpcClient(ClientSide):
             problem = "the server's round parameters differ from this client's"
         if problem is not None:
             raise ProtocolViolation(problem, sender=msg.sender, round_id=self.spec.round_id, stage=stage)
-        sealed = seal(self._x, self._keys, round_id=self.spec.round_id, client_id=self.client_id, rng=self._rng)
+        # shares in the round's ring (party 0's in its word: k/8 bytes per value), Z_{2^64} for the norm check
+        share_bits = 64 if self._norm_check else self.spec.ring_bits
+        sealed = seal(self._x, self._keys, round_id=self.spec.round_id, client_id=self.client_id, rng=self._rng,
+                      ring_bits=share_bits)
         arrays = {"epk": bytes_array(sealed.ephemeral_key)}
         arrays |= {f"ct{k}": bytes_array(ct) for k, ct in enumerate(sealed.ciphertexts)}
         for k, ct in enumerate(sealed.ciphertexts):  # signed per party, bound to deployment, round and client

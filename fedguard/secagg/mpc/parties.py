@@ -82,6 +82,13 @@ class AggregationJob:
     def __post_init__(self) -> None:
         check_int("min_contributors", self.min_contributors, low=1)
 
+    @property
+    def share_bits(self) -> int:
+        """The ring the clients shared their inputs in (:func:`~fedguard.secagg.mpc.sharing.seal`): the round's
+        ``ring_bits`` (party 0's share then travels in that word), or 64 under the norm check, which squares
+        the inputs in Z_{2^64}."""
+        return 64 if self.norm is not None else self.ring_bits
+
     def for_party(self, rank: int) -> AggregationJob:
         """The job party ``rank`` receives: every client's ephemeral key, only this party's ciphertext."""
         mine = {c: SealedShares(s.ephemeral_key, tuple(ct if k == rank else b"" for k, ct in enumerate(s.ciphertexts)),
@@ -145,7 +152,8 @@ def _open_all(job: AggregationJob, party: int, private: Any, roster: Roster | No
     for i, c in enumerate(ids):
         if roster is not None and not _signed_by_client(job, party, c, roster):
             continue
-        s = open_share(job.inputs[c], party, private, round_id=job.round_id, client_id=c, length=job.vector_length)
+        s = open_share(job.inputs[c], party, private, round_id=job.round_id, client_id=c, length=job.vector_length,
+                       ring_bits=job.share_bits)
         if s is not None:
             shares[i], ok[i] = s, True
     return ids, shares, ok

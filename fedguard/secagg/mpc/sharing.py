@@ -1,18 +1,23 @@
-"""Additive secret sharing over Z_{2^64} and the per-party encrypted channel of the MPC aggregator.
+"""Additive secret sharing over Z_{2^k} and the per-party encrypted channel of the MPC aggregator.
 
-**Sharing.** A client splits its input vector ``x`` (uint64, an element of Z_{2^64}^L) among ``K``
+**Sharing.** A client splits its input vector ``x`` (an element of Z_{2^k}^L, held as uint64) among ``K``
 compute parties as
 
-    s_k = PRG(seed_k)  for k = 1..K-1,        s_0 = x - Σ_{k>=1} s_k   (mod 2^64),
+    s_j = PRG(seed_j) mod 2^k  for j = 1..K-1,        s_0 = x - Σ_{j>=1} s_j   (mod 2^k),
 
 with fresh 256-bit seeds (from the caller's :class:`~fedguard.rng.SecureRNG`) and AES-256 in counter mode
-as the PRG (:func:`expand`: the keystream of ``AES-256-CTR(seed, IV = 0)`` read as little-endian 64-bit
-words; each seed keys exactly one stream, so the fixed IV never repeats under a key — AES-NI makes this
-several times faster than the general-purpose stream of ``SecureRNG``). Any ``K-1`` shares
-are jointly uniform and independent of ``x``; all ``K`` add up to ``x``. Party ``k >= 1`` receives only its
-32-byte seed (the usual seed-compression of additive sharing), party 0 the full vector ``s_0``. Z_{2^64}
-is the ring CrypTen computes in (int64 with wrap-around), so a sum over shares equals the sum over inputs
-exactly; a smaller ring Z_{2^k} embeds because ``2^k`` divides ``2^64`` (reduce the revealed sum mod 2^k).
+as the PRG (:func:`expand`: the keystream of ``AES-256-CTR(seed, IV = 0)`` read as little-endian words of
+the ring's wire width, :func:`fedguard.encoding.ring_wire_dtype`, reduced mod 2^k; each seed keys exactly
+one stream, so the fixed IV never repeats under a key — AES-NI makes this several times faster than the
+general-purpose stream of ``SecureRNG``). Any ``K-1`` shares are jointly uniform on Z_{2^k} and independent
+of ``x`` (the missing ``s_j`` is uniform mod 2^k, so ``s_0`` is a one-time pad of ``x``); all ``K`` add up
+to ``x`` mod 2^k. Party ``j >= 1`` receives only its 32-byte seed (the usual seed-compression of additive
+sharing), party 0 the full vector ``s_0`` **in the ring's word**: ``k/8`` bytes per value for k = 8, 16,
+32, so that an MPC upload is as large as a plaintext one in the same ring (a 32-bit ring: 4 B/value, fp32's
+size). The parties add shares in Z_{2^64} (CrypTen's int64 with wrap-around) and reduce the revealed sum
+mod 2^k; because ``2^k`` divides ``2^64`` that is exactly ``Σ_i x_i mod 2^k``, the plaintext sum. The norm
+check (:mod:`fedguard.secagg.mpc.norm`) squares values under MPC and needs the full Z_{2^64}: its inputs are
+shared with ``k = 64``.
 
 **Channel.** Shares travel through the (honest-but-curious) server, so each is encrypted to its party:
 the client draws one ephemeral X25519 key per round, derives per party
@@ -38,7 +43,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from fedguard.errors import ConfigError
+from fedguard.encoding import ring_wire_dtype, to_wire
+from fedguard.errors import ConfigError, InvalidUpdateError
 from fedguard.rng import SEED_BYTES, SecureRNG
 
 PROTOCOL_LABEL = b"fedguard/mpc-shares/v1"
@@ -74,16 +80,26 @@ def _channel_key(shared: bytes, ephemeral: bytes, party_key: bytes, context: byt
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=ephemeral + party_key, info=context).derive(shared)
 
 
-def expand(seed: bytes, n: int) -> np.ndarray:
-    """``n`` uniform elements of Z_{2^64} from a 32-byte seed: the AES-256-CTR keystream (IV 0).
+def expand(seed: bytes, n: int, ring_bits: int = 64) -> np.ndarray:
+    """``n`` uniform elements of Z_{2^ring_bits} (as uint64) from a 32-byte seed: the AES-256-CTR keystream
+    (IV 0) read as little-endian words of :func:`~fedguard.encoding.ring_wire_dtype` and reduced mod
+    2^ring_bits (the low bits of a uniform word are uniform).
 
     >>> expand(bytes(32), 2).tolist() == expand(bytes(32), 3)[:2].tolist()
+    True
+    >>> int(expand(bytes(32), 1000, 12).max()) < 2**12
     True
     """
     if len(seed) != SEED_BYTES:
         raise ConfigError(f"seed must be {SEED_BYTES} bytes, got {len(seed)}")
+    word = ring_wire_dtype(ring_bits)
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-    return np.frombuffer(encryptor.update(bytes(8 * n)), dtype="<u8").astype(np.uint64, copy=False)
+    stream = np.frombuffer(encryptor.update(bytes(word.itemsize * n)), dtype=word).astype(np.uint64)
+    return stream & _mask(ring_bits) if ring_bits < 8 * word.itemsize else stream
+
+
+def _mask(ring_bits: int) -> np.uint64:
+    return np.uint64((1 << ring_bits) - 1) if ring_bits < 64 else np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 PURPOSE_SHARE_SIGNATURE = "mpc/share"
@@ -108,15 +124,21 @@ def share_signature_body(party: int, ephemeral_key: bytes, ciphertext: bytes) ->
     return struct.pack("<H", party) + ephemeral_key + ciphertext
 
 
-def split(x: np.ndarray, n_parties: int, rng: SecureRNG) -> tuple[np.ndarray, tuple[bytes, ...]]:
-    """Additive sharing of ``x`` over Z_{2^64}: party 0's vector and the seeds of parties 1..K-1."""
+def split(x: np.ndarray, n_parties: int, rng: SecureRNG, ring_bits: int = 64
+          ) -> tuple[np.ndarray, tuple[bytes, ...]]:
+    """Additive sharing of ``x`` over Z_{2^ring_bits}: party 0's vector and the seeds of parties 1..K-1.
+
+    Raises :class:`InvalidUpdateError` when an element of ``x`` is outside Z_{2^ring_bits}."""
     if not 2 <= n_parties <= MAX_PARTIES:
         raise ConfigError(f"n_parties must be in [2, {MAX_PARTIES}], got {n_parties}")
-    seeds = tuple(rng.bytes(SEED_BYTES) for _ in range(n_parties - 1))
+    ring_wire_dtype(ring_bits)  # ConfigError for a width outside [2, 64]
     share0 = np.array(x, dtype=np.uint64, copy=True)
+    if ring_bits < 64 and share0.size and int(share0.max()) >> ring_bits:
+        raise InvalidUpdateError(f"the input has an element outside Z_2^{ring_bits}")
+    seeds = tuple(rng.bytes(SEED_BYTES) for _ in range(n_parties - 1))
     for seed in seeds:
-        share0 -= expand(seed, share0.size)
-    return share0, seeds
+        share0 -= expand(seed, share0.size, ring_bits)
+    return share0 & _mask(ring_bits), seeds
 
 
 def seal(
@@ -126,13 +148,15 @@ def seal(
     round_id: int,
     client_id: int,
     rng: SecureRNG,
+    ring_bits: int = 64,
 ) -> SealedShares:
-    """Share ``x`` among the parties whose public keys are ``party_keys`` and encrypt each share."""
+    """Share ``x`` (elements of Z_{2^ring_bits}) among the parties whose public keys are ``party_keys`` and
+    encrypt each share; party 0's travels in the ring's wire word (:func:`~fedguard.encoding.to_wire`)."""
     n = len(party_keys)
-    share0, seeds = split(x, n, rng)
+    share0, seeds = split(x, n, rng, ring_bits)
     ephemeral = X25519PrivateKey.from_private_bytes(rng.bytes(KEY_BYTES))
     epk = public_key_bytes(ephemeral)
-    plaintexts = [share0.astype("<u8").tobytes()] + list(seeds)
+    plaintexts = [to_wire(share0, ring_bits).tobytes()] + list(seeds)
     cts = []
     for k, (pk, plain) in enumerate(zip(party_keys, plaintexts)):
         ctx = _context(round_id, client_id, k, n, x.size)
@@ -150,9 +174,11 @@ def open_share(
     round_id: int,
     client_id: int,
     length: int,
+    ring_bits: int = 64,
 ) -> np.ndarray | None:
-    """Party ``party``'s share of one client's input (uint64, ``length``), or ``None`` when the ciphertext
-    is not authentic, not for this round/client/party, or has the wrong size (the client is then excluded)."""
+    """Party ``party``'s share of one client's input (uint64 elements of Z_{2^ring_bits}, ``length``), or
+    ``None`` when the ciphertext is not authentic, not for this round/client/party, or has the wrong size
+    (the client is then excluded; a share sealed for another ring width has another size)."""
     n = len(sealed.ciphertexts)
     if not 0 <= party < n or len(sealed.ephemeral_key) != KEY_BYTES:
         return None
@@ -166,9 +192,13 @@ def open_share(
     except (InvalidTag, ValueError):
         return None
     if party == 0:
-        if len(plain) != 8 * length:
+        word = ring_wire_dtype(ring_bits)
+        if len(plain) != word.itemsize * length:
             return None
-        return np.frombuffer(plain, dtype="<u8").astype(np.uint64)
+        share = np.frombuffer(plain, dtype=word).astype(np.uint64)
+        if ring_bits < 64 and share.size and int(share.max()) >> ring_bits:
+            return None  # not an element of the ring: not a share a client following the protocol sends
+        return share
     if len(plain) != SEED_BYTES:
         return None
-    return expand(plain, length)
+    return expand(plain, length, ring_bits)
