@@ -18,6 +18,7 @@ from typing import Any
 from fedguard.errors import ConfigError
 from fedguard.federation.round import RoundResult
 from fedguard_train.config import TrainConfig
+from fedguard_train.flower.dp_split import extra_coordinates, round_parameters
 from fedguard_train.flower.rounds import DropLog, StageExchange, Timeouts, remote_round
 from fedguard_train.trainers.base import Trainer
 
@@ -35,7 +36,8 @@ class RemoteRounds(Trainer):
             return self._empty_round(round_id)
         return remote_round(round_id, self.global_vector(), chosen, self._require_aggregator(), self.spec,
                             self.exchange, hooks=self.hooks, load=self.load, timeouts=self.timeouts,
-                            min_contributors=self.hooks.min_contributors, upload=self.upload, drops=self.drops)
+                            min_contributors=self.hooks.min_contributors, upload=self.upload, drops=self.drops,
+                            parameters=round_parameters(self.hooks), extra_coordinates=extra_coordinates(self.hooks))
 
     def _require_aggregator(self) -> Any:
         if self.aggregator is None:

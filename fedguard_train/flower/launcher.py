@@ -280,9 +280,6 @@ class Deployment:
     :meth:`stop`."""
 
     def __init__(self, config: TrainConfig, options: FlowerOptions | None = None) -> None:
-        if config.dp:
-            raise ConfigError("dp: is not yet supported over Flower (fedguard flower run); run it in process with "
-                              "`fedguard train`, or wrap a Flower strategy with fedguard.dp (docs/flower.md)")
         self.config = config
         self.options = options or FlowerOptions()
         bad = [k for k in self.options.faults if not 0 <= k < config.n_parties]

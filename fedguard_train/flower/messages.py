@@ -16,6 +16,8 @@ key                 type       meaning
 ``ring_bits``       int        ... the ring ``Z_{2^k}`` the sum lives in,
 ``min_contributors``int        ... the fewest contributors a reveal may hold,
 ``fixed_point``     bool       ... whether the inputs obey the trainer's fixed-point encoding
+``dp_clip_norm``    float      first stage, ``dp:`` runs only: the round's clip norm ``C_r``
+                               (:mod:`fedguard_train.flower.dp_split`)
 ==================  =========  ==========================================================================
 
 The reply carries ``protocol`` (the client's wire reply), ``seconds`` (how long the worker spent on the
@@ -39,7 +41,8 @@ WORKER_ERROR_CODE: Final[int] = 4521
 """Flower error code of a reply whose worker refused the request or could not be reached."""
 
 _HEADER_KEYS: Final[dict[str, type]] = {"op": str, "round": int, "stage": str, "vector_length": int,
-                                        "ring_bits": int, "min_contributors": int, "fixed_point": bool}
+                                        "ring_bits": int, "min_contributors": int, "fixed_point": bool,
+                                        "dp_clip_norm": float}
 _BLOB_KEYS: Final[tuple[str, ...]] = ("protocol", "broadcast")
 
 

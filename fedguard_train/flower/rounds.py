@@ -38,6 +38,7 @@ from fedguard.federation.fedavg import FedAvgOutcome
 from fedguard.federation.protocol import AggregateResult, Aggregator, RoundSpec
 from fedguard.federation.round import RoundHooks, RoundResult, broadcast_size
 from fedguard.federation.transport import TrafficLog
+from fedguard.quantise import padded_length
 from fedguard.rng import SecureRNG
 
 _LOG = logging.getLogger(__name__)
@@ -52,6 +53,9 @@ class FirstStage:
 
     broadcast: bytes
     spec: RoundSpec
+    parameters: Mapping[str, float] = field(default_factory=dict)
+    """What the server's hooks tell the clients for this round (the DP clip norm:
+    :func:`fedguard_train.flower.dp_split.round_parameters`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +127,7 @@ def stage_request(round_id: int, stage: str, protocol: bytes,
                       ring_bits=spec.ring_bits, min_contributors=spec.min_contributors,
                       fixed_point=spec.fixed_point is not None)
         blobs["broadcast"] = first.broadcast
+        header.update({k: float(v) for k, v in first.parameters.items()})
     return header, blobs
 
 
@@ -140,13 +145,18 @@ def remote_round(
     min_contributors: int = 1,
     upload: Any = None,
     drops: DropLog | None = None,
+    parameters: Mapping[str, float] | None = None,
+    extra_coordinates: int = 0,
 ) -> RoundResult:
     """Run round ``round_id`` from ``θ_r = global_vector`` with remote clients (see the module doc).
 
     ``upload``: the trainer's upload plan when it has one (its ``travelling_length`` sizes the ring vector
     and ``inverse`` undoes its rotation on the decoded mean, as ``run_round`` does). Raises what
     ``on_round_start`` raises, :class:`~fedguard.errors.ProtocolAbort` when too few clients survive a
-    stage, and :class:`~fedguard.errors.InvalidUpdateError` for a non-finite result."""
+    stage, and :class:`~fedguard.errors.InvalidUpdateError` for a non-finite result. ``parameters``: the
+    hooks' per-round values the first stage carries to the clients (the DP clip norm); ``extra_coordinates``:
+    values the hooks' ``client_update`` appends to ``Δ_k`` (DP's adaptive clipping: the clipped-count bit),
+    which the ring vector must make room for, as ``aggregate_updates`` sizes it from the updates in process."""
     hooks = hooks if hooks is not None else RoundHooks()
     timeouts = timeouts if timeouts is not None else Timeouts()
     drops = drops if drops is not None else DropLog()
@@ -157,12 +167,13 @@ def remote_round(
     try:
         encoding = hooks.ring_encoding()
         fixed_point = encoding.spec if encoding is not None else spec
-        width = (int(upload.travelling_length) if upload is not None else theta.size) + 1
+        length = theta.size + int(extra_coordinates)  # what the clients' hooks hand the encoding
+        width = (padded_length(length, upload.block) if upload is not None and upload.rotation else length) + 1
         round_spec = RoundSpec(round_id, participants, width, fixed_point.ring_bits,
                                fixed_point=fixed_point if encoding is None else None,
                                min_contributors=min_contributors)
         server = aggregator.server(round_spec, rng=SecureRNG().spawn("protocol/server"))
-        first: FirstStage | None = FirstStage(broadcast_message(round_id, theta), round_spec)
+        first: FirstStage | None = FirstStage(broadcast_message(round_id, theta), round_spec, dict(parameters or {}))
         traffic = TrafficLog()
         losses: dict[int, float] = {}
         outbox = server.open()

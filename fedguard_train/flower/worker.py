@@ -8,8 +8,9 @@ Round ``r`` as this worker sees it (one request per protocol stage, relayed by t
 
 1. the first stage's request carries ``θ_r`` (a :mod:`fedguard.wire` ``global-adapter`` message) and the
    round's public :class:`~fedguard.federation.protocol.RoundSpec`: the worker runs
-   :meth:`Trainer.client_step` (local training on DeepSpeed, the hooks' loss and batch functions),
-   the hooks' ``client_update``, and encodes ``Δ_k`` into the ring exactly as
+   :meth:`Trainer.client_step` (local training on DeepSpeed, the hooks' loss and batch functions, e.g.
+   the watermark regulariser), the hooks' ``client_update`` (DP clipping with the round's clip norm the
+   server sent, :mod:`fedguard_train.flower.dp_split`; distributed DP adds its noise share in the ring), and encodes ``Δ_k`` into the ring exactly as
    :func:`fedguard.federation.fedavg.aggregate_updates` does in process — quantisation stream
    ``SecureRNG.for_testing(f"{seed}/aggregate/{r}").spawn(f"quantise/{k}")`` — so the same seed gives
    the same ring input, and hence bit-identical adapters; the protocol's own randomness (keys, masks)
@@ -43,6 +44,7 @@ from fedguard.errors import ConfigError, FedGuardError, MessageError
 from fedguard.federation.protocol import Aggregator, ClientSide, RoundSpec
 from fedguard.rng import SecureRNG
 from fedguard.updates import ClientUpdate
+from fedguard_train.flower.dp_split import begin_client_round
 from fedguard_train.flower.ipc import encode_frame, read_frame
 from fedguard_train.flower.rounds import BROADCAST_KIND, FirstStage, StageFailure, StageReply, stage_request
 
@@ -72,17 +74,15 @@ class ClientWorker:
 
     def __init__(self, config: Any, client: int, *, fault: str | None = None) -> None:
         from fedguard.federation.registry import make_aggregator
-        from fedguard_train.privacy import hooks_from_config
+        from fedguard_train.flower.dp_split import client_hooks
         from fedguard_train.trainers import trainer_class
 
-        if config.dp:
-            raise ConfigError("dp: is not yet supported over Flower (fedguard flower run); run it in process "
-                              "with `fedguard train`, or wrap a Flower strategy with fedguard.dp (docs/flower.md)")
         if not 0 <= client < config.n_parties:
             raise ConfigError(f"client must be in [0, {config.n_parties}), got {client}")
         self.config = config
         self.client = client
-        self.trainer = trainer_class(config.trainer)(config, hooks=hooks_from_config(config), quiet=True,
+        # the DP hook's client half (clip, distributed noise); the server keeps the accountant (dp_split)
+        self.trainer = trainer_class(config.trainer)(config, hooks=client_hooks(config), quiet=True,
                                                      coordinator=False)
         fed = config.federation
         self.aggregator: Aggregator = make_aggregator(fed.aggregator, fed.aggregator_options)
@@ -129,6 +129,7 @@ class ClientWorker:
         spec_r = round_spec_from(header, trainer.spec)
         if self.client not in spec_r.participants:
             raise MessageError(f"client {self.client} is not a participant of round {round_id}")
+        begin_client_round(trainer.hooks, round_id, header)  # the round's DP clip norm, checked
         local = trainer.client_step(round_id, self.client, theta)
         update = trainer.hooks.client_update(ClientUpdate(self.client, round_id, local.delta, local.weight))
         upload = getattr(trainer, "upload", None)  # the run's upload plan (rotation, equal weights), if any

@@ -89,13 +89,14 @@ def test_options_and_deployment_refuse_bad_input_before_any_process(tmp_path: Pa
     from tests.train.conftest import tiny_config
 
     with pytest.raises(ConfigError) as err:
-        FlowerOptions(stage_timeout=0, first_timeout=-1, join_timeout=float("nan"), run_timeout=0, torch_threads=0)
-    assert len(err.value.problems) == 5
+        FlowerOptions(stage_timeout=0, first_timeout=-1, join_timeout=float("nan"), run_timeout=0, torch_threads=0,
+                      poll=0)
+    assert len(err.value.problems) == 6
     with pytest.raises(ConfigError):
         Timeouts(first=0)
     dp = tiny_config(tmp_path / "dp", task, dp={"noise_multiplier": 1.0, "clip_norm": 0.1, "target_delta": 1e-3})
-    with pytest.raises(ConfigError, match="not yet supported over Flower"):
-        Deployment(dp)
+    with Deployment(dp) as accepted:  # dp: runs over Flower (the hook split client/server: dp_split)
+        assert accepted.config.dp is not None
     plain = tiny_config(tmp_path / "p", task)
     with pytest.raises(ConfigError, match="faults name clients"):
         Deployment(plain, FlowerOptions(faults={5: "kill:1:input"}))

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedguard.errors import ConfigError, ProtocolAbort
+from fedguard.errors import ConfigError, MessageError, ProtocolAbort
 from fedguard_train.flower.coordinator import remote_trainer
 from fedguard_train.flower.rounds import StageFailure, StageReply
 from fedguard_train.flower.worker import ClientWorker, DirectExchange
@@ -92,3 +92,86 @@ def test_worker_refuses_bad_requests_and_dp_configs(tmp_path: Path, task: Path) 
     with pytest.raises(ConfigError, match="--fault"):
         ClientWorker(cfg, 0, fault="explode")
     assert StageReply(b"x").loss is None
+
+
+# -- dp: over the network (fedguard_train.flower.dp_split) ----------------------------------------------------
+DP_FREE = {"clip_norm": 1e-3, "noise_multiplier": 0.0, "target_delta": 1e-3, "allow_non_private": True}
+DP_NOISY = {"clip_norm": 0.05, "noise_multiplier": 1.0, "target_delta": 1e-3}
+
+
+def _dp_config(tmp_path: Path, task: Path, name: str, dp: dict[str, Any], aggregator: str = "plaintext",
+               clients: int = 3, **options: Any) -> Any:
+    return tiny_config(tmp_path / name, task, data__partition="attribute", dp=dp,
+                       federation={"clients": clients, "rounds": 2, "aggregator": aggregator,
+                                   "aggregator_options": options})
+
+
+def _remote(cfg: Any) -> Any:
+    workers = {k: ClientWorker(cfg, k) for k in range(cfg.n_parties)}
+    return remote_trainer(cfg, DirectExchange(workers)), workers
+
+
+@pytest.mark.parametrize("aggregator", ["plaintext", "masking"])
+def test_noise_free_dp_clips_on_the_client_exactly_as_in_process(tmp_path: Path, task: Path, aggregator: str) -> None:
+    """z = 0 (central placement; distributed needs z > 0 and draws its noise from the OS) makes the DP round
+    deterministic: the clip (norm 1e-3, far below the tiny model's updates) now runs in each worker, the
+    release on the server; the adapters must be bit-identical to the in-process trainer's, and clipped."""
+    dp = DP_FREE
+    options = {"threshold": 3} if aggregator == "masking" else {}
+    local_trainer = build_trainer(_dp_config(tmp_path, task, "in", dp, aggregator, **options), quiet=True)
+    start = local_trainer.global_vector().copy()
+    local = _final(local_trainer)
+    trainer, workers = _remote(_dp_config(tmp_path, task, "remote", dp, aggregator, **options))
+    remote = _final(trainer)
+    assert remote.tobytes() == local.tobytes()
+    assert not trainer.drops.events
+    step = float(np.linalg.norm((remote - start).astype(np.float64)))
+    assert 0 < step <= 2 * 1e-3 * 1.01  # two rounds, each a mean of updates clipped to 1e-3
+    for worker in workers.values():  # the client half has no accountant and writes no ledger
+        (hook,) = worker.trainer.hooks.hooks
+        assert hook.dp.accountant is None and hook.ledger is None
+
+
+@pytest.mark.parametrize("placement", ["central", "distributed"])
+def test_dp_over_the_network_reports_the_in_process_epsilon(tmp_path: Path, task: Path, placement: str) -> None:
+    dp = {**DP_NOISY, "placement": placement}
+    aggregator, options = ("masking", {"threshold": 3}) if placement == "distributed" else ("plaintext", {})
+    local = build_trainer(_dp_config(tmp_path, task, "in", dp, aggregator, **options), quiet=True).run()
+    trainer, _ = _remote(_dp_config(tmp_path, task, "remote", dp, aggregator, **options))
+    remote = trainer.run()
+    eps_local = [row["epsilon"] for row in local.history]
+    eps_remote = [row["epsilon"] for row in remote.history]
+    assert eps_remote == eps_local and eps_remote[0] > 0 and eps_remote[1] > eps_remote[0]
+    assert (Path(trainer.run_dir) / "privacy_ledger.json").exists()  # the server's write-ahead ledger
+
+
+def test_adaptive_clip_norm_travels_to_the_clients(tmp_path: Path, task: Path) -> None:
+    dp = {**DP_NOISY, "adaptive": {"target_quantile": 0.5, "learning_rate": 0.5, "count_noise_stddev": 1.0}}
+    trainer, workers = _remote(_dp_config(tmp_path, task, "remote", dp))
+    (server_hook,) = trainer.hooks.hooks
+    trainer._remote_result(1)
+    moved = server_hook.dp.clip_norm
+    assert moved != dp["clip_norm"]  # all updates are far above 0.05: the tracked norm moves
+    trainer._remote_result(2)
+    for worker in workers.values():
+        (hook,) = worker.trainer.hooks.hooks
+        assert hook.dp.clip_norm == moved  # round 2 was clipped with the server's C_2
+
+
+def test_worker_refuses_a_clip_norm_the_run_did_not_configure(tmp_path: Path, task: Path) -> None:
+    """Distributed noise is calibrated to dp.clip_norm in ring units: a server raising C would under-noise
+    every client, so a worker refuses the round (a dropout for that stage), as it refuses a missing C."""
+    from fedguard.federation.protocol import RoundSpec
+    from fedguard_train.flower.dp_split import CLIP_KEY
+    from fedguard_train.flower.rounds import FirstStage, broadcast_message, stage_request
+
+    dp = {**DP_NOISY, "placement": "distributed"}
+    cfg = _dp_config(tmp_path, task, "remote", dp, "masking", threshold=3)
+    trainer, workers = _remote(cfg)
+    spec = RoundSpec(1, (0, 1, 2), trainer.upload.travelling_length + 1, trainer.hooks.ring_encoding().spec.ring_bits)
+    outbox = trainer.aggregator.server(spec).open()
+    theta = broadcast_message(1, trainer.global_vector())
+    for bad in ({CLIP_KEY: 0.5}, {}, {CLIP_KEY: float("nan")}):
+        header, blobs = stage_request(1, "advertise", outbox[0], FirstStage(theta, spec, bad))
+        with pytest.raises(MessageError, match="clip norm|dp_clip_norm"):
+            workers[0].handle(header, blobs)
