@@ -280,6 +280,12 @@ class Deployment:
     :meth:`stop`."""
 
     def __init__(self, config: TrainConfig, options: FlowerOptions | None = None) -> None:
+        if config.federation.aggregator == "mpc":
+            raise ConfigError(
+                "aggregator mpc is not supported over Flower yet: each client pins the compute parties' public keys, "
+                "and a worker has no way to learn them but to start parties of its own (aggregator_options has no "
+                "client-side key pin); its every reply would be refused. Use masking or paillier over Flower, or "
+                "mpc in process (`fedguard train`); docs/flower.md")
         self.config = config
         self.options = options or FlowerOptions()
         bad = [k for k in self.options.faults if not 0 <= k < config.n_parties]

@@ -97,6 +97,10 @@ def test_options_and_deployment_refuse_bad_input_before_any_process(tmp_path: Pa
     dp = tiny_config(tmp_path / "dp", task, dp={"noise_multiplier": 1.0, "clip_norm": 0.1, "target_delta": 1e-3})
     with Deployment(dp) as accepted:  # dp: runs over Flower (the hook split client/server: dp_split)
         assert accepted.config.dp is not None
+    mpc = tiny_config(tmp_path / "mpc", task, federation={"clients": 2, "rounds": 1, "aggregator": "mpc",
+                                                          "aggregator_options": {"backend": "simulated"}})
+    with pytest.raises(ConfigError, match="mpc is not supported over Flower"):
+        Deployment(mpc)
     plain = tiny_config(tmp_path / "p", task)
     with pytest.raises(ConfigError, match="faults name clients"):
         Deployment(plain, FlowerOptions(faults={5: "kill:1:input"}))

@@ -175,3 +175,56 @@ def test_worker_refuses_a_clip_norm_the_run_did_not_configure(tmp_path: Path, ta
         header, blobs = stage_request(1, "advertise", outbox[0], FirstStage(theta, spec, bad))
         with pytest.raises(MessageError, match="clip norm|dp_clip_norm"):
             workers[0].handle(header, blobs)
+
+
+# -- what else runs over the network: Paillier, the watermark hook, client sampling ----------------------------
+def _same_as_in_process(tmp_path: Path, task: Path, **overrides: Any) -> tuple[Any, Any]:
+    """The in-process trainer and the remote one (workers behind DirectExchange) on the same config: both
+    runs' results, after checking that the final adapters are bit-identical and nobody dropped."""
+    local_trainer = build_trainer(tiny_config(tmp_path / "in", task, **overrides), quiet=True)
+    local = local_trainer.run()
+    cfg = tiny_config(tmp_path / "remote", task, **overrides)
+    workers = {k: ClientWorker(cfg, k) for k in range(cfg.n_parties)}
+    try:
+        trainer = remote_trainer(cfg, DirectExchange(workers))
+        remote = trainer.run()
+    finally:
+        for worker in workers.values():
+            worker.close()
+    assert trainer.global_vector().tobytes() == local_trainer.global_vector().tobytes()
+    assert not trainer.drops.events
+    return local, remote
+
+
+def test_paillier_round_gives_the_in_process_adapters(tmp_path: Path, task: Path) -> None:
+    local, remote = _same_as_in_process(tmp_path, task, data__partition="attribute",
+                                        federation={"clients": 3, "rounds": 2, "aggregator": "paillier"})
+    assert [r["clients"] for r in remote.history] == [r["clients"] for r in local.history]
+
+
+def test_watermark_hook_runs_in_the_workers(tmp_path: Path, task: Path) -> None:
+    """FedIPR's regulariser is part of each client's loss (the worker's trainer hooks): with the same client
+    keys (one key_dir) the remote run's adapters are the in-process run's, and the server's verification
+    after the last round finds every client's bits (as tests/train/test_watermark_hook.py does in process:
+    chance is 12 of 24)."""
+    wm = {"bits": 24, "alpha": 0.1, "key_dir": str(tmp_path / "keys")}
+    local, remote = _same_as_in_process(tmp_path, task, watermark=wm, federation={"clients": 2, "rounds": 2},
+                                        training={"local_steps": 8, "batch_size": 4, "lr": 0.003})
+    last = remote.history[-1]
+    assert last["watermark_matched"] == local.history[-1]["watermark_matched"]
+    assert all(m >= 18 for m in last["watermark_matched"]), last
+
+
+@pytest.mark.parametrize(("sampling", "aggregator", "options"), [
+    ({"clients_per_round": 2}, "masking", {"threshold": 2}),
+    ({"sample_rate": 0.5}, "plaintext", {}),  # a Poisson sample's size varies: masking's graph refuses n=4 at t=2
+])
+def test_client_sampling_gives_the_in_process_rounds(tmp_path: Path, task: Path, sampling: dict[str, Any],
+                                                     aggregator: str, options: dict[str, Any]) -> None:
+    """The server draws each round's sample (the trainer's seeded participants); only the sampled clients
+    get the round's messages, and the rounds equal the in-process ones."""
+    local, remote = _same_as_in_process(tmp_path, task, data__partition="iid",
+                                        federation={"clients": 4, "rounds": 2, "aggregator": aggregator,
+                                                    "aggregator_options": options, **sampling})
+    assert [r["clients"] for r in remote.history] == [r["clients"] for r in local.history]
+    assert any(r["clients"] < 4 for r in remote.history)  # a real sample (the row counts contributors)
