@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from attacks.inversion import InversionConfig, batch_gradient, dager, score_recovery, target_parameters
+from attacks.optimisation import LampConfig, Target, lamp
 
 VOCAB, EOS, LENGTH = 256, 0, 12
 
@@ -63,43 +64,75 @@ def _local_update(model: torch.nn.Module, batch: list[list[int]], names: Sequenc
     return {n: (after[n] - before[n]).detach() for n in names}
 
 
-def inversion_rows(trials: int, seed: int) -> list[dict[str, Any]]:
+DP_SECTION: dict[str, Any] = {"placement": "distributed", "clip_norm": 1.0, "noise_multiplier": 1.0,
+                               "min_survivors": 3, "target_delta": 1e-3}
+"""The DP rows' ``dp:`` section: distributed discrete Gaussian, z = 1, C = 1, all 3 clients needed."""
+
+
+def _protocol_round(model: torch.nn.Module, batches: list[list[list[int]]], names: Sequence[str],
+                    dp: dict[str, Any] | None) -> Any:
+    import tempfile
+
+    from attacks.protocol_view import fedsgd_round
+
+    with tempfile.TemporaryDirectory(prefix="fedguard-leakage-") as tmp:
+        return fedsgd_round(model, batches, names, Path(tmp), aggregator="masking",
+                            aggregator_options={"threshold": len(batches)}, dp=dp)
+
+
+def inversion_rows(trials: int, seed: int, *, lamp_trials: int = 3, lamp_batches: Sequence[int] = (1, 4),
+                   lamp_config: LampConfig | None = None) -> list[dict[str, Any]]:
+    """DAGER rows (``trials`` batches each) and LAMP rows (``lamp_trials`` batches each)."""
     from peft import LoraConfig, get_peft_model
 
     cfg = InversionConfig(eos_id=EOS, max_len=16, seed=seed)
+    lcfg = lamp_config or LampConfig(eos_id=EOS, seed=seed)
     rows: list[dict[str, Any]] = []
+    View = Callable[[torch.nn.Module, list[list[list[int]]]], tuple[dict[str, Any], list[list[int]], float]]
 
-    def measure(name: str, model: torch.nn.Module, batch_size: int,
-                view: Callable[[torch.nn.Module, list[list[list[int]]]], tuple[dict[str, Any], list[list[int]], float]],
-                clients: int = 1) -> None:
+    def measure(name: str, model: torch.nn.Module, batch_size: int, view: View, clients: int = 1,
+                method: str = "dager", target: Target = "gradient") -> None:
         gen = torch.Generator().manual_seed(seed)
-        scores, informative, start = [], 0, time.perf_counter()
-        for _ in range(trials):
+        scores, informative, distances, start = [], 0, [], time.perf_counter()
+        n = trials if method == "dager" else lamp_trials
+        for _ in range(n):
             batches = [_batches(gen, batch_size) for _ in range(clients)]
             updates, truth, noise = view(model, batches)
-            out = dager(model, updates, config=cfg, noise_std=noise, lengths_hint=[len(s) for s in truth])
-            scores.append(score_recovery(truth, out.sequences, vocab_size=VOCAB, seed=seed))
-            informative += out.informative
-        row: dict[str, Any] = {"setting": name, "batch": batch_size, "clients": clients, "trials": trials,
-               "exact": float(np.mean([s.exact for s in scores])),
-               "token_accuracy": float(np.mean([s.token_accuracy for s in scores])),
-               "rouge1": float(np.mean([s.rouge1 for s in scores])),
-               "rouge2": float(np.mean([s.rouge2 for s in scores])),
-               "chance_rouge1": float(np.mean([s.chance_rouge1 for s in scores])),
-               "informative": informative, "seconds": time.perf_counter() - start}
+            if method == "dager":
+                out = dager(model, updates, config=cfg, noise_std=noise, lengths_hint=[len(s) for s in truth])
+                sequences, ok = out.sequences, out.informative
+            else:
+                found = lamp(model, updates, [len(s) for s in truth], config=lcfg, target=target)
+                sequences, ok = found.sequences, found.final_distance < 0.1
+                distances.append(found.final_distance)
+            scores.append(score_recovery(truth, sequences, vocab_size=VOCAB, seed=seed))
+            informative += ok
+        row: dict[str, Any] = {"setting": name, "method": method, "batch": batch_size, "clients": clients,
+                               "trials": n, "exact": float(np.mean([s.exact for s in scores])),
+                               "token_accuracy": float(np.mean([s.token_accuracy for s in scores])),
+                               "rouge1": float(np.mean([s.rouge1 for s in scores])),
+                               "rouge2": float(np.mean([s.rouge2 for s in scores])),
+                               "chance_rouge1": float(np.mean([s.chance_rouge1 for s in scores])),
+                               "informative": informative, "seconds": time.perf_counter() - start}
+        if distances:
+            row["final_distance"] = float(np.mean(distances))
         rows.append(row)
-        print(f"{name:44s} B={batch_size:<3d} exact {100 * row['exact']:5.1f}%  tok {100 * row['token_accuracy']:5.1f}%  "
-              f"R1 {row['rouge1']:5.1f}  R2 {row['rouge2']:5.1f}  chance R1 {row['chance_rouge1']:4.1f}  "
-              f"informative {informative}/{trials}", flush=True)
+        print(f"{method:5s} {name:52s} B={batch_size:<3d} exact {100 * row['exact']:5.1f}%  "
+              f"tok {100 * row['token_accuracy']:5.1f}%  R1 {row['rouge1']:5.1f}  R2 {row['rouge2']:5.1f}  "
+              f"chance R1 {row['chance_rouge1']:4.1f}  informative {informative}/{n}  {row['seconds']:.0f} s",
+              flush=True)
 
     full = model_128(seed)
     names = list(target_parameters(full)[:2])
+    every = [n for n, _ in full.named_parameters()]  # full fine-tuning: the server sees every gradient
 
     def gradient(model: torch.nn.Module, batches: list[list[list[int]]]) -> tuple[dict[str, Any], list[list[int]], float]:
-        return batch_gradient(model, batches[0], names), batches[0], 0.0
+        return batch_gradient(model, batches[0], every), batches[0], 0.0
 
     for b in (1, 4, 16):
         measure("full fine-tuning, 1-step gradient, plaintext", full, b, gradient)
+    for b in lamp_batches:
+        measure("full fine-tuning, 1-step gradient, plaintext", full, b, gradient, method="lamp")
     for opt, lr in (("sgd", 0.05), ("adam", 1e-3)):
         def update(model: torch.nn.Module, batches: list[list[list[int]]], opt: str = opt, lr: float = lr
                    ) -> tuple[dict[str, Any], list[list[int]], float]:
@@ -107,30 +140,24 @@ def inversion_rows(trials: int, seed: int) -> list[dict[str, Any]]:
         for b in (1, 4):
             measure(f"full fine-tuning, 5-step {opt} update, plaintext", full, b, update)
 
-    def masked(model: torch.nn.Module, batches: list[list[list[int]]]) -> tuple[dict[str, Any], list[list[int]], float]:
-        # what masking shows of one client: its input plus uniform ring masks, decoded: uniform noise
-        rng = np.random.default_rng(seed)
-        g = batch_gradient(model, batches[0], names)
-        return {n: rng.uniform(-1.0, 1.0, size=tuple(v.shape)) for n, v in g.items()}, batches[0], 0.0
+    # masking (3 clients) and masking + distributed DP: one real FedSGD round through run_round, the
+    # masking aggregator and (for DP) the ClientDPHook, its server view captured and read back
+    for label, dp in (("masking", None), ("masking + DP (z=1, C=1)", DP_SECTION)):
+        def client_view(model: torch.nn.Module, batches: list[list[list[int]]], dp: dict[str, Any] | None = dp
+                        ) -> tuple[dict[str, Any], list[list[int]], float]:
+            view = _protocol_round(model, batches, every, dp)
+            return view.clients[0], batches[0], view.noise_std
 
-    def summed(model: torch.nn.Module, batches: list[list[list[int]]]) -> tuple[dict[str, Any], list[list[int]], float]:
-        grads = [batch_gradient(model, b, names) for b in batches]
-        return {n: sum(g[n] for g in grads) for n in names}, [s for b in batches for s in b], 0.0
+        def sum_view(model: torch.nn.Module, batches: list[list[list[int]]], dp: dict[str, Any] | None = dp
+                     ) -> tuple[dict[str, Any], list[list[int]], float]:
+            view = _protocol_round(model, batches, every, dp)
+            return view.mean, [s for b in batches for s in b], view.noise_std / len(batches)
 
-    def dp_sum(model: torch.nn.Module, batches: list[list[list[int]]]) -> tuple[dict[str, Any], list[list[int]], float]:
-        rng = np.random.default_rng(seed)
-        grads = []
-        for b in batches:
-            g = batch_gradient(model, b, names)
-            norm = float(np.sqrt(sum(float((v ** 2).sum()) for v in g.values())))
-            grads.append({n: v.numpy() / max(1.0, norm) for n, v in g.items()})  # clip to C = 1
-        total = {n: np.sum([g[n] for g in grads], axis=0) for n in names}
-        return ({n: v + rng.normal(0.0, 1.0, size=v.shape) for n, v in total.items()},  # z·C = 1
-                [s for b in batches for s in b], 0.0)
-
-    measure("masking, one client's masked vector", full, 1, masked, clients=3)
-    measure("masking, revealed sum of 3 clients (union)", full, 1, summed, clients=3)
-    measure("masking + DP (z=1, C=1), revealed sum of 3", full, 1, dp_sum, clients=3)
+        for method in ("dager", "lamp"):
+            measure(f"{label}, one client's captured masked vector", full, 1, client_view, clients=3,
+                    method=method, target="update")
+            measure(f"{label}, revealed sum of 3 clients (union)", full, 1, sum_view, clients=3,
+                    method=method, target="update")
 
     for r in (8, 64):
         base = model_128(seed)
@@ -182,10 +209,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--out", required=True)
     parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--lamp-trials", type=int, default=3, help="batches per LAMP row (it is the slow attack)")
+    parser.add_argument("--lamp-batches", type=int, nargs="+", default=[1, 4], help="LAMP's plaintext batch sizes")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    doc = {"inversion": inversion_rows(args.trials, args.seed), "membership": membership_rows(args.seed)}
+    started = time.perf_counter()
+    doc: dict[str, Any] = {
+        "inversion": inversion_rows(args.trials, args.seed, lamp_trials=args.lamp_trials,
+                                    lamp_batches=args.lamp_batches),
+        "membership": membership_rows(args.seed)}
+    doc["seconds"] = time.perf_counter() - started
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
     return 0
 
