@@ -86,7 +86,7 @@ def inversion_rows(trials: int, seed: int, *, lamp_trials: int = 3, lamp_batches
     from peft import LoraConfig, get_peft_model
 
     cfg = InversionConfig(eos_id=EOS, max_len=16, seed=seed)
-    lcfg = lamp_config or LampConfig(eos_id=EOS, seed=seed)
+    lcfg = lamp_config or LampConfig(eos_id=EOS, steps=300, restarts=1, seed=seed)
     rows: list[dict[str, Any]] = []
     View = Callable[[torch.nn.Module, list[list[list[int]]]], tuple[dict[str, Any], list[list[int]], float]]
 
