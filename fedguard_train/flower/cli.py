@@ -33,6 +33,9 @@ def register(commands: Commands) -> None:
     p.add_argument("--poll", type=float, default=0.1,
                    help="seconds between Flower's polls for messages (SuperNodes, SuperExec, ServerApp; "
                         "0.01-60, default 0.1; raise it for hundreds of SuperNodes)")
+    p.add_argument("--superlink-restarts", type=int, default=2,
+                   help="restart a SuperLink that dies and resume the run from its checkpoint, at most this "
+                        "many times (default 2; 0: never)")
     p.add_argument("--insecure-test-mode", action="store_true",
                    help="no TLS between the processes (tests on one machine only; never on a network)")
     p.set_defaults(handler=_run)
@@ -45,11 +48,13 @@ def _run(args: argparse.Namespace) -> int:
     config = _load(args)
     options = FlowerOptions(insecure_test_mode=args.insecure_test_mode, stage_timeout=args.stage_timeout,
                             first_timeout=args.first_timeout, join_timeout=args.join_timeout,
-                            poll=args.poll)
+                            poll=args.poll, superlink_restarts=args.superlink_restarts)
     summary = run_deployment(config, options, resume=args.resume, overwrite=args.overwrite)
     for row in summary.get("history", []):
         print(json.dumps(row))
     for client, stage, reason in summary.get("drops", []):
         print(f"client {client} dropped at stage {stage!r}: {reason}")
+    if summary.get("superlink_restarts"):
+        print(f"the SuperLink was restarted {summary['superlink_restarts']} time(s); the run resumed from its checkpoint")
     print(f"flower run {summary['status']}: {config.run_dir} (logs: {config.run_dir}/flower/logs)")
     return 0 if summary["status"] == "completed" else 1

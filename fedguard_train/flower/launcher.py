@@ -25,6 +25,7 @@ from its last checkpoint (the checkpoint, not Flower, is the run's durable state
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -42,6 +43,8 @@ from fedguard_train.config import TrainConfig
 from fedguard_train.flower.certs import make_tls
 from fedguard_train.flower.polling import DEFAULT_POLL, check_poll, flower_env
 from fedguard_train.trainers.base import env_without_launcher, prepare_run_dir
+
+_LOG = logging.getLogger(__name__)
 
 APP_TOML = """[build-system]
 requires = ["hatchling"]
@@ -83,6 +86,8 @@ class FlowerOptions:
         faults: ``{client: "kill:R:STAGE" | "garbage:R:STAGE"}`` — fault injection for tests.
         poll: how often Flower's processes and the ServerApp poll for messages (seconds, 0.01-60;
             :mod:`fedguard_train.flower.polling`).
+        superlink_restarts: how many times :func:`run_deployment` restarts a SuperLink that died and
+            resumes the run from its checkpoint (0: never).
     """
 
     insecure_test_mode: bool = False
@@ -93,6 +98,7 @@ class FlowerOptions:
     torch_threads: int | None = None
     faults: dict[int, str] = field(default_factory=dict)
     poll: float = DEFAULT_POLL
+    superlink_restarts: int = 2
 
     def __post_init__(self) -> None:
         problems = [f"{name} must be a number > 0, got {getattr(self, name)!r}"
@@ -102,6 +108,9 @@ class FlowerOptions:
             problems.append(f"run_timeout must be None or a number > 0, got {self.run_timeout!r}")
         if self.torch_threads is not None and not (isinstance(self.torch_threads, int) and self.torch_threads >= 1):
             problems.append(f"torch_threads must be None or an int >= 1, got {self.torch_threads!r}")
+        if isinstance(self.superlink_restarts, bool) or not isinstance(self.superlink_restarts, int) \
+                or self.superlink_restarts < 0:
+            problems.append(f"superlink_restarts must be an int >= 0, got {self.superlink_restarts!r}")
         try:
             check_poll(self.poll)
         except ConfigError as err:
@@ -203,10 +212,40 @@ class FlowerProcesses:
         if not self.insecure_test_mode:
             self.tls = make_tls(self.dir / "certs")
         self.port = free_port()
+        self._spawn_superlink()
+
+    def _spawn_superlink(self) -> None:
         cmd = [_bin("flower-superlink"), *self._tls_args("superlink"), "--port", str(self.port),
                "--disable-runtime-dependency-installation"]
         proc = self.spawn("superlink", cmd, self.env())
         _wait_port(self.port, 120, proc, "flower-superlink", self.logs / "superlink.log")
+
+    def superlink_alive(self) -> bool:
+        proc = self.procs.get("superlink")
+        return proc is not None and proc.poll() is None
+
+    def restart_superlink(self) -> None:
+        """A new SuperLink on the same port with the same TLS material, after the old one's whole process
+        group (its SuperExec and the ServerApp it ran) is killed: nothing of the old run keeps writing."""
+        old = self.procs.get("superlink")
+        self.kill("superlink")
+        if old is not None:
+            try:
+                old.wait(timeout=10)
+            except subprocess.TimeoutExpired as err:
+                raise ConfigError(f"the old flower-superlink (pid {old.pid}) did not stop") from err
+        deadline = time.monotonic() + 30
+        while True:  # the port is free again once the old listener is gone
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    probe.bind(("127.0.0.1", self.port))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"port {self.port} of the old flower-superlink stayed busy") from None
+                time.sleep(0.2)
+        self._spawn_superlink()
 
     def start_supernode(self, name: str, node_config: str) -> subprocess.Popen[bytes]:
         # flower-supernode, its idle polls capped at self.poll (fedguard_train.flower.polling)
@@ -223,17 +262,29 @@ class FlowerProcesses:
                           else f"root-certificates = {json.dumps(str(self.tls.ca))}")
         (self.dir / "home" / "config.toml").write_text('[superlink]\ndefault = "fedguard"\n\n[superlink.fedguard]\n'
                                                        + "\n".join(connection) + "\n")
+        cmd = [_bin("flwr"), "run", str(app), "fedguard", "--stream"]
+        if run_config:
+            cmd += ["--run-config", " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())]
         with open(self.logs / "flwr-run.log", "ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(), cwd=self.dir,
+                                    start_new_session=True)
+            deadline = None if timeout is None else time.monotonic() + timeout
             try:
-                cmd = [_bin("flwr"), "run", str(app), "fedguard", "--stream"]
-                if run_config:
-                    cmd += ["--run-config", " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())]
-                proc = subprocess.run(cmd, stdout=log,
-                                      stderr=subprocess.STDOUT, env=self.env(), cwd=self.dir, timeout=timeout,
-                                      start_new_session=True)
-            except subprocess.TimeoutExpired as err:
-                raise ConfigError(f"flwr run did not finish within {timeout} s (logs in {self.logs})") from err
-        return proc.returncode
+                while proc.poll() is None:
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise ConfigError(f"flwr run did not finish within {timeout} s (logs in {self.logs})")
+                    if not self.superlink_alive():  # flwr run would retry a dead SuperLink for a long time
+                        raise ConfigError(f"flower-superlink exited with {self.procs['superlink'].returncode} "
+                                          f"during the run (logs in {self.logs})")
+                    time.sleep(0.2)
+            finally:
+                if proc.poll() is None:
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+                    proc.wait(timeout=10)
+        return int(proc.returncode)
 
     def kill(self, name: str) -> None:
         """SIGKILL the process group of ``name`` (a machine that dies)."""
@@ -318,11 +369,14 @@ class Deployment:
         for client in range(self.config.n_parties):
             self.start_client(client)
 
+    def _start_supernode(self, client: int) -> subprocess.Popen[bytes]:
+        sock = self.sockets / f"c{client}.sock"
+        return self.flower.start_supernode(f"supernode-{client}", f'fedguard-socket="{sock}" fedguard-client={client}')
+
     def start_client(self, client: int) -> None:
         """Client ``client``'s SuperNode and worker (again after :meth:`kill_client`: it rejoins)."""
         sock = self.sockets / f"c{client}.sock"
-        node = self.flower.start_supernode(f"supernode-{client}",
-                                           f'fedguard-socket="{sock}" fedguard-client={client}')
+        node = self._start_supernode(client)
         extra = {"FEDGUARD_FLOWER_SUPERNODE_PGID": str(node.pid)}
         threads = self.options.torch_threads
         if threads is not None:
@@ -333,6 +387,16 @@ class Deployment:
         if fault:
             cmd += ["--fault", fault]
         self.flower.spawn(f"worker-{client}", cmd, self.flower.env(**extra))
+
+    def restart_superlink(self) -> None:
+        """After the SuperLink died: a new one (same port and certificates) and a new SuperNode per client,
+        since Flower keeps its state in memory and the new SuperLink knows none of the old nodes. The
+        workers keep running (model loaded, nothing of a round kept that the next round's first stage does
+        not replace)."""
+        self.flower.restart_superlink()
+        for client in range(self.config.n_parties):
+            self.flower.kill(f"supernode-{client}")
+            self._start_supernode(client)
 
     def kill_client(self, client: int) -> None:
         """SIGKILL client ``client``'s SuperNode and worker (a machine that dies)."""
@@ -371,8 +435,30 @@ class Deployment:
 
 def run_deployment(config: TrainConfig, options: FlowerOptions | None = None, *, resume: bool = False,
                    overwrite: bool = False) -> dict[str, Any]:
-    """Start the deployment, run the config's job over it, stop everything; the run's summary."""
+    """Start the deployment, run the config's job over it, stop everything; the run's summary.
+
+    A SuperLink that dies mid-run (up to ``options.superlink_restarts`` times) is restarted with new
+    SuperNodes (:meth:`Deployment.restart_superlink`) and the run is submitted again with ``resume``: it
+    continues from its last checkpoint — the round under way when the SuperLink died is run again from
+    ``θ_r``, as after ``--resume`` in process (its write-ahead DP record, if any, stays counted). The
+    summary's ``superlink_restarts`` says how many restarts it took."""
+    options = options or FlowerOptions()
     prepare_run_dir(Path(config.run_dir), resume=resume, overwrite=overwrite, remove=False)
     with Deployment(config, options) as deployment:
         deployment.start()
-        return deployment.run(resume=resume, overwrite=overwrite)
+        restarts = 0
+        while True:
+            try:
+                summary = deployment.run(resume=resume or restarts > 0, overwrite=overwrite and restarts == 0)
+            except ConfigError:
+                if deployment.flower.superlink_alive() or restarts >= options.superlink_restarts:
+                    raise
+                summary = {"status": "failed"}
+            if summary.get("status") != "failed" or deployment.flower.superlink_alive() \
+                    or restarts >= options.superlink_restarts:
+                summary["superlink_restarts"] = restarts
+                return summary
+            restarts += 1
+            _LOG.warning("flower-superlink died (%s); restart %d of %d, resuming from the last checkpoint",
+                         summary.get("error", "no summary"), restarts, options.superlink_restarts)
+            deployment.restart_superlink()

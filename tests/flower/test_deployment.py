@@ -162,3 +162,118 @@ def test_a_new_deployment_resumes_the_run_from_its_checkpoint(tmp_path: Path, ta
         resumed = deployment.run(resume=True)
     assert resumed["status"] == "completed" and [row["round"] for row in resumed["history"]] == [1, 2]
     assert _final_vector(config.run_dir).tobytes() == reference.global_vector().tobytes()
+
+
+def test_a_supernode_that_rejoins_takes_part_in_the_next_round(tmp_path: Path, task: Path) -> None:
+    """Client 2's machine dies on receiving round 1's mask stage (SuperNode and worker killed); it is started
+    again (a new SuperNode: a new Flower node id) while round 1 finishes over {0, 1}. Round 2's start asks
+    the new node who it is, and client 2 takes part again: both rounds equal the in-process rounds with the
+    same drop."""
+    import threading
+    import time
+
+    from fedguard.federation.round import run_round
+    from fedguard.rng import SecureRNG
+    from fedguard_train.flower.launcher import Deployment
+    from fedguard_train.runner import build_trainer
+
+    config = _config(tmp_path, task, "flower", "masking", clients=3, rounds=2, threshold=2)
+    outcome: dict[str, Any] = {}
+    with Deployment(config, _options(stage_timeout=45.0, faults={2: "kill:1:mask"})) as deployment:
+        deployment.start()
+        first_node = deployment.procs["supernode-2"].pid
+        pids = [p.pid for p in deployment.procs.values()]
+        runner = threading.Thread(target=lambda: outcome.update(summary=deployment.run(overwrite=True)), daemon=True)
+        runner.start()
+        deadline = time.monotonic() + 600
+        while deployment.procs["worker-2"].poll() is None and runner.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert deployment.procs["worker-2"].poll() is not None, "the fault did not fire"
+        deployment.start_client(2)  # the machine comes back
+        assert deployment.procs["supernode-2"].pid != first_node
+        pids += [deployment.procs["supernode-2"].pid, deployment.procs["worker-2"].pid]
+        runner.join(timeout=700)
+        assert not runner.is_alive()
+    summary = outcome["summary"]
+    assert summary["status"] == "completed", summary
+    assert [(c, s) for c, s, _ in summary["drops"]] == [(2, "mask")]
+    assert [row["clients"] for row in summary["history"]] == [2, 3]
+
+    ref = build_trainer(_config(tmp_path, task, "in", "masking", clients=3, rounds=2, threshold=2), quiet=True)
+    one = run_round(1, ref.global_vector(), range(3), lambda c, v: ref.client_step(1, c, v), ref.aggregator,
+                    ref.spec, hooks=ref.hooks, rng=SecureRNG.for_testing(f"{config.seed}/aggregate/1"),
+                    drop_at={2: "mask"})
+    two = run_round(2, one.global_vector, range(3), lambda c, v: ref.client_step(2, c, v), ref.aggregator,
+                    ref.spec, hooks=ref.hooks, rng=SecureRNG.for_testing(f"{config.seed}/aggregate/2"))
+    assert _final_vector(config.run_dir).tobytes() == two.global_vector.tobytes()
+    assert _alive(pids) == []
+
+
+@pytest.mark.slow
+def test_central_dp_over_flower_reports_the_in_process_epsilon(tmp_path: Path, task: Path) -> None:
+    """dp: over real Flower processes: the workers clip, the ServerApp adds the noise and accounts; the
+    round table's epsilon is the in-process run's, and the server's write-ahead ledger is on disk."""
+    from fedguard_train.runner import build_trainer
+    from tests.train.conftest import tiny_config
+
+    def config(name: str) -> Any:
+        return tiny_config(tmp_path / name, task, data__partition="attribute",
+                           dp={"clip_norm": 0.05, "noise_multiplier": 1.0, "target_delta": 1e-3},
+                           federation={"clients": 2, "rounds": 2, "aggregator": "masking"})
+
+    local = build_trainer(config("in"), quiet=True).run()
+    flower = config("flower")
+    summary, pids = _deploy(flower, _options(insecure_test_mode=True))
+    assert summary["status"] == "completed", summary
+    assert [row["epsilon"] for row in summary["history"]] == [row["epsilon"] for row in local.history]
+    assert (Path(flower.run_dir) / "privacy_ledger.json").exists()
+    assert _alive(pids) == []
+
+
+def _pids_with(*words: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if all(w in text for w in words):
+            found.append(int(cmdline.parent.name))
+    return found
+
+
+@pytest.mark.slow
+def test_a_superlink_that_dies_is_restarted_and_the_run_resumes(tmp_path: Path, task: Path) -> None:
+    """`fedguard flower run`'s run_deployment: the SuperLink process is SIGKILLed once round 1's checkpoint
+    is on disk; the launcher starts a new SuperLink (same port, same certificates) and new SuperNodes,
+    submits the run again with resume, and the two rounds end bit-identical to an uninterrupted in-process run."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from fedguard_train.flower.launcher import run_deployment
+    from fedguard_train.runner import build_trainer
+
+    reference = build_trainer(_config(tmp_path, task, "in", "masking"), quiet=True)
+    reference.run()
+    config = _config(tmp_path, task, "flower", "masking")
+    outcome: dict[str, Any] = {}
+    runner = threading.Thread(target=lambda: outcome.update(summary=run_deployment(config, _options(), overwrite=True)),
+                              daemon=True)
+    runner.start()
+    latest = Path(config.run_dir) / "checkpoints" / "latest.json"
+    deadline = time.monotonic() + 600
+    while not latest.exists() and runner.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert latest.exists(), "round 1 never finished"
+    (superlink,) = _pids_with("flower-superlink", str(Path(config.run_dir) / "flower" / "certs"))
+    os.kill(superlink, signal.SIGKILL)  # the server machine's Flower process crashes
+    runner.join(timeout=800)
+    assert not runner.is_alive()
+    summary = outcome["summary"]
+    assert summary["status"] == "completed" and summary["superlink_restarts"] == 1, summary
+    assert [row["round"] for row in summary["history"]] == [1, 2]
+    assert _final_vector(config.run_dir).tobytes() == reference.global_vector().tobytes()
+    assert _pids_with("fedguard_train.flower", str(config.run_dir)) == []  # SuperNodes (our wrapper) and workers
+    assert _pids_with("flower-superlink", str(config.run_dir)) == []

@@ -90,8 +90,8 @@ def test_options_and_deployment_refuse_bad_input_before_any_process(tmp_path: Pa
 
     with pytest.raises(ConfigError) as err:
         FlowerOptions(stage_timeout=0, first_timeout=-1, join_timeout=float("nan"), run_timeout=0, torch_threads=0,
-                      poll=0)
-    assert len(err.value.problems) == 6
+                      poll=0, superlink_restarts=-1)
+    assert len(err.value.problems) == 7
     with pytest.raises(ConfigError):
         Timeouts(first=0)
     dp = tiny_config(tmp_path / "dp", task, dp={"noise_multiplier": 1.0, "clip_norm": 0.1, "target_delta": 1e-3})
