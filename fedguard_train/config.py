@@ -423,6 +423,38 @@ TEACHER_KEYS = ("source", "family", "layers", "tokenizer", "finetune_steps", "fi
 
 
 @dataclass(frozen=True, kw_only=True)
+class HealSection:
+    """How a layer-dropped model is *healed* before federated training (fedguard_train/healing.py): its
+    kept blocks and final norm are distilled from the full model it was cut from for ``steps`` AdamW steps
+    (``lr``, batches of ``batch_size`` windows of ``seq_len`` tokens of ``data``: ``common-licenses``,
+    ``wordnet-unused``, or ``mixed``) on ``kd_weight``·τ²·KL(full ‖ dropped) at ``temperature`` over the whole
+    vocabulary plus ``hidden_weight``·NMSE of each kept block's output against the full model's output at
+    the same depth. Cached on disk keyed by the full model's weights, the kept blocks and these settings."""
+
+    steps: int = 200
+    batch_size: int = 8
+    seq_len: int = 64
+    lr: float = 5e-4
+    temperature: float = 1.0
+    kd_weight: float = 1.0
+    hidden_weight: float = 1.0
+    data: Literal["common-licenses", "wordnet-unused", "mixed"] = "mixed"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _problems_of(self, [
+            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.seq_len >= 4, f"seq_len must be >= 4, got {self.seq_len}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+            (self.kd_weight >= 0 and self.hidden_weight >= 0 and self.kd_weight + self.hidden_weight > 0,
+             f"kd_weight and hidden_weight must be >= 0 and not both 0, got {self.kd_weight} and "
+             f"{self.hidden_weight}"),
+        ])
+
+
+@dataclass(frozen=True, kw_only=True)
 class HeteroSection:
     """The ``hetero:`` section of ``trainer: hetero`` (FedHeteroLLM, FATE-LLM §3.1, Figure 3(b); FedMKT for
     different tokenisers). ``teachers``: one per client, keyed ``client0``, ``client1``, ... each a mapping with
@@ -442,6 +474,7 @@ class HeteroSection:
     direction: Literal["forward", "reverse"] = "forward"
     top_k: int = 16
     alignment: Literal["dtw", "dtw-edit", "boundary"] = "dtw"
+    mentee_heal: HealSection | None = None  # heal the layer-dropped mentee first (fedguard_train/healing.py)
 
     def __post_init__(self) -> None:
         problems = []
@@ -525,6 +558,7 @@ class CoSection:
     send_logits: bool = False
     logits_examples: int = 32
     client_lam: float = 1.0
+    small_heal: HealSection | None = None  # heal the layer-dropped small model first (fedguard_train/healing.py)
 
     def __post_init__(self) -> None:
         _problems_of(self, [

@@ -30,7 +30,15 @@ import numpy as np
 
 from fedguard.errors import ConfigError
 from fedguard_train.config import DataConfig
-from fedguard_train.data import Example, load_jsonl, load_wordnet, tokenize
+from fedguard_train.data import (
+    _POS,
+    WORDNET_ROOT,
+    Example,
+    _parse_data_line,
+    load_jsonl,
+    load_wordnet,
+    tokenize,
+)
 
 Items = list[dict[str, list[int]]]
 
@@ -81,4 +89,52 @@ def load_public(source: str, *, tokenizer: Any, data: DataConfig, run_examples: 
     return tokenize([pairs[i] for i in sorted(order)], tokenizer, data)
 
 
-__all__ = ["disjoint_pairs", "lemma_of", "load_public", "text_windows"]
+def unused_wordnet_pairs(root: Path = WORDNET_ROOT) -> list[Example]:
+    """"Define the word" pairs that **no run can draw** with ``data.source: wordnet``, whatever its seed or
+    ``max_examples``: :func:`fedguard_train.data.load_wordnet` takes only lemmas with a tagged sense
+    (``tagsense_cnt >= 1``) and their first synset; these are the lemmas with *no* tagged sense, each with its
+    first synset, keeping only lemmas that are no drawable lemma under any part of speech, synsets that are
+    no drawable lemma's first synset, and definitions whose wording is no drawable synset's. Used to heal a layer-dropped model
+    (fedguard_train/healing.py) on text of the task's kind without touching any client's or test example."""
+    if not (root / "data.noun").is_file():
+        raise ConfigError(f"WordNet is not installed at {root}")
+    drawable_lemmas: set[str] = set()
+    drawable_offsets: set[tuple[str, int]] = set()
+    unused: dict[str, dict[int, str]] = {}
+    for pos in _POS:
+        with (root / f"index.{pos}").open(encoding="latin-1") as index:
+            for line in index:
+                if line.startswith("  "):
+                    continue
+                parts = line.split()
+                lemma, p_cnt = parts[0], int(parts[3])
+                if not lemma.isalpha() or len(lemma) < 3:
+                    continue
+                first_offset = int(parts[6 + p_cnt])
+                if int(parts[5 + p_cnt]) >= 1:
+                    drawable_lemmas.add(lemma)
+                    drawable_offsets.add((pos, first_offset))
+                else:
+                    unused.setdefault(pos, {}).setdefault(first_offset, lemma)
+    out = []
+    drawable_definitions: set[str] = set()
+    for pos, pos_word in _POS.items():
+        offsets = {o: lem for o, lem in unused.get(pos, {}).items()
+                   if (pos, o) not in drawable_offsets and lem not in drawable_lemmas}
+        with (root / f"data.{pos}").open(encoding="latin-1") as data:
+            for line in data:
+                offset = line[:8]
+                if not offset.isdigit():
+                    continue
+                parsed = _parse_data_line(line)
+                if parsed is None or not parsed[2]:
+                    continue
+                if (pos, int(offset)) in drawable_offsets:
+                    drawable_definitions.add(parsed[2])
+                elif int(offset) in offsets and len(parsed[2].split()) <= 20:
+                    out.append(Example(f'Define the {pos_word} "{offsets[int(offset)]}".', parsed[2]))
+    # two synsets can share a gloss's wording ("in a ... manner"): keep no drawable definition
+    return [ex for ex in out if ex.response not in drawable_definitions]
+
+
+__all__ = ["disjoint_pairs", "lemma_of", "load_public", "text_windows", "unused_wordnet_pairs"]

@@ -55,11 +55,12 @@ from fedguard_train.config import CoSection, ModelConfig
 from fedguard_train.data import IGNORE_INDEX, collate, load_examples, tokenize
 from fedguard_train.distill import TopK, kd_loss, realign, remap, top_k
 from fedguard_train.engine import LocalTrainer
+from fedguard_train.healing import HealInfo, healed_model
 from fedguard_train.hooks import LocalLoss, TrainerHook
 from fedguard_train.metrics import evaluate
 from fedguard_train.models import attach_adapter, cache_root, family_of
 from fedguard_train.public_data import load_public
-from fedguard_train.trainers.base import LocalOutcome, Trainer, seed_of
+from fedguard_train.trainers.base import LocalOutcome, RunResult, Trainer, seed_of
 from fedguard_train.trainers.hetero import drop_layers, load_model
 
 SCORES = ("rouge1", "rouge2", "rougeL", "bleu4", "perplexity")
@@ -155,7 +156,14 @@ class FedCoLLM(Trainer):
         s = self.section
         small, tokenizer = load_model(cfg.model.name_or_path, cfg.model.family, s.small_tokenizer, seed=cfg.seed)
         self.small_full_layers = _n_layers(small)
-        small = drop_layers(small, s.small_layers, cfg.model.family)
+        self.heal_info: HealInfo | None = None
+        if s.small_heal is not None:
+            if not s.small_layers:
+                raise ConfigError("co.small_heal heals a layer-dropped small model: set co.small_layers")
+            small, self.heal_info = healed_model(small, tokenizer, s.small_layers, s.small_heal,
+                                                 family_name=cfg.model.family, progress=not self.quiet)
+        else:
+            small = drop_layers(small, s.small_layers, cfg.model.family)
         self.family = family_of(small, cfg.model.family)
         torch.manual_seed(seed_of(cfg.seed, "adapter-init"))
         self.use_travelling_model(attach_adapter(small, self.family, cfg.adapter), tokenizer)
@@ -378,6 +386,18 @@ class FedCoLLM(Trainer):
                                  batch_hook=self.hooks.local_batch(client),
                                  progress=self.observer.step if self.observer is not None else None)
         return LocalOutcome(self.global_vector(), local.mean_loss, len(items))
+
+    def run(self, *, resume: bool = False, overwrite: bool = False, observer: Any = None) -> RunResult:
+        """The base's run, then ``heal.json`` in the run directory when the small model was healed (what it
+        is: kept blocks, recipe, held-out perplexities, cache key)."""
+        result = super().run(resume=resume, overwrite=overwrite, observer=observer)
+        if self.heal_info is not None:
+            import json
+
+            from fedguard.files import atomic_write
+
+            atomic_write(self.run_dir / "heal.json", json.dumps(self.heal_info.to_dict(), indent=2, default=str))
+        return result
 
     def run_local(self) -> list[dict[str, Any]]:
         """Each client alone: the client step without the server (no logits, no server step)."""

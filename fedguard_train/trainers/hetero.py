@@ -20,6 +20,7 @@ rendered to text, tokenised by the teacher, the teacher's top-k ids are mapped i
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -27,11 +28,13 @@ import numpy as np
 import torch
 
 from fedguard.errors import ConfigError
+from fedguard.files import atomic_write
 from fedguard_train import alignment as al
 from fedguard_train.config import HeteroSection, ModelConfig
 from fedguard_train.data import IGNORE_INDEX
 from fedguard_train.distill import TopK, kd_loss, realign, remap, top_k
 from fedguard_train.engine import LocalTrainer
+from fedguard_train.healing import HealInfo, healed_model
 from fedguard_train.hooks import LocalLoss, TrainerHook
 from fedguard_train.models import attach_adapter, cache_root, family_of, load_base_model
 from fedguard_train.trainers.base import LocalOutcome, RunResult, Trainer, seed_of
@@ -117,7 +120,14 @@ class FedHeteroLLM(Trainer):
         self.section: HeteroSection = cfg.hetero
         base, tokenizer = load_model(cfg.model.name_or_path, cfg.model.family, self.section.mentee_tokenizer,
                                      seed=cfg.seed)
-        base = drop_layers(base, self.section.mentee_layers, cfg.model.family)
+        self.heal_info: HealInfo | None = None
+        if self.section.mentee_heal is not None:
+            if not self.section.mentee_layers:
+                raise ConfigError("hetero.mentee_heal heals a layer-dropped mentee: set hetero.mentee_layers")
+            base, self.heal_info = healed_model(base, tokenizer, self.section.mentee_layers, self.section.mentee_heal,
+                                                family_name=cfg.model.family, progress=not self.quiet)
+        else:
+            base = drop_layers(base, self.section.mentee_layers, cfg.model.family)
         self.family = family_of(base, cfg.model.family)
         torch.manual_seed(seed_of(cfg.seed, "adapter-init"))
         self.use_travelling_model(attach_adapter(base, self.family, cfg.adapter), tokenizer)
@@ -126,7 +136,14 @@ class FedHeteroLLM(Trainer):
         self.stats = _Stats()
         self.hooks.hooks.append(self.stats)
         self._mentee_texts: list[str] | None = None
-        self.teachers = [self._build_teacher(k) for k in range(cfg.federation.clients)]
+        self._teachers: list[Teacher] | None = None  # built on first use: a run with lam 0 never needs them
+
+    @property
+    def teachers(self) -> list[Teacher]:
+        """Each client's teacher (built, or loaded from the teacher cache, on first use)."""
+        if self._teachers is None:
+            self._teachers = [self._build_teacher(k) for k in range(self.config.federation.clients)]
+        return self._teachers
 
     # -- teachers ------------------------------------------------------------------------------------
     def _build_teacher(self, client: int) -> Teacher:
@@ -144,8 +161,8 @@ class FedHeteroLLM(Trainer):
             vocab_map = al.cached_vocab_map(tokenizer, self.tokenizer, cache_root() / "vocab-maps",
                                             progress=not self.quiet).mapping
         steps = int(spec.get("finetune_steps", 0))
-        loss = (self._finetune(Teacher(model, tokenizer, "", vocab_map), client, steps,
-                               float(spec.get("finetune_lr", 1e-4))) if steps else None)
+        loss = (self._cached_finetune(Teacher(model, tokenizer, "", vocab_map), client, spec, steps)
+                if steps else None)
         params = sum(p.numel() for p in model.parameters())
         description = (f"{source} ({family_of(model).name}, {layers} of {full_layers} blocks"
                        f"{', layer-dropped' if layers < full_layers else ''}, {params / 1e6:.2f}M parameters, "
@@ -162,6 +179,51 @@ class FedHeteroLLM(Trainer):
             return ids
         text = "".join(al.surface_tokens(self.tokenizer, ids))
         return list(teacher.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _cached_finetune(self, teacher: Teacher, client: int, spec: dict[str, Any], steps: int) -> float:
+        """:meth:`_finetune`, or its result loaded from ``$FEDGUARD_CACHE/teachers/<key>/`` when this exact
+        teacher was fine-tuned before: the key hashes the teacher's source weights (fingerprint), its spec,
+        the client's tokenised examples, the batch size and the seed, so a teacher is trained once per
+        (teacher, client data) and a changed dataset, seed or recipe trains a new one. The cache holds the
+        client's fine-tuned teacher: it stays on the client's machine like the teacher itself."""
+        import hashlib
+        import json
+        import os
+        import shutil
+
+        from safetensors.torch import load_file, save_file
+
+        from fedguard_train.emulator import fingerprint
+
+        model = teacher.model
+        items = [it["input_ids"] for it in self.client_items[client]]
+        raw = {"weights": fingerprint(model), "spec": {k: spec[k] for k in sorted(spec)}, "client": client,
+               "data": hashlib.sha256(json.dumps(items).encode()).hexdigest(), "seed": self.config.seed,
+               "batch_size": self.config.training.batch_size, "version": 1}
+        key = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:32]
+        directory = cache_root() / "teachers" / key
+        if (directory / "model.safetensors").is_file() and (directory / "meta.json").is_file():
+            missing, unexpected = model.load_state_dict(load_file(directory / "model.safetensors"), strict=False)
+            if unexpected or any(not n.endswith("lm_head.weight") for n in missing):
+                raise ConfigError(f"the teacher cache {directory} does not fit client {client}'s teacher; delete it")
+            return float(json.loads((directory / "meta.json").read_text())["loss"])
+        loss = self._finetune(teacher, client, steps, float(spec.get("finetune_lr", 1e-4)))
+        tensors: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for name, tensor in model.state_dict().items():  # tied weights once
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                tensors[name] = tensor.detach().contiguous().clone()
+        tmp = directory.with_name(f"{key}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / "model.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps({"key": raw, "loss": loss}, indent=2, default=str))
+        if directory.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+        return loss
 
     def _finetune(self, teacher: Teacher, client: int, steps: int, lr: float) -> float:
         """Full fine-tuning of a teacher on its own client's examples (prompt + response as plain LM, Adam),
@@ -261,12 +323,18 @@ class FedHeteroLLM(Trainer):
         loss and alignment counts per round (the runner's report.md holds the usual tables)."""
         result = super().run(resume=resume, overwrite=overwrite, observer=observer)
         s = self.section
+        scores = self.teacher_scores() if s.lam > 0 else []
+        heal = f"- mentee healing: {self.heal_info.describe()}" if self.heal_info else "- mentee not healed"
         lines = [f"# FedHeteroLLM: teachers and distillation ({self.run_dir.name})", "",
                  f"- mentee: `{self.config.model.name_or_path}`"
                  f"{f' layer-dropped to {s.mentee_layers} blocks' if s.mentee_layers else ''}, adapter "
                  f"{self.config.adapter.method}; loss = LM + {s.lam} x KD ({s.direction} KL, temperature "
                  f"{s.temperature}, teacher top-{s.top_k}, alignment {s.alignment})", "", "## Teachers (never leave "
-                 "their client)", "", *[f"- {d}" for d in self.teacher_descriptions()], "", "## Rounds", "",
+                 "their client)", "", *[f"- {d}" for d in self.teacher_descriptions()], "", heal, "",
+                 *(["## Teachers on the held-out split", "", "| client | ROUGE-L | BLEU-4 | perplexity |",
+                    "|---:|---:|---:|---:|"] + [f"| {k} | {r['rougeL']:.2f} | {r['bleu4']:.2f} | {r['perplexity']:,.2f} |"
+                                               for k, r in enumerate(scores)] + [""] if scores else []),
+                 "## Rounds", "",
                  "| round | LM loss | KD loss | one-to-one | one-to-many | many-to-one | mentee tokens |",
                  "|---:|---:|---:|---:|---:|---:|---:|"]
         for row in result.history:
@@ -275,7 +343,24 @@ class FedHeteroLLM(Trainer):
                          f"{row.get('kd_loss', float('nan')):.4f} | {c.get('one_to_one', '-')} | "
                          f"{c.get('one_to_many', '-')} | {c.get('many_to_one', '-')} | {c.get('mentee_tokens', '-')} |")
         (self.run_dir / "hetero.md").write_text("\n".join(lines) + "\n")
+        extra = {"teachers": [{"description": d, **r} for d, r in zip(self.teacher_descriptions(), scores)],
+                 "heal": self.heal_info.to_dict() if self.heal_info else None}
+        atomic_write(self.run_dir / "hetero.json", json.dumps(extra, indent=2, default=str))
         return result
+
+    def teacher_scores(self) -> list[dict[str, Any]]:
+        """Each client's teacher scored on the run's held-out split (ROUGE/BLEU-4 of greedy answers,
+        perplexity of the references), in its own tokeniser; the scores stay with the run's report."""
+        from fedguard_train.data import tokenize
+        from fedguard_train.metrics import evaluate
+
+        out = []
+        for teacher in self.teachers:
+            items = tokenize(self.test_examples, teacher.tokenizer, self.config.data)
+            row = evaluate(teacher.model, teacher.tokenizer, self.test_examples, items,
+                           max_new_tokens=self.config.eval.max_new_tokens)
+            out.append({k: row[k] for k in ("rouge1", "rouge2", "rougeL", "bleu4", "perplexity")})
+        return out
 
 
 def _n_layers(model: torch.nn.Module) -> int:
