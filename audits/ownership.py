@@ -12,7 +12,9 @@ model (``--base``, or a peft adapter's own base; an adapter that names none is r
 states others — or whose calibration cannot be recomputed — is refused whatever its bits say
 (:mod:`fedguard.watermark.calibration`); each claimant's key is matched against the commitments given
 (``--commitment``) and those recorded in the model's run state, and ``--require-commitment`` voids a claim
-without one that predates the model (:mod:`fedguard.watermark.commitment`). Claimants sharing an owner
+without one that predates the model (:mod:`fedguard.watermark.commitment`). With a base model, invariant and
+gram keys are read after undoing a rotation of the residual stream (Procrustes on the token embeddings,
+:mod:`fedguard.watermark.alignment`). Claimants sharing an owner
 label are shown with their file name and key id.
 
 Output (``--json``: the JSON on stdout and no files): ``ownership.json``, ``ownership.md`` and
@@ -143,7 +145,7 @@ def audit_keys(
         raise ConfigError("an ownership audit needs at least one key")
     claims = []
     for label, (path, key) in zip(_labels(keys), keys, strict=True):
-        detection = verify_key(model, key, significance)
+        detection = verify_key(model, key, significance, base=base)
         calibration = check_calibration(key, base) if isinstance(key, SignKey) else None
         status, detail = _commitment_status(key, commitments, model_time, run_commitments)
         committed = status in ("predates-model", "recorded-in-run")

@@ -96,11 +96,13 @@ def logits(model: torch.nn.Module, data: torch.Tensor) -> torch.Tensor:
 
 def measure(model: torch.nn.Module, keys: Sequence[SignKey], data: torch.Tensor, *, attack: str,
             strength: float, label: str, reference_loss: float, reference_logits: torch.Tensor | None = None,
-            significance: float = DEFAULT_SIGNIFICANCE) -> AttackResult:
-    """Verify every key on the attacked ``model`` and price the attack in task loss."""
+            significance: float = DEFAULT_SIGNIFICANCE, base: torch.nn.Module | None = None) -> AttackResult:
+    """Verify every key on the attacked ``model`` and price the attack in task loss. With ``base`` (the
+    public starting model) the keys are read as the audit reads them: after undoing a residual-stream
+    rotation (:mod:`fedguard.watermark.alignment`)."""
     owners = []
     for key in keys:
-        d = SignWatermark(key, model).detect(significance)
+        d = SignWatermark(key, model, align_to=base).detect(significance)
         owners.append(OwnerOutcome(key.owner, key.key_id, d.bits, d.matched, d.p_value, d.verdict))
     loss = task_loss(model, data)
     change = math.nan

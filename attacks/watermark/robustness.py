@@ -9,7 +9,10 @@ scales, 32 bits per client) once per embedding, then the attack suite on the res
 * ``suite``: the default suite for ``mode="invariant"`` (the previous default) and ``mode="gram"``;
 * ``tradeoff``: fine-tuning survival against the margin γ0 (gram mode), with the fidelity cost of each
   γ0 (eval loss with the watermark minus the identical run without it);
-* ``dp``: watermarks under client-level DP at the private example's noise, per placement.
+* ``dp``: watermarks under client-level DP at the private example's noise, per placement;
+* ``survival``: the trade-off curve of issue 14's first goal: per (owners' training length, bits per client,
+  γ0) the fidelity cost and the worst owner's bits/claims after 200 and 1000 steps of same-task
+  fine-tuning of the released parameters at the training lr and after an overwriting attacker with 4 keys.
 
 Every number is a measurement of this run (seeded: ``SimulationConfig.seed``); the machine load is
 recorded beside it.
@@ -18,6 +21,7 @@ recorded beside it.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -97,10 +101,48 @@ def under_dp(rounds: int = 3, clip: float = 0.1, noise: float = 0.5, delta: floa
     return rows
 
 
+SURVIVAL_GRIDS: dict[str, tuple[tuple[int, int, int, float], ...]] = {
+    # (rounds, local steps, bits per client, gamma0); 128 bits = the 4 clients fill every gram block (K*N_i = D_i)
+    "a": ((4, 15, 32, 1.0), (4, 15, 128, 4.0), (5, 40, 32, 1.0), (5, 40, 128, 4.0)),
+    "b": ((5, 40, 32, 4.0), (5, 40, 128, 1.0), (5, 40, 128, 16.0), (4, 15, 128, 16.0)),
+}
+
+
+def survival(grid: str, lr: float = 5e-3) -> list[dict[str, Any]]:
+    """Fine-tuning (released adapter + norms, lr, 0/200/1000 steps) and 4-key overwriting against the owners'
+    training length, bits and margin; fidelity against the identical run without watermarks."""
+    from attacks.watermark.finetune import finetune
+    from attacks.watermark.overwrite import overwrite
+
+    plain: dict[tuple[int, int], float] = {}
+    rows = []
+    for rounds, local, bits, g in SURVIVAL_GRIDS[grid]:
+        cfg = SimulationConfig(mode="gram", rounds=rounds, local_steps=local, bits=bits, gamma0=g)
+        if (rounds, local) not in plain:
+            plain[(rounds, local)] = run_federated(cfg, watermark=False).eval_loss
+        t = time.perf_counter()
+        res, data, _ = _setting(cfg)
+        cost = (res.eval_loss - plain[(rounds, local)]) / plain[(rounds, local)]
+        ft = finetune(copy.deepcopy(res.model), res.keys, data, steps=(0, 200, 1000), lr=lr)
+        ow = overwrite(res.model, res.keys, data, attacker_keys=(4,), steps=200, lr=lr,
+                       rng=SecureRNG.for_testing(f"survival/{grid}/overwrite"))
+        row = {"rounds": rounds, "local_steps": local, "bits": bits, "gamma0": g, "eval_loss": res.eval_loss,
+               "eval_loss_without_watermark": plain[(rounds, local)], "fidelity_cost": cost,
+               "finetune": [r.to_json() for r in ft], "overwrite": [r.to_json() for r in ow],
+               "seconds": time.perf_counter() - t, "load": os.getloadavg()}
+        rows.append(row)
+        print(f"rounds={rounds} local={local} bits={bits} gamma0={g}: eval {res.eval_loss:.3f} fidelity {cost:+.2%}; "
+              + ", ".join(f"FT {int(r.strength)} {r.min_matched}/{r.bits} ({r.claims}/4, dloss {r.delta_task_loss:+.3f})"
+                          for r in ft)
+              + f"; overwrite 4 keys {ow[0].min_matched}/{ow[0].bits} ({ow[0].claims}/4)", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--part", choices=("all", "suite", "tradeoff", "dp"), default="all")
+    parser.add_argument("--grid", choices=sorted(SURVIVAL_GRIDS), default="a", help="--part survival: which grid")
+    parser.add_argument("--part", choices=("all", "suite", "tradeoff", "dp", "survival"), default="all")
     args = parser.parse_args()
     torch.set_num_threads(1)
     steps = (0, 50, 200) if args.quick else (0, 50, 200, 1000)
@@ -117,6 +159,8 @@ def main() -> None:
         out["tradeoff"] = tradeoff((1.0, 4.0, 16.0) if not args.quick else (1.0, 4.0), steps, 5e-3)
     if args.part in ("all", "dp"):
         out["dp"] = under_dp()
+    if args.part == "survival":
+        out.setdefault("survival", {})[args.grid] = survival(args.grid)
     out["load_after"] = os.getloadavg()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=1) + "\n")

@@ -79,17 +79,20 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-def verify_key(model: torch.nn.Module, key: WatermarkKey, significance: float = 1e-6) -> Detection:
+def verify_key(model: torch.nn.Module, key: WatermarkKey, significance: float = 1e-6, *,
+               base: torch.nn.Module | None = None) -> Detection:
     """Verify one key of either scheme against a model (white-box for sign keys, by generation for
-    backdoor keys); ``significance`` defaults to :data:`DEFAULT_SIGNIFICANCE` (1e-6). (Not named
-    ``verify``: that is the submodule :mod:`fedguard.watermark.verify`.)"""
+    backdoor keys); ``significance`` defaults to :data:`DEFAULT_SIGNIFICANCE` (1e-6). With ``base`` (the
+    public starting model) invariant/gram sign keys are read after undoing a residual-stream rotation
+    (:mod:`fedguard.watermark.alignment`). (Not named ``verify``: that is the submodule
+    :mod:`fedguard.watermark.verify`.)"""
     from fedguard.errors import ConfigError
     from fedguard.watermark.backdoor import BackdoorWatermark
     from fedguard.watermark.keys import BackdoorKey, SignKey
     from fedguard.watermark.sign import SignWatermark
 
     if isinstance(key, SignKey):
-        return SignWatermark(key, model).detect(significance)
+        return SignWatermark(key, model, align_to=base).detect(significance)
     if isinstance(key, BackdoorKey):
         return BackdoorWatermark(key).detect(model, significance)
     raise ConfigError(f"not a watermark key: {type(key).__name__}")

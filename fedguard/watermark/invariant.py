@@ -59,13 +59,14 @@ def _is_conv1d(module: torch.nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
 
 
-def _is_lora(module: torch.nn.Module) -> bool:
+def is_lora(module: Any) -> bool:
+    """Whether ``module`` is a peft LoRA layer (it has ``lora_A`` and a base layer)."""
     return hasattr(module, "lora_A") and hasattr(module, "get_base_layer")
 
 
 def base_linear(module: Any) -> Any:
     """The plain linear layer under a peft LoRA wrapper (or the module itself)."""
-    return module.get_base_layer() if _is_lora(module) else module
+    return module.get_base_layer() if is_lora(module) else module
 
 
 def weight_in_out(module: Any) -> torch.Tensor:
@@ -76,7 +77,7 @@ def weight_in_out(module: Any) -> torch.Tensor:
     """
     base = base_linear(module)
     weight = base.weight
-    if _is_lora(module) and not getattr(module, "merged", False):
+    if is_lora(module) and not getattr(module, "merged", False):
         for adapter in module.active_adapters:
             if adapter in module.lora_A:
                 weight = weight + module.get_delta_weight(adapter)
@@ -101,7 +102,7 @@ def effective_response(consumer: Any, r: torch.Tensor) -> torch.Tensor:
     base = base_linear(consumer)
     w = base.weight.to(r.dtype)  # r's dtype: float32 for the regulariser, float64 for extraction
     out = (w @ r) if _is_conv1d(base) else (r @ w)
-    if _is_lora(consumer) and not getattr(consumer, "merged", False):
+    if is_lora(consumer) and not getattr(consumer, "merged", False):
         for adapter in consumer.active_adapters:
             if adapter not in consumer.lora_A:
                 continue
@@ -161,6 +162,6 @@ def reparametrise_norm(
             base.weight.div_(s[:, None])
         else:
             base.weight.div_(s[None, :])
-        if _is_lora(module):
+        if is_lora(module):
             for adapter in module.lora_A:
                 module.lora_A[adapter].weight.div_(s[None, :])

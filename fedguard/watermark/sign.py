@@ -39,7 +39,7 @@ import torch
 
 from fedguard.errors import ConfigError, KeyMismatchError
 from fedguard.rng import SecureRNG, random_seed
-from fedguard.watermark.capacity import plan_capacity
+from fedguard.watermark.capacity import CapacityError, plan_capacity
 from fedguard.watermark.invariant import base_linear, gram_norm_features, invariant_norm_features, output_dim
 from fedguard.watermark.keys import Mode, Reference, SignKey, TargetBlock, direction, projection_matrix
 from fedguard.watermark.targets import (
@@ -76,10 +76,20 @@ class SignWatermark:
     follows the model through training, ``load_vector`` and FedAvg.
     """
 
-    def __init__(self, key: SignKey, model: torch.nn.Module) -> None:
+    def __init__(self, key: SignKey, model: torch.nn.Module, *, align_to: torch.nn.Module | None = None) -> None:
+        """``align_to``: the public base model; for ``invariant``/``gram`` keys the features are then read in
+        the base's residual basis (:func:`fedguard.watermark.alignment.residual_alignment`: Procrustes on the
+        token embeddings), which undoes a rotation of the residual stream. The rotation is estimated once,
+        here: bind again after changing the model's embeddings."""
         if not isinstance(key, SignKey):
             raise ConfigError(f"SignWatermark needs a SignKey, got {type(key).__name__}")
         self.key = key
+        self._align: torch.Tensor | None = None
+        if align_to is not None and key.mode in ("invariant", "gram"):
+            from fedguard.watermark.alignment import residual_alignment
+
+            rot = residual_alignment(model, align_to)
+            self._align = None if torch.equal(rot, torch.eye(rot.shape[0], dtype=rot.dtype)) else rot
         signature = key.signature().astype(np.float64)
         bound = []
         for i, (block, sl) in enumerate(zip(key.blocks, key.block_bit_slices(), strict=True)):
@@ -140,7 +150,7 @@ class SignWatermark:
         """``z`` of all invariant blocks through batched matmuls, or None if a LoRA consumer was merged or
         unmerged since binding, in which case the per-block path is used. (Bind again after switching the
         active adapter.)"""
-        if not self._groups or any(bool(getattr(b.consumer, "merged", False)) for b in self._bound) != self._merged:
+        if self._align is not None or not self._groups or any(bool(getattr(b.consumer, "merged", False)) for b in self._bound) != self._merged:
             return None
         device = self._bound[0].params[0].device
         ck = (device, dtype)
@@ -224,9 +234,15 @@ class SignWatermark:
         if self.key.mode in ("invariant", "gram"):
             if b.consumer is None:  # __init__ binds a consumer to every invariant block
                 raise KeyMismatchError(f"invariant watermark block {b.block.module!r} has no consuming layer")
+            rot = None
+            if self._align is not None and self._align.shape[0] == b.params[0].shape[0]:
+                rot = self._align.to(device=r.device, dtype=dtype)
             if self.key.mode == "gram":
-                return gram_norm_features(b.params[0], b.consumer, r)
-            return invariant_norm_features(b.params[0], b.consumer, r)
+                if rot is None:
+                    return gram_norm_features(b.params[0], b.consumer, r)
+                return rot.t() @ gram_norm_features(b.params[0], b.consumer, rot @ r)  # G u = Rᵀ G_s (R u)
+            phi = invariant_norm_features(b.params[0], b.consumer, r)
+            return phi if rot is None else rot.t() @ phi
         return torch.cat([p.to(dtype).reshape(-1) for p in b.params])
 
     def _projections(self, dtype: torch.dtype) -> torch.Tensor:
@@ -307,8 +323,21 @@ def make_sign_key(
     else:
         mode = mode or ("invariant" if target == "norm" else "plain")
         candidates = discover(model, target, mode=mode, modules=modules)
-        plan = plan_capacity([c.dim for c in candidates], bits, n_clients, significance=significance,
-                             block_names=[c.module for c in candidates])
+        adapted = [c for c in candidates if c.adapted]
+        plan = None
+        if not modules and adapted and len(adapted) < len(candidates):
+            # Norm blocks whose consumer carries the adapter first: their feature moves at the adapter's pace,
+            # while a block read through a frozen consumer moves only with its norm scale (~lr per step), too
+            # slowly for a short run to reach a claim. All blocks if those lack the capacity.
+            try:
+                plan = plan_capacity([c.dim for c in adapted], bits, n_clients, significance=significance,
+                                     block_names=[c.module for c in adapted])
+                candidates = adapted
+            except CapacityError:
+                plan = None
+        if plan is None:
+            plan = plan_capacity([c.dim for c in candidates], bits, n_clients, significance=significance,
+                                 block_names=[c.module for c in candidates])
         draft = SignKey(
             seed=seed,
             blocks=tuple(c.block(n) for c, n in zip(candidates, plan.block_bits, strict=True) if n > 0),

@@ -24,7 +24,7 @@ import torch
 
 from fedguard.errors import ConfigError, KeyMismatchError
 from fedguard.params import mark_trainable
-from fedguard.watermark.invariant import base_linear, consumer_paths, output_dim
+from fedguard.watermark.invariant import base_linear, consumer_paths, is_lora, output_dim
 from fedguard.watermark.keys import BlockKind, Mode, TargetBlock
 
 TARGET_KINDS: tuple[BlockKind, ...] = ("norm", "lora", "prompt")
@@ -82,6 +82,9 @@ class Candidate:
     dim: int
     consumer: str | None = None
     consumer_shape: tuple[int, ...] | None = None
+    adapted: bool = False
+    """For an invariant norm block: whether its consumer carries a LoRA adapter (so its feature moves with
+    the adapter, not only with the slowly trained norm scale)."""
 
     def block(self, bits: int, scale: float = 1.0, offset: tuple[float, ...] = ()) -> TargetBlock:
         return TargetBlock(self.kind, self.module, self.params, self.shapes, bits, scale,
@@ -121,15 +124,18 @@ def discover(
             gamma: Any = _unwrap(base.get_submodule(path)).weight
             shape = tuple(int(d) for d in gamma.shape)
             consumer = consumer_shape = None
+            adapted = False
             if mode in ("invariant", "gram"):
-                paths = consumer_paths(path)
-                mod = resolve_module(model, paths[0]) if paths else None
-                if mod is None:
+                # the first consumer that carries a LoRA adapter, else the first consumer: every consumer of
+                # the norm gives an invariant feature, and an adapted one moves at the adapter's pace
+                mods = [(p, m) for p in consumer_paths(path) if (m := resolve_module(model, p)) is not None]
+                if not mods:
                     continue
-                consumer = paths[0]
+                consumer, mod = next(((p, m) for p, m in mods if is_lora(m)), mods[0])
+                adapted = is_lora(mod)
                 consumer_shape = tuple(int(d) for d in base_linear(mod).weight.shape)
                 output_dim(mod)  # raises for an unsupported consumer type
-            found.append(Candidate("norm", path, ("weight",), (shape,), shape[0], consumer, consumer_shape))
+            found.append(Candidate("norm", path, ("weight",), (shape,), shape[0], consumer, consumer_shape, adapted))
     elif kind == "lora":
         for path, lmod in base.named_modules():
             module: Any = lmod

@@ -156,3 +156,122 @@ def test_finetuning_a_fresh_lora_on_the_merged_model_leaves_the_original_untouch
     results = finetune(trained["model"], trained["keys"], trained["data"], steps=[0, 10], params="new-lora")
     assert results[0].verdict and results[1].label == "10 steps" and "new-lora" in results[1].attack
     assert all(torch.equal(a, b) for a, b in zip(before, trained["model"].parameters(), strict=True))
+
+
+# --- the Llama family (RMSNorm, GQA, RoPE): same attacks, plus the residual-stream rotation -------------------
+
+
+@pytest.fixture(scope="module")
+def llama() -> dict:
+    """A tiny random Llama (GQA: 4 query heads on 2 key-value heads) with LoRA and trainable norms, into
+    which two owners embed gram keys until both claim."""
+    from peft import LoraConfig, get_peft_model
+
+    from fedguard.watermark import SignWatermark, make_sign_key, prepare_norm_targets
+    from tests.models import tiny_llama
+
+    base = tiny_llama(3)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(
+        r=4, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    prepare_norm_targets(model)
+    keys = [make_sign_key(model, bits=32, mode="gram", n_clients=2, alpha=0.05, owner=f"owner-{i}",
+                          rng=SecureRNG.for_testing(f"llama/{i}")) for i in range(2)]
+    marks = [SignWatermark(k, model) for k in keys]
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randint(0, 64, (128, 1), generator=gen)
+    data = (start + torch.arange(16)[None, :] * 5) % 64  # a learnable next-token rule
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(300):
+        idx = torch.randint(0, 128, (16,), generator=gen)
+        loss = model(input_ids=data[idx], labels=data[idx]).loss + sum(m.loss() for m in marks)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 20 == 19 and all(m.detect().matched == 32 for m in marks):
+            break
+    model.eval()
+    assert all(m.detect().verdict for m in marks)
+    return {"model": model, "keys": keys, "data": data, "base": base,
+            "matched": [m.detect().matched for m in marks]}
+
+
+@pytest.mark.parametrize("name", ["fold_norms", "permute_mlp", "permute_heads", "rotate_heads"])
+def test_llama_exact_reparametrisations_keep_the_function_and_every_gram_claim(llama: dict, name: str) -> None:
+    model = transforms.merged(copy.deepcopy(llama["model"]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref_loss, ref_logits = task_loss(model, llama["data"]), logits(model, llama["data"])
+    getattr(transforms, name)(model, torch.Generator().manual_seed(11))
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())  # the weights did move
+    r = measure(model, llama["keys"], llama["data"], attack="t", strength=1.0, label="t", reference_loss=ref_loss,
+                reference_logits=ref_logits)
+    assert r.function_change < 1e-4 and abs(r.delta_task_loss) < 1e-5
+    assert r.verdict and [o.matched for o in r.owners] == llama["matched"], r
+
+
+def test_llama_residual_rotation_breaks_the_plain_gram_readout_and_alignment_restores_it(llama: dict) -> None:
+    """QuaRot-style: fold the RMSNorm scales, rotate the residual basis. The function is unchanged, the gram
+    bits read as before fall to chance; read after Procrustes alignment on the base's embeddings, every bit
+    is back (the audit does this whenever it has the base model)."""
+    model = transforms.merged(copy.deepcopy(llama["model"]))
+    ref_loss, ref_logits = task_loss(model, llama["data"]), logits(model, llama["data"])
+    transforms.rotate_residual(model, torch.Generator().manual_seed(5))
+    assert all(torch.equal(n.weight, torch.ones_like(n.weight)) for n in model.modules() if "RMSNorm" in type(n).__name__)
+    plain = measure(model, llama["keys"], llama["data"], attack="t", strength=1.0, label="t", reference_loss=ref_loss,
+                    reference_logits=ref_logits)
+    assert plain.function_change < 1e-4 and abs(plain.delta_task_loss) < 1e-5
+    assert plain.claims == 0 and plain.min_matched <= 24, plain  # the attack works on the unaligned readout
+    aligned = measure(model, llama["keys"], llama["data"], attack="t", strength=1.0, label="t",
+                      reference_loss=ref_loss, base=llama["base"])
+    assert aligned.verdict and [o.matched for o in aligned.owners] == llama["matched"], aligned
+
+
+def test_alignment_is_the_identity_on_an_unrotated_model_and_refuses_other_vocabularies(llama: dict) -> None:
+    from fedguard.errors import KeyMismatchError
+    from fedguard.watermark.alignment import residual_alignment
+    from tests.models import tiny_llama
+
+    rot = residual_alignment(llama["model"], llama["base"])  # LoRA never trains the embeddings
+    assert torch.allclose(rot, torch.eye(rot.shape[0], dtype=torch.float64), atol=1e-10)
+    with pytest.raises(KeyMismatchError, match="token embeddings"):
+        residual_alignment(llama["model"], tiny_llama(0, vocab=80))
+
+
+def test_alignment_keeps_the_null_fresh_keys_do_not_claim_a_rotated_model(llama: dict) -> None:
+    """Alignment depends on the model and the public base only, never on the key: keys that were not
+    embedded still read as coin flips (no claim at 1e-6 among 20 fresh keys)."""
+    from fedguard.watermark import make_sign_key
+
+    model = transforms.merged(copy.deepcopy(llama["model"]))
+    transforms.rotate_residual(model, torch.Generator().manual_seed(9))
+    fresh = [make_sign_key(llama["base"], like=llama["keys"][0], rng=SecureRNG.for_testing(f"null/{i}"))
+             for i in range(20)]
+    r = measure(model, fresh, llama["data"], attack="t", strength=1.0, label="t", reference_loss=0.0,
+                base=llama["base"])
+    assert r.claims == 0 and max(o.matched for o in r.owners) < 29
+
+
+def test_llama_prune_quantise_and_residual_rotation_rejected_for_gpt2(llama: dict, trained: dict) -> None:
+    for act in (lambda m: transforms.prune(m, 0.5), lambda m: transforms.quantise(m, 4, per_channel=True)):
+        model = transforms.merged(copy.deepcopy(llama["model"]))
+        act(model)
+        r = measure(model, llama["keys"], llama["data"], attack="t", strength=1.0, label="t", reference_loss=0.0)
+        assert r.verdict, r
+    with pytest.raises(ConfigError, match="Llama family"):
+        transforms.rotate_residual(transforms.merged(copy.deepcopy(trained["model"])), torch.Generator())
+
+
+def test_quick_suite_runs_on_llama_with_both_residual_rotation_rows(llama: dict) -> None:
+    import dataclasses
+
+    config = dataclasses.replace(SUITES["quick"], reparametrise=("norm-fold", "head-rotation", "residual-rotation",
+                                                                  "lora-svd"), finetune_params=("released", "new-lora"))
+    model = copy.deepcopy(llama["model"])
+    report = run_suite(model, llama["keys"], llama["data"][:64], base=llama["base"], config=config,
+                       rng=SecureRNG.for_testing("llama-suite"))
+    rows = {r.label: r for r in report.results if r.attack == "re-parametrise"}
+    assert set(rows) == {"norm-fold", "head-rotation", "residual-rotation",
+                         "residual-rotation (read without alignment)", "lora-svd"}
+    assert all(rows[n].verdict for n in ("norm-fold", "head-rotation", "residual-rotation", "lora-svd"))
+    assert rows["residual-rotation (read without alignment)"].claims == 0
+    assert any("new-lora" in r.attack for r in report.results) and not report.skipped

@@ -88,7 +88,13 @@ def test_llama_rmsnorm_transform_compensated_in_q_k_v_keeps_invariant_bits() -> 
     from fedguard.watermark import prepare_norm_targets
 
     prepare_norm_targets(model)
-    key = make_sign_key(model, bits=32, alpha=1.0, rng=SecureRNG.for_testing("inv/llama"))
+    # every norm, named: by default blocks read through a LoRA-adapted consumer (q_proj) come first
+    norms = [f"model.layers.{i}.{n}" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")]
+    assert {b.module for b in make_sign_key(model, bits=32, rng=SecureRNG.for_testing("x")).blocks} == set(norms[::2])
+    # ... unless they lack the capacity: 2 clients x 40 bits > the 64 values of the two input norms
+    wide = make_sign_key(model, bits=40, n_clients=2, rng=SecureRNG.for_testing("y"))
+    assert {b.module for b in wide.blocks} == set(norms)
+    key = make_sign_key(model, bits=32, alpha=1.0, modules=norms, rng=SecureRNG.for_testing("inv/llama"))
     assert {b.module.rsplit(".", 1)[1] for b in key.blocks} == {"input_layernorm", "post_attention_layernorm"}
     assert key.blocks[0].consumer == "model.layers.0.self_attn.q_proj"
     wm = SignWatermark(key, model)
