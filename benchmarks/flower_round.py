@@ -65,9 +65,23 @@ def _load(uptime: str = "/proc/loadavg") -> str:
     return Path(uptime).read_text().split(" ")[0]
 
 
-def compare(config: Any, work: Path, *, poll: float = 0.1) -> dict[str, Any]:
+def _flower(config: Any, work: Path, name: str, options: Any) -> tuple[dict[str, Any], float, float]:
+    from fedguard_train.flower.launcher import Deployment
+
+    cfg = _with(config, run_dir=str(work / name))
+    t0 = time.perf_counter()
+    with Deployment(cfg, options) as deployment:
+        deployment.start()
+        started = time.perf_counter()
+        summary = deployment.run(overwrite=True)
+    if summary.get("status") != "completed":
+        raise SystemExit(f"the Flower run {name} did not complete: {summary}")
+    return summary, time.perf_counter() - t0, started - t0
+
+
+def compare(config: Any, work: Path, *, poll: float = 0.1, cold: bool = False) -> dict[str, Any]:
     from fedguard_train.checkpoint import load_latest
-    from fedguard_train.flower.launcher import Deployment, FlowerOptions
+    from fedguard_train.flower.launcher import FlowerOptions
     from fedguard_train.runner import build_trainer
 
     out: dict[str, Any] = {"config": {"model": config.model.name_or_path, "clients": config.n_parties,
@@ -81,16 +95,14 @@ def compare(config: Any, work: Path, *, poll: float = 0.1) -> dict[str, Any]:
     local = trainer.run(overwrite=True)
     out["in_process_total_s"] = time.perf_counter() - t0
     flower_cfg = _with(config, run_dir=str(work / "flower"))
-    t0 = time.perf_counter()
-    with Deployment(flower_cfg, FlowerOptions(poll=poll)) as deployment:
-        deployment.start()
-        started = time.perf_counter()
-        summary = deployment.run(overwrite=True)
-    out["flower_total_s"] = time.perf_counter() - t0
-    out["flower_start_s"] = started - t0
+    summary, out["flower_total_s"], out["flower_start_s"] = _flower(config, work, "flower", FlowerOptions(poll=poll))
+    if cold:  # the same run with Flower's own process start per message (no fork server), same conditions
+        cold_summary, out["flower_cold_total_s"], _ = _flower(config, work, "flower_cold",
+                                                              FlowerOptions(poll=poll, prefork=False))
+        out["flower_cold_round_s"] = [row["seconds"] for row in cold_summary["history"]]
+        out["flower_cold_stage_wall_s"] = {r: sum(s["wall_s"] for s in v)
+                                           for r, v in cold_summary.get("stage_times", {}).items()}
     out["load_after"] = _load()
-    if summary.get("status") != "completed":
-        raise SystemExit(f"the Flower run did not complete: {summary}")
     rounds = []
     for row_in, row_fl in zip(local.history, summary["history"]):
         r = str(row_in["round"])
@@ -112,6 +124,8 @@ def compare(config: Any, work: Path, *, poll: float = 0.1) -> dict[str, Any]:
     a, b = load_latest(Path(local_cfg.run_dir)), load_latest(Path(flower_cfg.run_dir))
     out["bit_identical"] = bool(a is not None and b is not None and a.vector.tobytes() == b.vector.tobytes())
     out["round_ratio_mean"] = sum(r["flower_s"] for r in rounds) / sum(r["in_process_s"] for r in rounds)
+    if cold:
+        out["cold_round_ratio_mean"] = sum(out["flower_cold_round_s"]) / sum(r["in_process_s"] for r in rounds)
     return out
 
 
@@ -155,6 +169,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--dropout", action="store_true")
     parser.add_argument("--poll", type=float, default=0.1, help="FlowerOptions.poll (Flower's poll intervals)")
+    parser.add_argument("--cold", action="store_true",
+                        help="also run Flower without the flwr-clientapp fork server, in the same run")
     parser.add_argument("--rounds", type=int, default=None, help="override federation.rounds")
     parser.add_argument("--eval-examples", type=int, default=None,
                         help="override eval.examples and evaluate only after the last round (eval.every = rounds): "
@@ -178,7 +194,7 @@ def main() -> None:
             config = _with(config, federation__rounds=args.rounds)
         if args.eval_examples is not None:
             config = _with(config, eval__examples=args.eval_examples, eval__every=config.federation.rounds)
-        result = compare(config, work, poll=args.poll)
+        result = compare(config, work, poll=args.poll, cold=args.cold)
     out = ROOT / "benchmarks" / "results" / f"{name}.json"
     out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(json.dumps(result, indent=1, default=str))

@@ -36,6 +36,9 @@ def register(commands: Commands) -> None:
     p.add_argument("--superlink-restarts", type=int, default=2,
                    help="restart a SuperLink that dies and resume the run from its checkpoint, at most this "
                         "many times (default 2; 0: never)")
+    p.add_argument("--no-prefork", action="store_true",
+                   help="let Flower start every flwr-clientapp as a new interpreter (~2 s of CPU per message) "
+                        "instead of forking it from a per-SuperNode server that has Flower imported")
     p.add_argument("--insecure-test-mode", action="store_true",
                    help="no TLS between the processes (tests on one machine only; never on a network)")
     p.set_defaults(handler=_run)
@@ -48,7 +51,8 @@ def _run(args: argparse.Namespace) -> int:
     config = _load(args)
     options = FlowerOptions(insecure_test_mode=args.insecure_test_mode, stage_timeout=args.stage_timeout,
                             first_timeout=args.first_timeout, join_timeout=args.join_timeout,
-                            poll=args.poll, superlink_restarts=args.superlink_restarts)
+                            poll=args.poll, superlink_restarts=args.superlink_restarts,
+                            prefork=not args.no_prefork)
     summary = run_deployment(config, options, resume=args.resume, overwrite=args.overwrite)
     for row in summary.get("history", []):
         print(json.dumps(row))

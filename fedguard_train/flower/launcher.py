@@ -10,7 +10,9 @@ children too: ``flower-superexec``, ``flwr-serverapp``, ``flwr-clientapp``):
 3. per client ``k``: the fedguard worker (:mod:`fedguard_train.flower.worker`, which loads the model and
    its data shard) and a ``flower-supernode`` whose ``--node-config`` names the worker's socket, started
    through :func:`fedguard_train.flower.polling.supernode_main` so that it polls every ``poll`` seconds
-   instead of 3 (every Flower process also gets Flower's ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``);
+   instead of 3 (every Flower process also gets Flower's ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``), and
+   (``prefork``, the default) a ``flwr-clientapp`` fork server whose shim the SuperNode's ``PATH`` finds
+   first (:mod:`fedguard_train.flower.prefork`);
 4. ``flwr run <app> fedguard --stream``: Flower builds the app bundle (a ``pyproject.toml`` whose
    components are :mod:`fedguard_train.flower.server_app` and :mod:`fedguard_train.flower.client_app`),
    the SuperLink starts the ServerApp, which runs the rounds and writes the run's usual files
@@ -40,6 +42,7 @@ from typing import IO, Any
 
 from fedguard.errors import ConfigError
 from fedguard_train.config import TrainConfig
+from fedguard_train.flower import prefork
 from fedguard_train.flower.certs import make_tls
 from fedguard_train.flower.polling import DEFAULT_POLL, check_poll, flower_env
 from fedguard_train.trainers.base import env_without_launcher, prepare_run_dir
@@ -88,6 +91,8 @@ class FlowerOptions:
             :mod:`fedguard_train.flower.polling`).
         superlink_restarts: how many times :func:`run_deployment` restarts a SuperLink that died and
             resumes the run from its checkpoint (0: never).
+        prefork: start each message's ``flwr-clientapp`` by forking a per-SuperNode server that has
+            Flower imported (:mod:`fedguard_train.flower.prefork`) instead of a cold interpreter.
     """
 
     insecure_test_mode: bool = False
@@ -99,6 +104,7 @@ class FlowerOptions:
     faults: dict[int, str] = field(default_factory=dict)
     poll: float = DEFAULT_POLL
     superlink_restarts: int = 2
+    prefork: bool = True
 
     def __post_init__(self) -> None:
         problems = [f"{name} must be a number > 0, got {getattr(self, name)!r}"
@@ -247,12 +253,12 @@ class FlowerProcesses:
                 time.sleep(0.2)
         self._spawn_superlink()
 
-    def start_supernode(self, name: str, node_config: str) -> subprocess.Popen[bytes]:
+    def start_supernode(self, name: str, node_config: str, *, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         # flower-supernode, its idle polls capped at self.poll (fedguard_train.flower.polling)
         supernode = [sys.executable, "-m", "fedguard_train.flower.polling"]
         return self.spawn(name, [*supernode, *self._tls_args("supernode"), "--superlink",
                                  f"127.0.0.1:{self.port}", "--port", str(free_port()), "--node-config", node_config],
-                          self.env())
+                          env if env is not None else self.env())
 
     def flwr_run(self, app: Path, *, timeout: float | None, run_config: dict[str, Any] | None = None) -> int:
         """``flwr run APP fedguard --stream`` against this SuperLink; its exit status. ``run_config``
@@ -366,16 +372,33 @@ class Deployment:
         """Certificates, the SuperLink, then each client's worker and SuperNode."""
         self.flower.start_superlink()
         (self.dir / "config.json").write_text(self.config.to_json())
+        if self.options.prefork:
+            prefork.write_shim(self.dir / "bin")
         for client in range(self.config.n_parties):
             self.start_client(client)
 
     def _start_supernode(self, client: int) -> subprocess.Popen[bytes]:
         sock = self.sockets / f"c{client}.sock"
-        return self.flower.start_supernode(f"supernode-{client}", f'fedguard-socket="{sock}" fedguard-client={client}')
+        env = self.flower.env()
+        if self.options.prefork:  # its SuperExec finds the shim first: flwr-clientapp forked, not cold-started
+            env.update({"PATH": f"{self.dir / 'bin'}{os.pathsep}{env['PATH']}",
+                        prefork.SOCKET_ENV: str(self.sockets / f"f{client}.sock"),
+                        prefork.REAL_ENV: _bin("flwr-clientapp")})
+        return self.flower.start_supernode(f"supernode-{client}", f'fedguard-socket="{sock}" fedguard-client={client}',
+                                           env=env)
+
+    def _start_prefork(self, client: int) -> None:
+        """Client ``client``'s ``flwr-clientapp`` fork server (:mod:`fedguard_train.flower.prefork`)."""
+        if not self.options.prefork:
+            return
+        self.flower.kill(f"prefork-{client}")  # a machine that comes back starts a fresh one
+        self.flower.spawn(f"prefork-{client}", [sys.executable, "-m", "fedguard_train.flower.prefork", "--socket",
+                                                str(self.sockets / f"f{client}.sock")], self.flower.env())
 
     def start_client(self, client: int) -> None:
         """Client ``client``'s SuperNode and worker (again after :meth:`kill_client`: it rejoins)."""
         sock = self.sockets / f"c{client}.sock"
+        self._start_prefork(client)
         node = self._start_supernode(client)
         extra = {"FEDGUARD_FLOWER_SUPERNODE_PGID": str(node.pid)}
         threads = self.options.torch_threads
@@ -399,7 +422,8 @@ class Deployment:
             self._start_supernode(client)
 
     def kill_client(self, client: int) -> None:
-        """SIGKILL client ``client``'s SuperNode and worker (a machine that dies)."""
+        """SIGKILL client ``client``'s SuperNode, worker and fork server (a machine that dies)."""
+        self.flower.kill(f"prefork-{client}")
         self.flower.kill(f"supernode-{client}")
         self.flower.kill(f"worker-{client}")
 
