@@ -473,7 +473,7 @@ class HeteroSection:
     temperature: float = 2.0
     direction: Literal["forward", "reverse"] = "forward"
     top_k: int = 16
-    alignment: Literal["dtw", "dtw-edit", "boundary"] = "dtw"
+    alignment: Literal["dtw", "dtw-edit", "boundary"] = "boundary"  # exact boundaries (issue 17's measurement)
     mentee_heal: HealSection | None = None  # heal the layer-dropped mentee first (fedguard_train/healing.py)
 
     def __post_init__(self) -> None:
