@@ -6,9 +6,10 @@ unchanged — but whose rounds go through :func:`fedguard_train.flower.rounds.re
 :class:`~fedguard_train.flower.rounds.StageExchange` instead of training every client in this process.
 The server never trains: its model only holds the global adapter, for evaluation and checkpoints.
 
-:meth:`RemoteRounds._round` mirrors :meth:`Trainer._round` (participant selection, an empty Poisson
-sample's noise-only round, the round row, evaluation, the hooks' round end, the atomic checkpoint); only
-the aggregation step differs.
+:meth:`RemoteRounds._round_result` overrides only the base's round seam (participant selection, an empty
+Poisson sample's noise-only round, the aggregation); the base keeps the round row, evaluation, the hooks'
+round end and the atomic checkpoint. The first stage carries the hooks' per-round values to the clients
+(the DP clip norm, :mod:`fedguard_train.flower.dp_split`).
 """
 
 from __future__ import annotations
