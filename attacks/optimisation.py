@@ -60,7 +60,9 @@ class LampConfig:
     objective; ``discrete_prior_weight`` (γ): the same in the discrete score; ``discrete_every``: steps
     between discrete steps; ``candidates``: random transformations scored per discrete step (besides the
     substitutions); ``temperature`` (T) of the softmax; ``restarts``: random initialisations; ``eos_id``:
-    the known last token (``None``: optimised like the others); ``seed``: every random choice."""
+    the known last token (``None``: optimised like the others); ``seed``: every random choice;
+    ``max_soft_entries``: the largest ``B · T · V`` (soft-token logits) attempted — each costs memory
+    several times over (Adam state, the double-backward graph)."""
 
     steps: int = 300
     lr: float = 0.1
@@ -73,10 +75,11 @@ class LampConfig:
     restarts: int = 2
     eos_id: int | None = None
     seed: int = 0
+    max_soft_entries: int = 20_000_000
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("steps", "discrete_every", "restarts"):
+        for name in ("steps", "discrete_every", "restarts", "max_soft_entries"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.candidates < 0:
@@ -300,6 +303,9 @@ def lamp(model: torch.nn.Module, observed: Mapping[str, torch.Tensor | np.ndarra
     objective = _Objective(model, observed, lengths, target=target, l2_weight=cfg.l2_weight)
     vocab = int(objective.embedding.shape[0])
     batch, width = len(lengths), max(lengths)
+    if batch * width * vocab > cfg.max_soft_entries:
+        raise ConfigError(f"LAMP's soft-token search needs B·T·V = {batch}·{width}·{vocab} = {batch * width * vocab:,} "
+                          f"logits, above max_soft_entries = {cfg.max_soft_entries:,}: too large to attempt here")
     if cfg.eos_id is not None and not 0 <= cfg.eos_id < vocab:
         raise ConfigError(f"eos_id {cfg.eos_id} is outside the vocabulary of {vocab}")
     # positions the optimiser may change; the padding and the known last token are pinned

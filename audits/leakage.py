@@ -30,6 +30,8 @@ import numpy as np
 from fedguard.errors import ConfigError, FedGuardError
 
 REDACT_WORDS = 3
+LAMP_MATCH = 0.1
+"""A LAMP recovery whose gradient distance ``D`` (attacks.optimisation) is below this matched the update."""
 
 
 def redact(text: str, words: int = REDACT_WORDS) -> str:
@@ -52,20 +54,34 @@ class InversionRecord:
     n_true: int = 0
     n_recovered: int = 0
     examples: list[tuple[str, str]] = field(default_factory=list)  # (truth, recovery), decoded
+    method: str = "dager"
+    distance: float | None = None  # LAMP: the recovered batch's gradient distance to the observed update
 
     def to_json(self) -> dict[str, Any]:
-        return {"round": self.round_id, "target": self.target, "aggregator": self.aggregator, **self.score,
+        return {"round": self.round_id, "target": self.target, "aggregator": self.aggregator,
+                "method": self.method, "gradient_distance": self.distance, **self.score,
                 "informative": self.informative, "reason": self.reason, "rank": list(self.rank),
                 "n_true_sequences": self.n_true, "n_recovered_sequences": self.n_recovered}
 
 
+METHODS = ("dager", "lamp")
+"""The update-inversion attacks: DAGER-style span checks (:mod:`attacks.inversion`) and LAMP/TAG-style
+gradient matching (:mod:`attacks.optimisation`)."""
+
+
 def invert_run(run: Any, *, rounds: Sequence[int] | None = None, config: Any = None, seed: int = 0,
-               progress: bool = False) -> list[InversionRecord]:
-    """DAGER on each client's captured input and on the aggregate of the captured ``rounds`` (default: all)."""
+               progress: bool = False, method: str = "dager", lamp_config: Any = None) -> list[InversionRecord]:
+    """``method`` (DAGER or LAMP) on each client's captured input and on the aggregate of the captured
+    ``rounds`` (default: all). LAMP matches the direction of each captured update (``target="update"``)
+    over every travelling parameter, for a batch of the lengths the client really trained on."""
     import dataclasses
 
     from attacks import run_view
     from attacks.inversion import InversionConfig, dager, score_recovery, target_parameters
+    from attacks.optimisation import LampConfig, lamp
+
+    if method not in METHODS:
+        raise ConfigError(f"unknown inversion method {method!r} (known: {', '.join(METHODS)})")
 
     available = run_view.captured_rounds(run)
     if not available:
@@ -84,6 +100,7 @@ def invert_run(run: Any, *, rounds: Sequence[int] | None = None, config: Any = N
     eos = run.tokenizer.eos_token_id
     longest = max(len(it["input_ids"]) for items in run.client_items for it in items)
     cfg = dataclasses.replace(cfg, eos_id=eos, max_len=longest, seed=seed)
+    lcfg = dataclasses.replace(lamp_config or LampConfig(), eos_id=eos, seed=seed)
     vocab_size = int(run.model.config.vocab_size)
     out: list[InversionRecord] = []
 
@@ -110,12 +127,28 @@ def invert_run(run: Any, *, rounds: Sequence[int] | None = None, config: Any = N
         spec_noise = 1.0 / run_view.view_spec(doc).scale if doc.get("fixed_point") else 0.0
         targets.append(("aggregate", mean, spec_noise / max(len(contributors), 1), union, ""))
         for label, maybe_vector, noise, truth, error in targets:
-            record = InversionRecord(round_id, label, doc["aggregator"], n_true=len(truth))
+            record = InversionRecord(round_id, label, doc["aggregator"], n_true=len(truth), method=method)
             if maybe_vector is None:
                 record.reason = error
                 out.append(record)
                 continue
             named = run_view.named_update(run, maybe_vector)
+            if method == "lamp":
+                try:
+                    found = lamp(run.model, named, [len(s) for s in truth], config=lcfg, target="update",
+                                 progress=progress)
+                except ConfigError as err:
+                    record.reason = str(err)
+                    out.append(record)
+                    continue
+                score = score_recovery(truth, found.sequences, vocab_size=vocab_size, decode=decode_ids, seed=seed)
+                record.score, record.distance = score.to_json(), found.final_distance
+                record.informative = found.final_distance < LAMP_MATCH
+                record.reason = f"gradient distance {found.final_distance:.3f}"
+                record.n_recovered = len(found.sequences)
+                record.examples = [(decode_ids(t), decode_ids(r)) for t, r in score.pairs[:3]]
+                out.append(record)
+                continue
             outcome = dager(run.model, {n: named[n] for n in names}, config=cfg, noise_std=noise,
                             lengths_hint=[len(s) for s in truth], progress=progress)
             score = score_recovery(truth, outcome.sequences, vocab_size=vocab_size, decode=decode_ids, seed=seed)
@@ -192,7 +225,7 @@ def _inversion_plot(records: Sequence[InversionRecord]) -> Any:
         ax.plot(x, [r.score.get("chance_rouge1", 0.0) for r in records], "k_", ms=14, label="chance ROUGE-1")
         ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=7)
         ax.set_ylim(0, 105)
-        ax.set_title("update inversion (DAGER-style) per captured input")
+        ax.set_title(f"update inversion ({', '.join(sorted({r.method for r in records}))}) per captured input")
         ax.legend(fontsize=7)
     return draw
 
@@ -224,17 +257,21 @@ def _markdown(title: str, run: Any, memberships: Sequence[Any], records: Sequenc
                          f"{100 * r.roc.tpr_at.get(0.001, float('nan')):.1f}% | {r.note} |")
         lines += [f"- {n}" for n in report.notes]
     if records:
-        lines += ["", "## Update inversion (DAGER-style, first two blocks' input projections)", "",
-                  "| round | target | aggregator | exact | token acc. | ROUGE-1 | ROUGE-2 | chance ROUGE-1 | rank | "
+        kinds = sorted({r.method for r in records})
+        what = {"dager": "DAGER-style, first two blocks' input projections",
+                "lamp": "LAMP/TAG-style gradient matching with the base model as prior"}
+        lines += ["", f"## Update inversion ({'; '.join(what[k] for k in kinds)})", "",
+                  "| round | target | aggregator | exact | token acc. | ROUGE-1 | ROUGE-2 | chance ROUGE-1 | rank / distance | "
                   "informative / why not |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in records:
             s = r.score
             if not s:
                 lines.append(f"| {r.round_id} | {r.target} | {r.aggregator} | – | – | – | – | – | – | {r.reason} |")
                 continue
+            rank = f"{r.rank[0]}/{r.rank[1]}" if r.method == "dager" else f"D = {r.distance:.3f}"
             lines.append(f"| {r.round_id} | {r.target} | {r.aggregator} | {100 * s['exact']:.1f}% | "
                          f"{100 * s['token_accuracy']:.1f}% | {s['rouge1']:.1f} | {s['rouge2']:.1f} | "
-                         f"{s['chance_rouge1']:.1f} | {r.rank[0]}/{r.rank[1]} | "
+                         f"{s['chance_rouge1']:.1f} | {rank} | "
                          f"{'yes' if r.informative else 'no: ' + r.reason} |")
         shown = [r for r in records if r.examples]
         if shown:
@@ -279,6 +316,7 @@ def register_attacks(commands: Any) -> None:
     _common(p, "attacks")
     p.add_argument("--round", type=int, action="append", default=None, help="captured round(s) (default: all)")
     p.add_argument("--tau", type=float, default=None, help="span-distance cut-off (default 0.01)")
+    _method_options(p)
     p.set_defaults(handler=_run_inversion)
     p = commands.subcommand("attack", "membership", help="membership inference against a run's global model or one "
                             "client's captured update (report: JSON, MD, PNG)")
@@ -298,12 +336,27 @@ def _membership_options(p: Any) -> None:
                    help="WordNet runs: more held-out examples the run never loaded (same seeded draw)")
 
 
+def _method_options(p: Any) -> None:
+    """The update-inversion method and LAMP's budget (shared by ``attack inversion`` and ``audit leakage``)."""
+    p.add_argument("--method", choices=METHODS, default="dager",
+                   help="dager: exact span checks (fast); lamp: LAMP/TAG gradient matching (slow: tiny models)")
+    p.add_argument("--lamp-steps", type=int, default=300, help="LAMP: continuous steps per restart")
+    p.add_argument("--lamp-restarts", type=int, default=1, help="LAMP: random restarts")
+
+
+def _lamp_config(args: argparse.Namespace) -> Any:
+    from attacks.optimisation import LampConfig
+
+    return LampConfig(steps=args.lamp_steps, restarts=args.lamp_restarts, discrete_every=min(50, args.lamp_steps))
+
+
 def register_audit(commands: Any) -> None:
     """``fedguard audit leakage`` (entry point ``audit-leakage``)."""
     p = commands.subcommand("audit", "leakage", help="what a curious server and a model holder learn from a run: "
                             "membership inference and update inversion (report: JSON, MD, PNG)")
     _common(p, "leakage")
     _membership_options(p)
+    _method_options(p)
     p.set_defaults(handler=_run_audit)
 
 
@@ -317,11 +370,12 @@ def _run_inversion(args: argparse.Namespace) -> int:
 
     run = load_run(args.run)
     cfg = InversionConfig(tau=args.tau) if args.tau is not None else None
-    records = invert_run(run, rounds=args.round, config=cfg, seed=args.seed, progress=not args.quiet)
+    records = invert_run(run, rounds=args.round, config=cfg, seed=args.seed, progress=not args.quiet,
+                         method=args.method, lamp_config=_lamp_config(args))
     paths = write_leakage_report(_out(args, "attacks"), "inversion", "Update inversion", run, [], records)
     for r in records:
         s = r.score
-        print(f"round {r.round_id} {r.target:10s} exact {100 * s.get('exact', 0):5.1f}% ROUGE-1 "
+        print(f"{r.method} round {r.round_id} {r.target:10s} exact {100 * s.get('exact', 0):5.1f}% ROUGE-1 "
               f"{s.get('rouge1', 0):5.1f} (chance {s.get('chance_rouge1', 0):4.1f}) "
               f"{'' if r.informative else '[uninformative: ' + r.reason + ']'}")
     print(f"report: {paths.markdown}")
@@ -367,7 +421,8 @@ def _run_audit(args: argparse.Namespace) -> int:
     records: list[InversionRecord] = []
     if run_view.captured_rounds(run):
         try:
-            records = invert_run(run, seed=args.seed, progress=not args.quiet)
+            records = invert_run(run, seed=args.seed, progress=not args.quiet, method=args.method,
+                                 lamp_config=_lamp_config(args))
         except ConfigError as err:
             notes.append(f"update inversion not run: {err}")
     else:

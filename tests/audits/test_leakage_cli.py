@@ -37,6 +37,20 @@ def test_attack_inversion_writes_a_report(captured_run: Path, tmp_path: Path) ->
     assert "SERVER VIEW CAPTURED" in md and "| round | target |" in md
 
 
+def test_attack_inversion_lamp_method(captured_run: Path, tmp_path: Path) -> None:
+    """``--method lamp``: LAMP/TAG gradient matching on every captured input and the aggregate (a few steps:
+    the tiny run's multi-step LoRA updates are not expected to be inverted, the report must say how far off)."""
+    out = tmp_path / "lamp"
+    assert main(["attack", "inversion", "--run", str(captured_run), "--out", str(out), "--quiet", "--method", "lamp",
+                 "--lamp-steps", "4"]) == 0
+    data = json.loads((out / "inversion.json").read_text())
+    assert {r["method"] for r in data["inversion"]} == {"lamp"}
+    assert {r["target"] for r in data["inversion"]} == {"client 0", "client 1", "aggregate"}
+    for r in data["inversion"]:
+        assert 0.0 <= r["gradient_distance"] <= 3.0 and 0.0 <= r["token_accuracy"] <= 1.0
+    assert "LAMP/TAG-style" in (out / "inversion.md").read_text()
+
+
 def test_attack_membership_global_and_client_update(captured_run: Path, tmp_path: Path) -> None:
     args = ["attack", "membership", "--run", str(captured_run), "--n-boot", "50", "--quiet"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
