@@ -82,13 +82,16 @@ class ClientDPHook(TrainerHook):
                  noise_rng: Callable[[int], SecureRNG] | None = None,
                  ledger_path: str | os.PathLike[str] | None = None,
                  fault: Callable[[str], None] | None = None,
-                 sample_rate: float | None = None, clients_per_round: int | None = None) -> None:
+                 sample_rate: float | None = None, clients_per_round: int | None = None,
+                 upload_bits: int | None = None, rotation: bool = False) -> None:
         """``section``: the typed ``dp:`` section (a plain mapping is checked into one).
         ``noise_rng(client_id)``: where a client's distributed noise comes from (default: a fresh
         :class:`SecureRNG` on OS entropy per client and round; tests pass a seeded one to be repeatable).
         ``ledger_path``: the write-ahead ledger file (``None``: the ledger lives only in checkpoints).
         ``fault(point)``: called at each of :data:`FAULT_POINTS` (fault injection in tests).
-        ``sample_rate`` / ``clients_per_round``: the federation's client sampling (see the module doc)."""
+        ``sample_rate`` / ``clients_per_round``: the federation's client sampling (see the module doc).
+        ``upload_bits`` / ``rotation``: the federation's quantised upload; distributed noise then goes into
+        the upload's ring at its public scale (:meth:`fedguard.dp.ClientLevelDP.use_upload`)."""
         from fedguard.dp import ClientLevelDP, PrivacyAccountant
         from fedguard.dp.ledger import WriteAheadLedger
 
@@ -112,6 +115,9 @@ class ClientDPHook(TrainerHook):
         self._fault = fault
         self._pending: tuple[int, str] | None = None  # (round, label) of a write-ahead record not yet released
         self._reconciled = False
+        self._quantised_upload = upload_bits is not None or bool(rotation)
+        self._rotation = bool(rotation)
+        self._upload: FixedPointSpec | None = None
 
     def _at(self, point: str) -> None:
         if self._fault is not None:
@@ -150,8 +156,15 @@ class ClientDPHook(TrainerHook):
 
     def on_encoding(self, spec: FixedPointSpec, dimension: int) -> None:
         """The trainer's fixed-point encoding (central placement sums it): calibrate the noise to the
-        post-quantisation sensitivity (:meth:`fedguard.dp.ClientLevelDP.calibrate_to_encoding`)."""
+        post-quantisation sensitivity (:meth:`fedguard.dp.ClientLevelDP.calibrate_to_encoding`). Distributed
+        placement with a quantised or rotated upload adds its noise in that upload's ring instead
+        (:meth:`fedguard.dp.ClientLevelDP.use_upload`, over the update length from :meth:`on_layout`)."""
         self.dp.calibrate_to_encoding(spec, dimension)
+        if self.distributed and self._quantised_upload:
+            if self._dimension is None:
+                raise ConfigError("distributed DP needs the update dimension: the trainer calls on_layout first")
+            self._upload = spec
+            self.dp.use_upload(spec, dimension=self._dimension, n_clients=self.n_clients, rotation=self._rotation)
 
     def on_round_start(self, round_id: int, participants: Sequence[int]) -> None:
         self._at("round_start")
@@ -232,6 +245,9 @@ class ClientDPHook(TrainerHook):
             excess = self.dp.quantisation_excess
             self.dp = ClientLevelDP.from_state_dict(state, rng=SecureRNG())
             self.dp.quantisation_excess = excess
+            if self._upload is not None and self._dimension is not None:  # the run's upload, as on_encoding set it
+                self.dp.use_upload(self._upload, dimension=self._dimension, n_clients=self.n_clients,
+                                   rotation=self._rotation)
         if self.ledger is not None:
             self.dp.accountant = self.ledger.reconcile(self.dp.accountant)
             self._reconciled = True
@@ -244,7 +260,8 @@ def hooks_from_config(config: TrainConfig) -> list[TrainerHook]:
         hooks.append(ClientDPHook(config.dp, n_clients=config.n_parties,
                                   aggregator=config.federation.aggregator,
                                   aggregator_options=config.federation.aggregator_options,
-                                  ledger_path=Path(config.run_dir) / LEDGER_FILE, **config.sampling_options))
+                                  ledger_path=Path(config.run_dir) / LEDGER_FILE, **config.sampling_options,
+                                  upload_bits=config.federation.upload_bits, rotation=config.federation.rotation))
     if config.watermark:
         from fedguard_train.watermarking import WatermarkHook
 

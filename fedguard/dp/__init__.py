@@ -26,6 +26,7 @@ from fedguard.dp.distributed import (
     discrete_gaussian_pmf,
     sample_discrete_gaussian,
     sample_discrete_gaussian_exact,
+    upload_spec_with_noise,
 )
 from fedguard.dp.errors import (
     InsufficientNoiseError,
@@ -84,5 +85,6 @@ __all__ = [
     "sample_clients",
     "sample_discrete_gaussian",
     "sample_discrete_gaussian_exact",
+    "upload_spec_with_noise",
     "validate_delta",
 ]

@@ -36,6 +36,9 @@ Placement.
   a noised sum. Planned for ``min_survivors`` clients; the accountant records the actual survivors (RDP
   backend: the event is a zCDP bound). Client sampling is recorded *without* amplification by
   subsampling (``dp_accounting`` amplifies Gaussian events only), a conservative upper bound.
+  With a quantised upload (:meth:`ClientLevelDP.use_upload`) the noise goes into the upload's ring at its
+  public scale, over the rotated coordinates when the upload is rotated; the value bits are lowered until
+  the noise fits (:func:`~fedguard.dp.distributed.upload_spec_with_noise`).
 
 Lifecycle of one round, as the round loop calls it::
 
@@ -63,12 +66,14 @@ import numpy as np
 from fedguard.checks import check_int, int_problem, number_problem
 from fedguard.dp.accountant import PrivacyAccountant, validate_delta
 from fedguard.dp.calibration import check_sampling_rate, gaussian_round_event
-from fedguard.dp.distributed import DistributedDiscreteGaussian
+from fedguard.dp.distributed import DistributedDiscreteGaussian, upload_spec_with_noise
 from fedguard.dp.errors import InsufficientNoiseError
 from fedguard.dp.events import Event, NonPrivateEvent, _store_plain
 from fedguard.encoding import FixedPointSpec
 from fedguard.errors import BudgetExceededError, ConfigError, InvalidUpdateError
+from fedguard.quantise import padded_length
 from fedguard.rng import SecureRNG
+from fedguard.rotation import DEFAULT_BLOCK
 from fedguard.updates import ClientUpdate
 
 Placement = Literal["central", "distributed"]
@@ -317,6 +322,10 @@ class ClientLevelDP:
         self._dimension: int | None = None
         self._prepaid: Event | None = None
         self.quantisation_excess = 0.0
+        self.upload_spec: FixedPointSpec | None = None
+        """Distributed placement with a quantised upload (:meth:`use_upload`): the noised encoding."""
+        self.rotation_block: int | None = None
+        """The Hadamard block of a rotated upload (the noise covers the padded length), else ``None``."""
 
     # -- noise scales --------------------------------------------------------------------------------
     @property
@@ -364,13 +373,51 @@ class ClientLevelDP:
         self.quantisation_excess = math.sqrt(d) / spec.scale if self.config.placement == "central" else 0.0
         return self.quantisation_excess
 
+    def use_upload(self, upload: FixedPointSpec, *, dimension: int, n_clients: int, rotation: bool = False,
+                   block: int = DEFAULT_BLOCK) -> FixedPointSpec:
+        """Distributed placement through a quantised upload (``federation.upload_bits``/``rotation``): the
+        noise is added in ``upload``'s ring at its public scale ``s = M/c``, to the rotated update of
+        ``d' = padded_length(d)`` coordinates when ``rotation`` (the caller rotates, see
+        :class:`fedguard.quantise.UploadPlan`), and the accountant counts ``Δ2 <= min(s·C, M·√d') + √d'``
+        in those units. The value bits are the most that leave the noise room in the ring
+        (:func:`~fedguard.dp.distributed.upload_spec_with_noise`); ``dimension`` is the update length
+        ``d``, ``n_clients`` the most clients a sum may hold. Returns the noised encoding.
+
+        Raises :class:`ConfigError` for central placement (it calibrates with :meth:`calibrate_to_encoding`)
+        or adaptive clipping (its count coordinate, ``±k/2``, would be clipped to the upload's ``±c``), and
+        :class:`~fedguard.errors.RingOverflowError` when the ring cannot carry the noise."""
+        if self.config.placement != "distributed":
+            raise ConfigError("use_upload is for placement='distributed' (central DP calibrates to the "
+                              "encoding with calibrate_to_encoding)")
+        if self.config.adaptive is not None:
+            raise ConfigError("adaptive clipping does not compose with quantised uploads under distributed DP: its "
+                              "count coordinate would be clipped to the upload's public range; drop dp.adaptive "
+                              "or federation.upload_bits/rotation")
+        d = check_int("dimension", dimension, low=1)
+        block = check_int("block", block, low=1)
+        self.rotation_block = block if rotation else None
+        self.upload_spec = upload_spec_with_noise(
+            upload, noise_multiplier=self.config.noise_multiplier, clip_norm=self.sensitivity,
+            dimension=self.noised_dimension(d), min_survivors=int(self.config.min_survivors or 1),
+            n_clients=max(check_int("n_clients", n_clients, low=1), self._max_clients()),
+            colluding=self.config.colluding)
+        return self.upload_spec
+
+    def noised_dimension(self, dimension: int) -> int:
+        """The length of the vector the distributed noise is added to: ``dimension``, or its padded length
+        when the upload is rotated (:meth:`use_upload`)."""
+        return dimension if self.rotation_block is None else padded_length(dimension, self.rotation_block)
+
     @property
     def coordinate_bound(self) -> float:
         """The largest magnitude any coordinate of a clipped vector can have."""
         return max(self.clip_norm, self.count_scale / 2)
 
     def fixed_point_spec(self) -> FixedPointSpec:
-        """The round's encoding: coordinate range = :attr:`coordinate_bound`, weight 1 per client."""
+        """The round's encoding: coordinate range = :attr:`coordinate_bound`, weight 1 per client (distributed
+        placement through a quantised upload: the noised upload encoding of :meth:`use_upload`)."""
+        if self.upload_spec is not None:
+            return self.upload_spec
         if not math.isfinite(self.coordinate_bound):
             raise ConfigError("no fixed-point spec for an unbounded clip norm: pass your own FixedPointSpec")
         return FixedPointSpec(
@@ -378,13 +425,14 @@ class ClientLevelDP:
         )
 
     def distributed_mechanism(self, dimension: int) -> DistributedDiscreteGaussian:
-        """The round's per-client discrete Gaussian over a vector of ``dimension`` coordinates."""
+        """The round's per-client discrete Gaussian for an update of ``dimension`` coordinates (over the
+        :meth:`noised_dimension` it travels as)."""
         if self.config.placement != "distributed":
             raise ConfigError(f"distributed_mechanism needs placement='distributed', got {self.config.placement!r}")
         return DistributedDiscreteGaussian(
             noise_multiplier=self.config.noise_multiplier,
             clip_norm=self.sensitivity,
-            dimension=dimension,
+            dimension=self.noised_dimension(dimension),
             spec=self.fixed_point_spec(),
             min_survivors=int(self.config.min_survivors or 1),
             colluding=self.config.colluding,
@@ -460,8 +508,11 @@ class ClientLevelDP:
                 ", fixed-size sample (not amplified)" if self.config.sampling_rate < 1 else "")
             return (f"round {round_id}: central Gaussian z={self.config.noise_multiplier:g} x sensitivity "
                     f"(clip sensitivity + post-quantisation excess {self.quantisation_excess:.4g}){sampled}")
+        upload = "" if self.upload_spec is None else (
+            f", in the {self.upload_spec.ring_bits}-bit upload ring at {self.upload_spec.value_bits}-bit values"
+            f"{', rotated' if self.rotation_block is not None else ''}")
         return (f"round {round_id}: distributed discrete Gaussian, planned for min_survivors="
-                f"{self.config.min_survivors}")
+                f"{self.config.min_survivors}{upload}")
 
     def prepay(self) -> tuple[Event, str]:
         """Write-ahead accounting: record the open round's planned event *now*, before any release.
@@ -515,10 +566,10 @@ class ClientLevelDP:
         """
         if self._open is None or self._dimension is None:
             raise ConfigError("noise_for_client before begin_round(r, dimension=d)")
-        if clipped.vector.size != self._dimension:
+        if clipped.vector.size != self.noised_dimension(self._dimension):
             raise InvalidUpdateError(
                 f"client {clipped.client_id}: clipped vector has length {clipped.vector.size}, expected "
-                f"{self._dimension} (pass the output of clip())"
+                f"{self.noised_dimension(self._dimension)} (pass the output of clip(), rotated when the upload is)"
             )
         return self.distributed_mechanism(self._dimension).encode_noised(clipped.vector, rng=rng, quantise_rng=quantise_rng)
 

@@ -25,6 +25,18 @@ number of survivors (more survivors: more noise, less epsilon). The aggregator's
 least ``min_survivors`` so that a round with fewer survivors aborts before any sum is revealed;
 ``colluding`` clients assumed to share their noise with the server are subtracted from the count.
 
+Quantised uploads (``federation.upload_bits``, optionally with the Hadamard rotation; DDGauss, Kairouz et
+al. 2021, §4). The noise is added in the upload's ring ``Z_{2^k}`` (``k`` = 8, 16 or 32) at the upload's
+public scale ``s = M/c`` (``c`` the run's shared clip): each client sends ``q_i + ξ_i mod 2^k`` for its
+rotated (``y = R_r x``, orthonormal, so ``‖y‖₂ = ‖x‖₂ <= C``), clipped and stochastically rounded update of
+``d'`` coordinates (the padded length with rotation). The sensitivity is the bound above with the upload's
+``s`` and ``d'``: ``Δ2 <= min(s·C, M·√d') + √d'`` (clipping a coordinate to ``±c`` only shrinks the norm),
+and the accountant records that ``Δ2``. The noise needs room in the ring: :func:`upload_spec_with_noise`
+keeps the ring and ``c`` and lowers the value bits ``b`` (``M = 2^(b-1) - 1``) until ``n·M`` plus the noise's
+tail fits ``2^(k-1) - 1`` (:meth:`DistributedDiscreteGaussian.check_headroom`); the noise std itself is at
+least ``z·√d'/√min_survivors`` integer units, so a narrow ring cannot carry a long vector's noise at all
+(8 bits and ``d'`` in the thousands: refused, naming the bits needed).
+
 Sampling. Two samplers of ``N_Z(0, s²)``, both by Canonne, Kamath & Steinke (NeurIPS 2020, Algorithm 3:
 discrete Laplace proposal with ``t = ⌊s⌋ + 1``, accepted with probability
 ``exp(-(|Y| - s²/t)² / (2 s²))``), both drawing only from :class:`~fedguard.rng.SecureRNG`:
@@ -268,3 +280,50 @@ class DistributedDiscreteGaussian:
         noise = to_ring(self.sample(rng), self.spec.ring_bits)
         ring[:-1] = ring_add(ring[:-1], noise, self.spec.ring_bits)
         return ring
+
+
+def upload_spec_with_noise(
+    upload: FixedPointSpec,
+    *,
+    noise_multiplier: float,
+    clip_norm: float,
+    dimension: int,
+    min_survivors: int,
+    n_clients: int,
+    colluding: int = 0,
+    failure_log2: float = -40.0,
+) -> FixedPointSpec:
+    """The encoding of a quantised upload that also carries distributed discrete-Gaussian noise.
+
+    Keeps ``upload``'s ring (``ring_bits``) and public clip ``c`` and returns the largest value bits
+    ``b <= upload.value_bits`` (weight 1 per client) for which ``n_clients`` clients' values plus their
+    noise fit the signed ring with probability ``>= 1 - 2^failure_log2``
+    (:meth:`DistributedDiscreteGaussian.check_headroom`): the noise std grows with ``s = M/c`` through
+    ``Δ2``, so fewer value bits leave more room. ``dimension`` is the noised length (the padded ``d'``
+    with rotation), ``clip_norm`` the L2 sensitivity of one clipped update.
+
+    Raises :class:`RingOverflowError` naming the ring bits the noise needs when even ``b = 2`` does not fit.
+
+    >>> up = FixedPointSpec(clip=0.02, value_bits=14, ring_bits=16, max_weight=1)
+    >>> spec = upload_spec_with_noise(up, noise_multiplier=0.5, clip_norm=0.05, dimension=4096,
+    ...                               min_survivors=3, n_clients=3)
+    >>> spec.ring_bits, spec.clip, spec.value_bits < 14
+    (16, 0.02, True)
+    """
+    if not isinstance(upload, FixedPointSpec):
+        raise ConfigError(f"upload must be a FixedPointSpec, got {type(upload).__name__}")
+    last: RingOverflowError | None = None
+    for bits in range(upload.value_bits, 1, -1):
+        spec = FixedPointSpec(clip=upload.clip, value_bits=bits, ring_bits=upload.ring_bits, max_weight=1)
+        mechanism = DistributedDiscreteGaussian(noise_multiplier=noise_multiplier, clip_norm=clip_norm,
+                                                dimension=dimension, spec=spec, min_survivors=min_survivors,
+                                                colluding=colluding)
+        try:
+            mechanism.check_headroom(n_clients, failure_log2=failure_log2)
+        except RingOverflowError as err:
+            last = err
+            continue
+        return spec
+    raise RingOverflowError(
+        f"distributed DP noise does not fit a {upload.ring_bits}-bit upload of {dimension} values for "
+        f"{n_clients} clients even at 2 value bits ({last}): use wider federation.upload_bits (16 or 32)")

@@ -202,10 +202,12 @@ class Trainer(ABC):
             self.hooks.on_encoding(self.spec, self.upload.dp_dimension)
             if self.aggregator is not None:  # e.g. a packing or norm bound that cannot hold: before any training
                 encoding = self.hooks.ring_encoding()
-                if encoding is not None and (fed.upload_bits is not None or fed.rotation):
-                    raise ConfigError("federation.upload_bits and federation.rotation do not compose with a hook's own "
-                                      "ring encoding (dp placement: distributed adds its noise to the unrotated "
-                                      "update in its own ring): use dp placement: central or drop them")
+                if encoding is not None and (fed.upload_bits is not None or fed.rotation) and (
+                        encoding.spec.ring_bits != self.spec.ring_bits or encoding.spec.clip != self.spec.clip):
+                    # a hook's encoding (distributed DP's noise) must live in the upload's ring at its public scale
+                    raise ConfigError(f"federation.upload_bits/rotation: the hook's ring encoding "
+                                      f"({encoding.spec.ring_bits}-bit ring, clip {encoding.spec.clip:g}) is not the "
+                                      f"upload's ({self.spec.ring_bits}-bit ring, clip {self.spec.clip:g})")
                 self.aggregator.check_round(RoundSpec(
                     1, tuple(range(self.round_size)), self.upload.travelling_length + 1,
                     self.spec.ring_bits if encoding is None else encoding.spec.ring_bits,

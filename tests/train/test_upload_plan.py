@@ -1,5 +1,6 @@
 """What travels, in the trainer: the ring sized to need, quantised uploads with rotation (exact through a secure
-aggregator), what central DP is told, the Paillier pool between rounds, and the refusals."""
+aggregator), what central DP is told, distributed DP in the upload's ring, the Paillier pool between rounds, and
+the refusals."""
 
 from __future__ import annotations
 
@@ -77,13 +78,50 @@ def test_central_dp_is_told_the_padded_dimension_it_must_count(tmp_path: Path, t
     trainer.close()
 
 
-def test_quantised_uploads_are_refused_with_distributed_dp(tmp_path: Path, task: Path) -> None:
+def test_distributed_dp_rides_a_rotated_16_bit_upload_exactly_through_masking_and_mpc(tmp_path: Path,
+                                                                                        task: Path) -> None:
+    from fedguard.rng import SecureRNG
+    from fedguard_train.privacy import ClientDPHook
+
+    dp = {"clip_norm": 0.05, "noise_multiplier": 0.5, "target_delta": 1e-3, "placement": "distributed"}
+    vectors, rows, specs = {}, {}, {}
+    for name, options in (("masking", {"threshold": 3}), ("mpc", {"backend": "simulated", "min_clients": 3})):
+        config = tiny_config(tmp_path / name, task, dp=dp,
+                             federation={"clients": 3, "rounds": 1, "aggregator": name, "upload_bits": 16,
+                                         "rotation": True, "clip": 0.02, "aggregator_options": options},
+                             data={"source": "jsonl", "path": str(task), "max_examples": 48, "test_size": 6, **IID})
+        assert config.dp is not None
+        hook = ClientDPHook(config.dp, n_clients=3, aggregator=name, aggregator_options=options,
+                            noise_rng=lambda client: SecureRNG.for_testing(f"dp-noise/{client}"),
+                            upload_bits=16, rotation=True)
+        trainer = FedHomoLLM(config, hooks=[hook], quiet=True)
+        encoding = trainer.hooks.ring_encoding()
+        assert encoding is not None and encoding.spec.ring_bits == 16 and encoding.spec.clip == 0.02
+        assert encoding.spec.value_bits < trainer.spec.value_bits  # value bits given up for the noise's room
+        specs[name] = encoding.spec
+        rows[name] = trainer.run().history
+        ckpt = load_latest(Path(config.run_dir))
+        assert ckpt is not None
+        vectors[name] = ckpt.vector
+        assert math.isfinite(rows[name][0]["epsilon"])
+    # the noise travels in the upload's 16-bit word: the same bytes as the same upload without DP
+    plain = tiny_config(tmp_path / "no-dp", task,
+                        federation={"clients": 3, "rounds": 1, "aggregator": "masking", "upload_bits": 16,
+                                    "rotation": True, "clip": 0.02, "aggregator_options": {"threshold": 3}},
+                        data={"source": "jsonl", "path": str(task), "max_examples": 48, "test_size": 6, **IID})
+    assert abs(FedHomoLLM(plain, quiet=True).run().history[0]["bytes_up"] - rows["masking"][0]["bytes_up"]) <= 16
+    # the same noise streams: both secure aggregators reveal the same noised sum, bit for bit
+    np.testing.assert_array_equal(vectors["mpc"], vectors["masking"])
+    assert rows["mpc"][0]["epsilon"] == rows["masking"][0]["epsilon"]
+
+
+def test_distributed_dp_noise_that_an_8_bit_upload_cannot_hold_is_refused(tmp_path: Path, task: Path) -> None:
     dp = {"clip_norm": 0.05, "noise_multiplier": 0.5, "target_delta": 1e-3, "placement": "distributed"}
     config = tiny_config(tmp_path, task, dp=dp,
-                         federation={"clients": 3, "rounds": 1, "aggregator": "masking", "upload_bits": 16,
+                         federation={"clients": 3, "rounds": 1, "aggregator": "masking", "upload_bits": 8,
                                      "aggregator_options": {"threshold": 3}},
                          data={"source": "jsonl", "path": str(task), "max_examples": 48, "test_size": 6, **IID})
-    with pytest.raises(ConfigError, match="do not compose with a hook's own ring encoding"):
+    with pytest.raises(RingOverflowError, match="does not fit a 8-bit upload.*use wider federation.upload_bits"):
         FedHomoLLM(config, hooks=hooks_from_config(config), quiet=True)
 
 
