@@ -7,7 +7,8 @@ Three parts, all in one run (so that the ratios share the machine's load):
 
 1. **Round time.** The trainer (FedHomoLLM, LoRA, 3 clients, the example's data and local steps) runs one
    round with each aggregator — plaintext, masking, MPC (CrypTen party processes), Paillier (2048-bit key
-   generated in the round, packed, DJN obfuscators) — with the trainer's default encoding. A hook records
+   generated in the round, packed, DJN obfuscators, ``--paillier-workers`` processes) — with the trainer's
+   default encoding. A hook records
    the time from the round's start to the decoded mean (local training of every client + encoding + the
    protocol over serialised messages; evaluation excluded), and the protocol part alone (from the last
    client's update to the decoded mean). Plaintext runs first and last; the ratio uses their mean. Reported:
@@ -233,6 +234,8 @@ def timing_part(raw: dict[str, Any], args: argparse.Namespace, report: dict[str,
     for i, (rep, label) in enumerate(timing_order(args.aggregators, args.repeats)):
         name = label.split("+")[0]
         options: dict[str, Any] = {"precompute": True} if label.endswith("+precompute") else {}
+        if name == "paillier":  # a client encrypts (and the key holder decrypts) on this machine's cores
+            options["workers"] = args.paillier_workers
         if name == "paillier" and args.quick:
             options.update(key_bits=512, allow_insecure_test_keys=True)
         if name == "mpc" and args.quick:
@@ -264,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--aggregators", nargs="*", default=["plaintext", "masking", "mpc", "paillier"])
     parser.add_argument("--variants", type=int, nargs="*", default=None,
                         help="quality: indices into quality_variants (default: all; 0 = the reference)")
+    parser.add_argument("--paillier-workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="timing: Paillier encryption/decryption processes (default: 2, this machine's cores)")
     parser.add_argument("--repeats", type=int, default=2, help="timing: plaintext/private alternations")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
