@@ -231,8 +231,8 @@ class FlowerProcesses:
         return proc is not None and proc.poll() is None
 
     def restart_superlink(self) -> None:
-        """A new SuperLink on the same port with the same TLS material, after the old one's whole process
-        group (its SuperExec and the ServerApp it ran) is killed: nothing of the old run keeps writing."""
+        """A new SuperLink on the same port with the same TLS material, after the old one's process group is
+        killed and its detached SuperExec and ServerApp have had time to notice (see below)."""
         old = self.procs.get("superlink")
         self.kill("superlink")
         if old is not None:
@@ -240,6 +240,10 @@ class FlowerProcesses:
                 old.wait(timeout=10)
             except subprocess.TimeoutExpired as err:
                 raise ConfigError(f"the old flower-superlink (pid {old.pid}) did not stop") from err
+        # Flower starts the SuperLink's SuperExec detached (its own session), and the ServerApp under it; both
+        # watch their parent every 0.2 s and exit when it is gone: give them time before a new ServerApp
+        # resumes from the checkpoint, so that the old one cannot write after the new one has read it
+        time.sleep(2.0)
         deadline = time.monotonic() + 30
         while True:  # the port is free again once the old listener is gone
             try:
