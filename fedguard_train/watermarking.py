@@ -3,9 +3,9 @@
 ::
 
     watermark:
-      bits: 32           # signature bits per client (the capacity planner refuses too many)
+      bits: 64           # signature bits per client (the capacity planner refuses too many)
       target: norm       # norm (norm scales, made trainable beside the adapter) | lora | prompt
-      alpha: 3.0e-3      # regulariser weight
+      alpha: 0.03        # regulariser weight
       gamma0: 1.0        # margin of the hinge relu(gamma0 - b_j (E^T theta)_j)
       mode: gram         # norm targets: gram (survives norm folding and output-side permutations /
                          # rotations) | invariant (norm folding only); lora/prompt targets are plain

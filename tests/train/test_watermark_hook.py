@@ -111,7 +111,7 @@ def test_stored_keys_with_another_target_or_alpha_are_refused(tmp_path: Path, ta
 
     hook = _prepared(tmp_path, task, 2)
     before = {p.name: p.read_bytes() for p in (tmp_path / "keys").iterdir()}
-    with pytest.raises(ConfigError, match=r"client-0\.key: alpha is 0\.003, the config says 0\.01"):
+    with pytest.raises(ConfigError, match=r"client-0\.key: alpha is 0\.03, the config says 0\.01"):
         _prepared(tmp_path, task, 2, alpha=0.01)
     with pytest.raises(ConfigError, match=r"client-1\.key: target is 'norm', the config says 'lora'"):
         _prepared(tmp_path, task, 2, target="lora")
