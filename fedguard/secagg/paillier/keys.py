@@ -65,6 +65,7 @@ import math
 import multiprocessing
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -267,8 +268,7 @@ class PaillierPrivateKey:
             return [self.decrypt(c) for c in cts]
         chunks = _split([int(c) for c in cts], workers)
         args = [(int(self._p), int(self._q), chunk) for chunk in chunks]
-        with _pool(workers) as pool:
-            parts = list(pool.map(_decrypt_worker, args))
+        parts = _parallel_map(_decrypt_worker, args, workers)
         return [mpz(m) for part in parts for m in part]
 
     def __reduce__(self) -> Any:
@@ -446,8 +446,7 @@ def encrypt_many(
         return out + [public_key.encrypt_with(m, fresh()) for m in rest]
     chunks = _split(rest, workers)
     args = [(int(public_key.n), chunk, rng.bytes(32), method) for chunk in chunks]
-    with _pool(workers) as pool:
-        parts = list(pool.map(_encrypt_worker, args))
+    parts = _parallel_map(_encrypt_worker, args, workers)
     return out + [mpz(c) for part in parts for c in part]
 
 
@@ -488,9 +487,8 @@ class ObfuscatorPool:
             return
         sizes = [len(c) for c in _split(list(range(count)), workers)]
         args = [(int(self._key.n), size, self._rng.bytes(32), self._method) for size in sizes]
-        with _pool(workers) as pool:
-            for part in pool.map(_obfuscator_worker, args):
-                self._items.extend(mpz(r) for r in part)
+        for part in _parallel_map(_obfuscator_worker, args, workers):
+            self._items.extend(mpz(r) for r in part)
 
     def take(self, count: int) -> list[mpz]:
         """Remove and return up to ``count`` obfuscators (fewer when the pool runs short)."""
@@ -518,8 +516,35 @@ def _split(items: list, parts: int) -> list[list]:
 
 def _pool(workers: int) -> ProcessPoolExecutor:
     # spawn: no fork of a process that may hold threads (torch, DeepSpeed); workers import only gmpy2 and
-    # this module's dependencies.
+    # this module's dependencies (and the parent's __main__ module, which Python's spawn re-imports).
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+_EXECUTORS: dict[int, ProcessPoolExecutor] = {}
+"""One process pool per worker count, kept for this process's lifetime: a spawned worker re-imports the
+parent's ``__main__`` (a trainer's: torch and transformers, seconds each), so a pool per call cost more than
+the encryption of a small vector; the trainer's round encrypts for every client and decrypts once. The
+workers hold no state between calls (every argument carries what the call needs, a decryption's factors
+included, over this machine's pipes only)."""
+
+
+def _executor(workers: int) -> ProcessPoolExecutor:
+    pool = _EXECUTORS.get(workers)
+    if pool is None:
+        pool = _EXECUTORS[workers] = _pool(workers)
+    return pool
+
+
+def _parallel_map(fn: Callable[[Any], list[int]], args: list[Any], workers: int) -> list[list[int]]:
+    """``[fn(a) for a in args]`` on the shared pool of ``workers`` processes; a pool whose worker died is
+    replaced once (a second failure propagates)."""
+    pool = _executor(workers)
+    try:
+        return list(pool.map(fn, args))
+    except BrokenProcessPool:
+        _EXECUTORS.pop(workers, None)
+        pool.shutdown(wait=False, cancel_futures=True)
+    return list(_executor(workers).map(fn, args))
 
 
 def _encrypt_worker(args: tuple[int, list[int], bytes, ObfuscatorMethod]) -> list[int]:
