@@ -165,11 +165,13 @@ def nmse_table(updates: list[np.ndarray], public_clip: float, seed: int = 0) -> 
 
 def quality_variants(public_clip: float) -> list[tuple[str, dict[str, Any]]]:
     """Part 2's encodings (plaintext aggregator): the fp32-equivalent reference (24-bit values at clip 1,
-    step 1.2e-7, in a 64-bit ring: 2× fp32's bytes), the default 32-bit ring (same values, auto width),
-    32/16/8-bit quantised uploads at the public clip, and 8/16-bit with the Hadamard rotation."""
+    step 1.2e-7, in a 64-bit ring: 2× fp32's bytes; the demo's ~300 examples per client need 34 bits at 24-bit
+    values, so ``ring_bits: auto`` is 64 here too), a 32-bit ring (16-bit values at the public clip,
+    sample-count weights, ``ring_bits: auto``), 32/16/8-bit quantised uploads at the public clip (equal
+    weights), and 8/16-bit with the Hadamard rotation."""
     return [
         ("fp32-reference (24-bit values, 64-bit ring)", {"ring_bits": 64}),
-        ("32-bit ring (24-bit values, default)", {"ring_bits": "auto"}),
+        ("32-bit ring (16-bit values, ring auto)", {"value_bits": 16, "clip": public_clip}),
         ("32-bit upload", {"upload_bits": 32, "clip": public_clip}),
         ("16-bit upload", {"upload_bits": 16, "clip": public_clip}),
         ("8-bit upload", {"upload_bits": 8, "clip": public_clip}),
