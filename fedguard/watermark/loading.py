@@ -2,8 +2,10 @@
 
 A verifier needs only the model and the key. A ``peft`` adapter directory (it holds
 ``adapter_config.json``) is loaded on top of the base model named by its ``base_model_name_or_path``
-(or ``base=``), with the adapters' norm scales when they were saved through ``modules_to_save``; any
-other directory is loaded with ``AutoModelForCausalLM``. Nothing is downloaded: paths must be local.
+(or ``base=``), with the adapters' norm scales when they were saved through ``modules_to_save``; a
+fedguard bottleneck (Houlsby) adapter checkpoint (``peft_type: FEDGUARD_BOTTLENECK``, which peft cannot
+load) through :func:`fedguard_train.bottleneck.load_adapter`, with the trainable norm scales saved beside
+it; any other directory is loaded with ``AutoModelForCausalLM``. Nothing is downloaded: paths must be local.
 """
 
 from __future__ import annotations
@@ -32,7 +34,13 @@ def load_model(path: str | os.PathLike[str], *, base: str | os.PathLike[str] | N
         base_path = resolve_base(directory, base)
         if base_path is None:  # unreachable: an adapter always resolves or raises
             raise ConfigError(f"adapter {directory} has no base model")
-        model: Any = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), directory)
+        if _peft_type(adapter_cfg) == BOTTLENECK_TYPE:
+            # the trainer package's own adapter kind; imported only for such a checkpoint
+            from fedguard_train.bottleneck import load_adapter
+
+            model: Any = load_adapter(AutoModelForCausalLM.from_pretrained(base_path), directory)
+        else:
+            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), directory)
     elif (directory / "config.json").exists():
         model = AutoModelForCausalLM.from_pretrained(directory)
     else:
@@ -40,6 +48,18 @@ def load_model(path: str | os.PathLike[str], *, base: str | os.PathLike[str] | N
                           f"(adapter_config.json)")
     model.eval()
     return model
+
+
+BOTTLENECK_TYPE = "FEDGUARD_BOTTLENECK"
+"""``peft_type`` of a fedguard bottleneck adapter checkpoint (fedguard_train.bottleneck.PEFT_TYPE)."""
+
+
+def _peft_type(adapter_cfg: Path) -> Any:
+    try:
+        cfg = json.loads(adapter_cfg.read_text())
+    except ValueError as err:
+        raise ConfigError(f"{adapter_cfg} is not valid JSON: {err}") from err
+    return cfg.get("peft_type") if isinstance(cfg, dict) else None
 
 
 def resolve_base(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = None) -> Path | None:
