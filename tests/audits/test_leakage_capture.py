@@ -136,3 +136,29 @@ def test_capture_is_off_by_default(tmp_path: Path, task: Path) -> None:
     assert not isinstance(trainer.aggregator, CapturingAggregator)
     trainer.run()
     assert not (Path(cfg.run_dir) / "server_view").exists()
+
+
+def _mpc_view_checks(manifest: dict, updates: list[ClientUpdate], directory: Path) -> None:
+    """What an MPC server holds of each client: ciphertexts of shares sealed to the parties, no ring vector."""
+    assert {p["stage"] for p in manifest["payloads"]} == {"input"}
+    for u in updates:
+        msg = decode((directory / "input" / f"client_{u.client_id}.msg").read_bytes())
+        assert "x" not in msg.arrays and "epk" in msg.arrays
+        assert {k for k in msg.arrays if k.startswith("ct")} == {"ct0", "ct1", "ct2"}  # one sealed share per party
+        # party 0's sealed share carries the ring vector (d + 1 words of 8 bytes, plus the AEAD tag); the
+        # others are sealed seeds: nothing the server holds opens without a party's private key
+        assert len(msg.blob("ct0")) >= 8 * 41 and all(len(msg.blob(f"ct{k}")) < 8 * 41 for k in (1, 2))
+    with np.load(directory / "aggregate.npz") as data:  # the revealed mean is the plaintext weighted mean
+        expected = sum(u.weight * u.vector for u in updates) / sum(u.weight for u in updates)
+        assert np.abs(data["mean"] - expected).max() <= SPEC.error_bound() + 1e-6
+
+
+def test_mpc_capture_holds_sealed_shares_simulated_parties(tmp_path: Path) -> None:
+    _, manifest, updates, directory = _capture(tmp_path, "mpc", backend="simulated", n_parties=3)
+    _mpc_view_checks(manifest, updates, directory)
+
+
+@pytest.mark.multiprocess
+def test_mpc_capture_holds_sealed_shares_crypten_parties(tmp_path: Path) -> None:
+    _, manifest, updates, directory = _capture(tmp_path, "mpc", n_parties=3)  # real CrypTen party processes
+    _mpc_view_checks(manifest, updates, directory)
