@@ -36,7 +36,8 @@ token ids, or over decoded text when a tokenizer is given); the chance level is 
 uniformly random sequences of the true lengths, matched best-of-k as the recovery is (k = the number
 of sequences the attack returned).
 
-The optimisation-based attack (LAMP/TAG with the base model as a language prior) is not implemented.
+The optimisation-based attack (LAMP/TAG with the base model as a language prior) is
+:mod:`attacks.optimisation`.
 """
 
 from __future__ import annotations

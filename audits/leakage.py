@@ -7,7 +7,8 @@
   are the clients' training examples, non-members the held-out split (same distribution: AUC 0.5 is
   chance); half of the held-out split is set aside as RMIA's population, the base model (the initial
   adapter) is the reference, LiRA runs with ``--shadows`` shadow fine-tunes of the run's adapter;
-* **update inversion** (:mod:`attacks.inversion`) on every client's captured input of each captured round
+* **update inversion** (:mod:`attacks.inversion`, DAGER-style; or with ``--method lamp``
+  :mod:`attacks.optimisation`, LAMP/TAG gradient matching) on every client's captured input of each captured round
   (``capture: true``; :mod:`fedguard_train.capture`), and on the revealed aggregate, scored against the
   examples each client really trained on that round (replayed from the trainer's seeded batch order);
   with masking the per-client inputs are masked vectors, with Paillier ciphertexts (not decodable).
