@@ -162,3 +162,31 @@ def test_mpc_capture_holds_sealed_shares_simulated_parties(tmp_path: Path) -> No
 def test_mpc_capture_holds_sealed_shares_crypten_parties(tmp_path: Path) -> None:
     _, manifest, updates, directory = _capture(tmp_path, "mpc", n_parties=3)  # real CrypTen party processes
     _mpc_view_checks(manifest, updates, directory)
+
+
+def test_capture_over_remote_rounds_matches_in_process(tmp_path: Path, task: Path) -> None:
+    """The Flower path's round driver (fedguard_train.flower: workers answering one stage per round trip,
+    here over its in-process exchange) captures the same server view: plaintext updates byte for byte equal
+    to the in-process trainer's (same seed), and the decoded means equal."""
+    from fedguard_train.flower.coordinator import remote_trainer
+    from fedguard_train.flower.worker import ClientWorker, DirectExchange
+    from fedguard_train.runner import build_trainer
+    from tests.train.conftest import tiny_config
+
+    def config(name: str):  # type: ignore[no-untyped-def]
+        return tiny_config(tmp_path / name, task, capture=True, federation={"clients": 2, "rounds": 1})
+
+    build_trainer(config("in"), quiet=True).run()
+    cfg = config("remote")
+    remote_trainer(cfg, DirectExchange({k: ClientWorker(cfg, k) for k in range(cfg.n_parties)})).run()
+    views = [Path(c.run_dir) / "server_view" / "round_0001" for c in (config("in"), cfg)]
+    manifests = [json.loads((v / "view.json").read_text()) for v in views]
+    assert all(m["status"] == "complete" and m["aggregator"] == "plaintext" for m in manifests)
+    for k in range(2):
+        a, b = ((v / "input" / f"client_{k}.msg").read_bytes() for v in views)
+        assert decode(a).arrays["x"].tobytes() == decode(b).arrays["x"].tobytes()
+    means = []
+    for v in views:
+        with np.load(v / "aggregate.npz") as data:
+            means.append(data["mean"])
+    np.testing.assert_array_equal(means[0], means[1])
