@@ -378,9 +378,16 @@ class WatermarkSection:
     alpha: float = 0.03
     gamma0: float = 1.0
     key_dir: str | None = None
+    # server-side component (fedguard.watermark.server): after aggregation (and DP noise) the server takes up
+    # to this many Adam steps on the clients' regularisers; clients trust the server with their keys
+    server_embed_steps: int = 0
+    server_embed_lr: float = 1e-2
 
     def __post_init__(self) -> None:
-        problems = [p for p in (int_problem("bits", self.bits, low=1),) if p]
+        problems = [p for p in (int_problem("bits", self.bits, low=1),
+                                int_problem("server_embed_steps", self.server_embed_steps, low=0)) if p]
+        if not self.server_embed_lr > 0:
+            problems.append(f"server_embed_lr must be > 0, got {self.server_embed_lr}")
         if not self.alpha > 0:
             problems.append(f"alpha must be > 0, got {self.alpha}")
         if not self.gamma0 > 0:

@@ -10,6 +10,8 @@
       mode: gram         # norm targets: gram (survives norm folding and output-side permutations /
                          # rotations) | invariant (norm folding only); lora/prompt targets are plain
       key_dir: null      # where the secret keys go (default <run_dir>/keys; files of mode 0600)
+      server_embed_steps: 0   # > 0: the server re-embeds every client's mark after aggregation (and DP
+      server_embed_lr: 1.0e-2 # noise): post-processing, no privacy cost, but the server holds the keys
 
 Before the travelling layout is fixed, the hook marks the norm scales trainable (target ``norm``) and
 generates one key per client against the starting model (or reloads them from ``key_dir`` on resume,
@@ -19,6 +21,11 @@ records the commitments in the run state;
 each client's local loss gets its own regulariser; after every round the global model is verified
 against every key and the round's row reports the matched bits per client and how many clients'
 ownership claims hold at p <= 1e-6 (FedIPR, Li et al. TPAMI 2022; FATE-LLM §3.1).
+
+With ``server_embed_steps > 0`` the hook's ``aggregate`` seam (after the DP hook's noise) loads the released
+``θ_r + mean``, takes up to that many Adam steps on the sum of every client's regulariser
+(:func:`fedguard.watermark.server.server_embed`) and returns the new mean, so the checkpointed vector and
+the next round start from the re-embedded model. Clients thereby trust the server with their keys.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedguard.errors import ConfigError
@@ -56,6 +64,13 @@ class WatermarkHook(TrainerHook):
         self.marks: list[Any] = []
         self.commitments: list[str] = []
         self._rng = rng
+        self.server_embed_steps, self.server_embed_lr = section.server_embed_steps, section.server_embed_lr
+        if self.server_embed_steps and config.training.zero_stage == 3:
+            raise ConfigError("watermark.server_embed_steps needs unpartitioned parameters (training.zero_stage < 3)")
+        self._model: torch.nn.Module | None = None
+        self._layout: Any = None
+        self._global: np.ndarray | None = None
+        self.server_steps_taken: list[int] = []
 
     def _path(self, client: int) -> Path:
         return self.key_dir / f"client-{client}.key"
@@ -100,6 +115,7 @@ class WatermarkHook(TrainerHook):
                                 self._commitment_path(c))
             self.commitments = [commit(key) for key in keys]
         self.marks = [SignWatermark(key, model) for key in keys]  # type: ignore[arg-type]
+        self._model = model
 
     def _mismatch(self, key: Any, client: int) -> list[str]:
         """How a stored key differs from what this section would generate for ``client``."""
@@ -116,12 +132,35 @@ class WatermarkHook(TrainerHook):
         mark = self.marks[client_id]
         return lambda step: step.loss + mark.loss()
 
+    def on_round_start(self, round_id: int, participants: Any) -> None:
+        if self.server_embed_steps and self._model is not None:
+            from fedguard.params import flatten, layout_of
+
+            if self._layout is None:
+                self._layout = layout_of(self._model)  # the trainer's travelling layout (same function)
+            self._global = flatten(self._model, self._layout)  # θ_r: the model holds it before clients train
+
+    def aggregate(self, round_id: int, mean: np.ndarray, contributors: Any) -> np.ndarray:
+        """Server-side embedding on the released ``θ_r + mean`` (see the module docstring)."""
+        if not self.server_embed_steps or self._model is None or self._global is None:
+            return mean
+        from fedguard.params import flatten, load_vector
+        from fedguard.watermark.server import server_embed
+
+        start = self._global
+        load_vector(self._model, self._layout, start + mean)
+        self.server_steps_taken.append(server_embed(self._model, self.marks, self.server_embed_steps,
+                                                    self.server_embed_lr))
+        return (flatten(self._model, self._layout) - start).astype(mean.dtype)
+
     def on_round_end(self, round_id: int, model: torch.nn.Module, metrics: dict[str, Any]) -> None:
         detections = [m.detect() for m in self.marks]
         metrics["watermark_matched"] = [d.matched for d in detections]
         metrics["watermark_bits"] = detections[0].bits if detections else 0
         metrics["watermark_verified"] = sum(d.verdict for d in detections)
         metrics["watermark_max_p"] = max(d.p_value for d in detections) if detections else 1.0
+        if self.server_embed_steps:
+            metrics["watermark_server_steps"] = self.server_steps_taken[-1] if self.server_steps_taken else 0
 
     def state_dict(self) -> dict[str, Any]:
         return {"key_dir": str(self.key_dir), "key_commitments": list(self.commitments)}

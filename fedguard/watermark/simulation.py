@@ -10,7 +10,7 @@ loop), and sends ``local − global``; the server runs weighted FedAvg through
 
 Under client-level DP (``dp_clip``, ``dp_noise``) each client's update is clipped to L2 norm C and the
 released mean gets ``N(0, (zC/K)²)`` per coordinate (the Gaussian mechanism, central placement);
-``server_embed_steps`` adds the server-side component (:func:`server_embed`).
+``server_embed_steps`` adds the server-side component (:func:`fedguard.watermark.server.server_embed`).
 
 The task (as in ``fedguard demo``): sequences follow a secret successor permutation of the vocabulary
 with client-specific start tokens and noise, so eval loss measures how well the federation learnt it.
@@ -33,6 +33,7 @@ from fedguard.params import flatten, layout_of, load_vector
 from fedguard.rng import SecureRNG
 from fedguard.toy_task import successor_sequences
 from fedguard.watermark.keys import Mode, SignKey
+from fedguard.watermark.server import server_embed
 from fedguard.watermark.sign import SignWatermark, make_sign_key
 from fedguard.watermark.targets import prepare_norm_targets
 from fedguard.watermark.verify import Detection
@@ -99,23 +100,6 @@ def tiny_gpt2_lora(config: SimulationConfig, torch_seed: int) -> torch.nn.Module
     model = get_peft_model(base, lora)
     prepare_norm_targets(model)
     return model
-
-
-def server_embed(model: torch.nn.Module, marks: list[SignWatermark], steps: int, lr: float) -> None:
-    """The server-side component under DP: after the noised aggregate is released, the server takes
-    ``steps`` Adam steps on ``Σ_k L_wm,k`` (every client's regulariser, no data) over the trainable
-    parameters. This is post-processing of the DP release (it reads no client data), so it costs no
-    privacy; it requires the clients to hand their keys (or just their seeds' projections) to the server,
-    which is then trusted with them."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-    for _ in range(steps):
-        loss = sum((m.loss() for m in marks), torch.zeros(()))
-        if float(loss.detach()) == 0.0:
-            break
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
 
 
 class CentralGaussianNoise(RoundHooks):

@@ -29,3 +29,31 @@ def test_the_default_section_claims_for_every_client_after_three_short_rounds(tm
     # LoRA-adapted layers when they fit, else to all four (here all four: 128 constraints on 128 values)
     assert last["watermark_bits"] == 64
     assert last["watermark_verified"] == 2 and last["watermark_max_p"] <= 1e-6, last
+
+
+def test_server_side_embedding_under_central_dp_restores_the_claims(tmp_path: Path) -> None:
+    """Client-level DP (clip 0.1, z = 0.5, as in the private example) drowns two local steps of embedding;
+    the server-side component (post-processing of the noised release, keys held by the server) brings every
+    client's claim back, and the checkpoint holds the re-embedded vector that the next round starts from."""
+    import numpy as np
+
+    from fedguard.params import flatten
+    from fedguard_train.privacy import hooks_from_config
+
+    task = write_task(tmp_path / "task.jsonl")
+    rows = {}
+    for steps in (0, 60):
+        config = tiny_config(tmp_path / str(steps), task, federation={"clients": 2, "rounds": 2},
+                             data__partition="iid", training={"local_steps": 2, "batch_size": 4, "lr": 0.003},
+                             watermark={"server_embed_steps": steps},
+                             dp={"clip_norm": 0.1, "noise_multiplier": 0.5, "target_delta": 1e-3})
+        hooks = hooks_from_config(config)
+        assert [h.name for h in hooks][-1] == "watermark"  # after the DP hook: it sees the noised mean
+        trainer = FedHomoLLM(config, hooks=hooks, quiet=True)
+        rows[steps] = trainer.run().history[-1]
+        if steps:
+            saved = sorted((Path(config.run_dir) / "checkpoints").rglob("*.npy"))
+            assert saved and np.array_equal(np.load(saved[-1]), flatten(trainer.model, trainer.layout))
+    assert rows[0]["watermark_verified"] == 0, rows[0]
+    assert rows[60]["watermark_verified"] == 2 and 0 < rows[60]["watermark_server_steps"] <= 60, rows[60]
+    assert rows[60]["epsilon"] == rows[0]["epsilon"]  # post-processing: the same privacy spent
