@@ -428,7 +428,7 @@ class OSTSection:
         ])
 
 
-TEACHER_KEYS = ("source", "family", "layers", "tokenizer", "finetune_steps", "finetune_lr")
+TEACHER_KEYS = ("source", "family", "layers", "tokenizer", "finetune_steps", "finetune_lr", "heal")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -524,6 +524,16 @@ class HeteroSection:
             family = spec.get("family", "auto")
             if not isinstance(family, str):
                 problems.append(f"teachers.{key}.family must be a string, got {family!r}")
+            heal = spec.get("heal")
+            if heal is not None:  # heal the layer-dropped teacher before fine-tuning (fedguard_train/healing.py)
+                if not isinstance(heal, Mapping) or layers is None:
+                    problems.append(f"teachers.{key}.heal must be a mapping of heal settings and needs "
+                                    f"teachers.{key}.layers, got {heal!r}")
+                else:
+                    try:
+                        HealSection(**heal)
+                    except (ConfigError, TypeError) as err:
+                        problems.append(f"teachers.{key}.heal: {err}")
         _raise_problems(self, problems)
 
 

@@ -30,7 +30,7 @@ import torch
 from fedguard.errors import ConfigError
 from fedguard.files import atomic_write
 from fedguard_train import alignment as al
-from fedguard_train.config import HeteroSection, ModelConfig
+from fedguard_train.config import HealSection, HeteroSection, ModelConfig
 from fedguard_train.data import IGNORE_INDEX
 from fedguard_train.distill import TopK, kd_loss, realign, remap, top_k
 from fedguard_train.engine import LocalTrainer
@@ -152,7 +152,13 @@ class FedHeteroLLM(Trainer):
         model, tokenizer = load_model(source, str(spec.get("family", "auto")), tok_choice,
                                       seed=seed_of(self.config.seed, "teacher", client))
         full_layers = _n_layers(model)
-        model = drop_layers(model, spec.get("layers"), str(spec.get("family", "auto")))
+        heal_line = ""
+        if spec.get("heal") is not None and spec.get("layers") is not None and int(spec["layers"]) < full_layers:
+            model, info = healed_model(model, tokenizer, int(spec["layers"]), HealSection(**spec["heal"]),
+                                       family_name=str(spec.get("family", "auto")), progress=not self.quiet)
+            heal_line = f"; healed: held-out perplexity {info.ppl_before:,.1f} -> {info.ppl_after:,.1f}"
+        else:
+            model = drop_layers(model, spec.get("layers"), str(spec.get("family", "auto")))
         layers = _n_layers(model)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -165,7 +171,8 @@ class FedHeteroLLM(Trainer):
                 if steps else None)
         params = sum(p.numel() for p in model.parameters())
         description = (f"{source} ({family_of(model).name}, {layers} of {full_layers} blocks"
-                       f"{', layer-dropped' if layers < full_layers else ''}, {params / 1e6:.2f}M parameters, "
+                       f"{', layer-dropped' if layers < full_layers else ''}{heal_line}, {params / 1e6:.2f}M "
+                       f"parameters, "
                        f"{'GPT-2 BPE' if tok_choice == 'gpt2' else 'own'} tokenizer"
                        f"{', different from the mentee' if vocab_map is not None else ', same as the mentee'}; "
                        + (f"fine-tuned on client {client}'s data for {steps} steps, final loss {loss:.3f})"

@@ -108,7 +108,8 @@ def test_hetero_heals_the_mentee_caches_teachers_and_scores_them(tmp_path: Path,
 
     heal = {"steps": 4, "batch_size": 2, "seq_len": 16, "lr": 1e-3, "data": "mixed"}
     hetero = {"teachers": {"client0": {"source": "tiny:llama", "finetune_steps": 3, "finetune_lr": 0.01},
-                           "client1": {"source": "tiny:llama", "finetune_steps": 2, "finetune_lr": 0.01}},
+                           "client1": {"source": "tiny:llama", "layers": 1, "finetune_steps": 2, "finetune_lr": 0.01,
+                                       "heal": {"steps": 2, "batch_size": 2, "seq_len": 16}}},
               "lam": 1.0, "top_k": 4, "mentee_layers": 1, "mentee_heal": heal}
     config = tiny_config(tmp_path, task, trainer="hetero", hetero=hetero, model={"name_or_path": "tiny:llama"},
                          federation={"clients": 2, "rounds": 1})
@@ -118,6 +119,7 @@ def test_hetero_heals_the_mentee_caches_teachers_and_scores_them(tmp_path: Path,
     report = (Path(config.run_dir) / "hetero.md").read_text()
     assert "mentee healing: 1 of 2 blocks [0], healed by distillation" in report
     assert "## Teachers on the held-out split" in report
+    assert "1 of 2 blocks, layer-dropped; healed: held-out perplexity" in trainer.teacher_descriptions()[1]
     extra = json.loads((Path(config.run_dir) / "hetero.json").read_text())
     assert len(extra["teachers"]) == 2 and all(t["perplexity"] > 0 for t in extra["teachers"])
     teachers = sorted((tmp_path / "cache" / "teachers").iterdir())
@@ -141,6 +143,13 @@ def test_heal_needs_a_layer_count(tmp_path: Path, task: Path) -> None:
     config = tiny_config(tmp_path, task, trainer="hetero", hetero=hetero)
     with pytest.raises(ConfigError, match="set hetero.mentee_layers"):
         FedHeteroLLM(config, quiet=True)
+    with pytest.raises(ConfigError, match="needs teachers.client0.layers"):
+        tiny_config(tmp_path, task, trainer="hetero",
+                    hetero={**hetero, "teachers": {"client0": {"source": "tiny:llama", "heal": {"steps": 1}}}})
+    with pytest.raises(ConfigError, match="teachers.client0.heal: .*steps must be >= 1"):
+        tiny_config(tmp_path, task, trainer="hetero",
+                    hetero={**hetero, "teachers": {"client0": {"source": "tiny:llama", "layers": 1,
+                                                               "heal": {"steps": 0}}}})
     config = tiny_config(tmp_path, task, trainer="co", co={"server_model": "tiny:llama:4", "small_heal": {"steps": 1}})
     with pytest.raises(ConfigError, match="set co.small_layers"):
         FedCoLLM(config, quiet=True)
