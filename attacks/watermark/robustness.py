@@ -138,11 +138,75 @@ def survival(grid: str, lr: float = 5e-3) -> list[dict[str, Any]]:
     return rows
 
 
+LLAMA_RESULTS = RESULTS.with_name("watermark_llama.json")
+
+
+def llama(steps: tuple[int, ...] = (0, 50, 200, 1000), *, bits: int = 32, hidden: int = 32,
+          layers: int = 2) -> dict[str, Any]:
+    """The suite on a tiny random Llama (``layers`` × ``hidden``, GQA 4/2 heads, RoPE; LoRA r 4 on every
+    projection, trainable RMSNorm scales) into which 2 owners embed ``bits``-bit gram keys (α 0.05, Adam lr
+    1e-2, 300 steps with a next-token rule as the task); reparametrisations incl. the residual rotation (read
+    with and without Procrustes alignment), prune, int4, fine-tuning of the released parameters and of a
+    fresh LoRA at lr 5e-3, overwriting with 1 and 4 attacker keys."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fedguard.watermark import SignWatermark, make_sign_key, prepare_norm_targets
+
+    torch.manual_seed(3)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden,
+                                        num_hidden_layers=layers,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(
+        r=4, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    prepare_norm_targets(model)
+    keys = [make_sign_key(model, bits=bits, mode="gram", n_clients=2, alpha=0.05, owner=f"owner-{i}",
+                          rng=SecureRNG.for_testing(f"llama/{i}")) for i in range(2)]
+    marks = [SignWatermark(k, model) for k in keys]
+    gen = torch.Generator().manual_seed(0)
+    data = (torch.randint(0, 64, (128, 1), generator=gen) + torch.arange(16)[None, :] * 5) % 64
+
+    def train(net: torch.nn.Module, regularisers: list[SignWatermark]) -> None:
+        batches = torch.Generator().manual_seed(1)
+        opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(300):
+            idx = torch.randint(0, 128, (16,), generator=batches)
+            loss = net(input_ids=data[idx], labels=data[idx]).loss + sum(m.loss() for m in regularisers)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    twin = copy.deepcopy(model)  # the fidelity baseline: same start, same batches, no watermark
+    train(model, marks)
+    train(twin, [])
+    sc = SuiteConfig(prune=(0.5,), quantise=("int4", "int4-channel"), finetune_steps=steps,
+                     finetune_params=("released", "new-lora"), overwrite_keys=(1, 4), seed_tries=20)
+    t = time.perf_counter()
+    rep = run_suite(model, keys, data, base=base, config=sc, rng=SecureRNG.for_testing("suite/llama"),
+                    model_name=f"tiny Llama {layers}x{hidden} (2 owners, {bits}-bit gram keys)")
+    from attacks.watermark.result import task_loss
+
+    marked_loss, plain_loss = task_loss(model, data), task_loss(twin, data)
+    print(f"llama {layers}x{hidden} {bits} bits: task loss {marked_loss:.4f} vs {plain_loss:.4f} without watermarks",
+          flush=True)
+    out = {"bits": bits, "hidden": hidden, "layers": layers, "task_loss": marked_loss,
+           "task_loss_without_watermark": plain_loss, "seconds": time.perf_counter() - t,
+           "load": os.getloadavg(), **rep.to_json()}
+    for r in rep.results:
+        print(f"llama {layers}x{hidden} {bits} bits {r.attack:30s} {r.label:44s} {r.min_matched}/{r.bits} {r.claims}/2 dloss {r.delta_task_loss:+.4f} "
+              f"dlogits {r.function_change:.2g}", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--llama", type=int, nargs=3, default=(32, 32, 2), metavar=("BITS", "HIDDEN", "LAYERS"),
+                        help="--part llama: bits per owner, hidden size, layers")
     parser.add_argument("--grid", choices=sorted(SURVIVAL_GRIDS), default="a", help="--part survival: which grid")
-    parser.add_argument("--part", choices=("all", "suite", "tradeoff", "dp", "survival"), default="all")
+    parser.add_argument("--part", choices=("all", "suite", "tradeoff", "dp", "survival", "llama"), default="all")
     args = parser.parse_args()
     torch.set_num_threads(1)
     steps = (0, 50, 200) if args.quick else (0, 50, 200, 1000)
@@ -159,6 +223,14 @@ def main() -> None:
         out["tradeoff"] = tradeoff((1.0, 4.0, 16.0) if not args.quick else (1.0, 4.0), steps, 5e-3)
     if args.part in ("all", "dp"):
         out["dp"] = under_dp()
+    if args.part == "llama":  # its own file: a long run of another part rewrites RESULTS when it ends
+        done = json.loads(LLAMA_RESULTS.read_text()) if LLAMA_RESULTS.exists() else {}
+        bits, hidden, layers = args.llama
+        done[f"{layers}x{hidden}, {bits} bits"] = llama(bits=bits, hidden=hidden, layers=layers)
+        LLAMA_RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        LLAMA_RESULTS.write_text(json.dumps(done, indent=1) + "\n")
+        print(f"wrote {LLAMA_RESULTS}")
+        return
     if args.part == "survival":
         out.setdefault("survival", {})[args.grid] = survival(args.grid)
     out["load_after"] = os.getloadavg()
