@@ -209,7 +209,10 @@ def audit_ownership(
     commitment file (all checked before any verification)."""
     from fedguard.watermark.commitment import load_commitment
     from fedguard.watermark.keys import load_key
-    from fedguard.watermark.loading import load_base, load_model
+    from fedguard.watermark.loading import load_base, load_model, register_adapter_loader
+    from fedguard_train.bottleneck import PEFT_TYPE, load_adapter
+
+    register_adapter_loader(PEFT_TYPE, load_adapter)  # the trainer's Houlsby adapters
 
     keys = [(str(p), load_key(p)) for p in key_files]
     commitments = [load_commitment(p) for p in commitment_files]

@@ -50,7 +50,10 @@ def run_attack(args: argparse.Namespace) -> int:
     from attacks.watermark.suite import SUITES, run_suite, write_suite_report
     from fedguard.errors import ConfigError
     from fedguard.watermark.keys import SignKey, load_key
-    from fedguard.watermark.loading import load_base, load_model
+    from fedguard.watermark.loading import load_base, load_model, register_adapter_loader
+    from fedguard_train.bottleneck import PEFT_TYPE, load_adapter
+
+    register_adapter_loader(PEFT_TYPE, load_adapter)  # the trainer's Houlsby adapters
 
     if args.suite not in SUITES:
         raise ConfigError(f"unknown suite {args.suite!r}; known: {sorted(SUITES)}")

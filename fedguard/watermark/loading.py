@@ -2,16 +2,19 @@
 
 A verifier needs only the model and the key. A ``peft`` adapter directory (it holds
 ``adapter_config.json``) is loaded on top of the base model named by its ``base_model_name_or_path``
-(or ``base=``), with the adapters' norm scales when they were saved through ``modules_to_save``; a
-fedguard bottleneck (Houlsby) adapter checkpoint (``peft_type: FEDGUARD_BOTTLENECK``, which peft cannot
-load) through :func:`fedguard_train.bottleneck.load_adapter`, with the trainable norm scales saved beside
-it; any other directory is loaded with ``AutoModelForCausalLM``. Nothing is downloaded: paths must be local.
+(or ``base=``), with the adapters' norm scales when they were saved through ``modules_to_save``; an
+adapter of a kind peft cannot load (its ``peft_type`` is not peft's) through the loader registered for that
+type with :func:`register_adapter_loader` — the ownership audit and ``fedguard attack watermark`` register
+``fedguard_train.bottleneck.load_adapter`` for the trainer's Houlsby adapters (``FEDGUARD_BOTTLENECK``), since
+this library may not import the trainer package; any other directory is loaded with
+``AutoModelForCausalLM``. Nothing is downloaded: paths must be local.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +37,12 @@ def load_model(path: str | os.PathLike[str], *, base: str | os.PathLike[str] | N
         base_path = resolve_base(directory, base)
         if base_path is None:  # unreachable: an adapter always resolves or raises
             raise ConfigError(f"adapter {directory} has no base model")
-        if _peft_type(adapter_cfg) == BOTTLENECK_TYPE:
-            # the trainer package's own adapter kind; imported only for such a checkpoint
-            from fedguard_train.bottleneck import load_adapter
-
-            model: Any = load_adapter(AutoModelForCausalLM.from_pretrained(base_path), directory)
+        kind = _peft_type(adapter_cfg)
+        if kind in _ADAPTER_LOADERS:
+            model: Any = _ADAPTER_LOADERS[kind](AutoModelForCausalLM.from_pretrained(base_path), directory)
+        elif isinstance(kind, str) and kind.startswith("FEDGUARD_"):
+            raise ConfigError(f"{directory} holds a {kind} adapter and no loader is registered for it "
+                              f"(fedguard.watermark.loading.register_adapter_loader)")
         else:
             model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), directory)
     elif (directory / "config.json").exists():
@@ -50,8 +54,13 @@ def load_model(path: str | os.PathLike[str], *, base: str | os.PathLike[str] | N
     return model
 
 
-BOTTLENECK_TYPE = "FEDGUARD_BOTTLENECK"
-"""``peft_type`` of a fedguard bottleneck adapter checkpoint (fedguard_train.bottleneck.PEFT_TYPE)."""
+AdapterLoader = Callable[[torch.nn.Module, Path], torch.nn.Module]
+_ADAPTER_LOADERS: dict[str, AdapterLoader] = {}
+
+
+def register_adapter_loader(peft_type: str, loader: AdapterLoader) -> None:
+    """Load adapter directories whose ``adapter_config.json`` says ``peft_type`` with ``loader(base, dir)``."""
+    _ADAPTER_LOADERS[peft_type] = loader
 
 
 def _peft_type(adapter_cfg: Path) -> Any:

@@ -78,6 +78,14 @@ def test_a_bottleneck_adapter_checkpoint_loads_for_verification(tmp_path) -> Non
         loss.backward()
         opt.step()
     model.save_pretrained(tmp_path / "adapter")
+    from fedguard.errors import ConfigError
+    from fedguard.watermark import loading
+    from fedguard_train.bottleneck import PEFT_TYPE, load_adapter
+
+    loading._ADAPTER_LOADERS.pop(PEFT_TYPE, None)
+    with pytest.raises(ConfigError, match="no loader is registered"):  # the library never imports the trainer
+        load_model(tmp_path / "adapter")
+    loading.register_adapter_loader(PEFT_TYPE, load_adapter)  # as the audit and the attack CLI do
     loaded = load_model(tmp_path / "adapter")
     assert type(loaded).__name__ == "BottleneckModel"
     assert SignWatermark(key, loaded).detect().matched == 32
