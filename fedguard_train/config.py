@@ -382,10 +382,14 @@ class WatermarkSection:
     # to this many Adam steps on the clients' regularisers; clients trust the server with their keys
     server_embed_steps: int = 0
     server_embed_lr: float = 1e-2
+    directions: int = 1  # gram mode: secret directions per norm block (m·D feature values; docs/watermark.md)
 
     def __post_init__(self) -> None:
         problems = [p for p in (int_problem("bits", self.bits, low=1),
-                                int_problem("server_embed_steps", self.server_embed_steps, low=0)) if p]
+                                int_problem("server_embed_steps", self.server_embed_steps, low=0),
+                                int_problem("directions", self.directions, low=1)) if p]
+        if self.directions > 1 and (self.mode != "gram" or self.target != "norm"):
+            problems.append(f"directions > 1 needs mode 'gram' and target 'norm', got {self.mode!r}, {self.target!r}")
         if not self.server_embed_lr > 0:
             problems.append(f"server_embed_lr must be > 0, got {self.server_embed_lr}")
         if not self.alpha > 0:

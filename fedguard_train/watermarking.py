@@ -10,6 +10,7 @@
       mode: gram         # norm targets: gram (survives norm folding and output-side permutations /
                          # rotations) | invariant (norm folding only); lora/prompt targets are plain
       key_dir: null      # where the secret keys go (default <run_dir>/keys; files of mode 0600)
+      directions: 1      # gram: secret directions per norm block (more feature values than bits)
       server_embed_steps: 0   # > 0: the server re-embeds every client's mark after aggregation (and DP
       server_embed_lr: 1.0e-2 # noise): post-processing, no privacy cost, but the server holds the keys
 
@@ -58,6 +59,7 @@ class WatermarkHook(TrainerHook):
             raise ConfigError("watermark needs in-process clients (training.nproc_per_node = 1)")
         self.bits, self.target, self.alpha, self.gamma0 = section.bits, section.target, section.alpha, section.gamma0
         self.mode = section.mode if section.target == "norm" else "plain"
+        self.directions = section.directions
         self.key_dir = Path(section.key_dir or Path(config.run_dir) / "keys")
         self.n_clients = config.n_parties
         self.run_dir = config.run_dir
@@ -105,7 +107,7 @@ class WatermarkHook(TrainerHook):
             rng = self._rng if self._rng is not None else SecureRNG()
             keys = [make_sign_key(model, bits=self.bits, target=self.target, n_clients=self.n_clients,
                                   alpha=self.alpha, gamma0=self.gamma0, owner=f"client-{c}", rng=rng,
-                                  mode=self.mode)
+                                  mode=self.mode, directions=self.directions)
                     for c in range(self.n_clients)]
             # round 0: each key is committed to (public hash, see fedguard.watermark.commitment) before
             # any training, beside the key and in every checkpoint's state
@@ -123,6 +125,9 @@ class WatermarkHook(TrainerHook):
                   "owner": f"client-{client}", "mode": self.mode}
         out = [f"{name} is {getattr(key, name, None)!r}, the config says {value!r}"
                for name, value in wanted.items() if getattr(key, name, None) != value]
+        found = sorted({b.directions for b in getattr(key, "blocks", ())})
+        if found and found != [self.directions]:
+            out.append(f"directions is {found[0] if len(found) == 1 else found}, the config says {self.directions}")
         kinds = sorted({b.kind for b in getattr(key, "blocks", ())})
         if kinds != [self.target]:
             out.append(f"target is {', '.join(kinds) or None!r}, the config says {self.target!r}")

@@ -125,10 +125,15 @@ def gram_norm_features(gamma: torch.Tensor, consumer: Any, u: torch.Tensor) -> t
     MLP hidden units (with the down projection compensated), permuting heads, rotating each head's
     values (undone in the output projection) or its queries and keys jointly. Read along a secret unit
     direction ``u`` of the input space, one scalar per channel: ``φ = γ ⊙ (W_eff (W_effᵀ (γ ⊙ u)))``, two
-    mat-vecs. Not invariant to a rotation of the residual stream itself (``M ← R M`` gives ``R G Rᵀ``).
+    mat-vecs. ``u`` may be a ``[D, m]`` matrix of directions: then ``vec(G U)`` (``m·D`` values, direction by
+    direction). Not invariant to a rotation of the residual stream itself (``M ← R M`` gives ``R G Rᵀ``;
+    :mod:`fedguard.watermark.alignment` undoes it).
     """
     w = weight_in_out(consumer).to(u.dtype)  # [in, out], LoRA deltas included
     g = gamma.to(u.dtype)
+    if u.ndim == 2:  # several directions [D, m]: vec(G U), direction by direction
+        g2 = g[:, None]
+        return (g2 * (w @ (w.t() @ (g2 * u)))).t().reshape(-1)
     return g * (w @ (w.t() @ (g * u)))
 
 

@@ -93,6 +93,17 @@ class TargetBlock:
     offset: tuple[float, ...] = ()
     consumer: str | None = None
     consumer_shape: tuple[int, ...] | None = None
+    directions: int = 1
+    """For a gram block: how many secret directions ``u_1..u_m`` the Gram matrix is read along (the block's
+    feature is ``vec(G [u_1 … u_m])``, ``m·D`` values; written to the key file only when > 1, so keys and
+    commitments made before this field exist read and hash as they did)."""
+
+    @property
+    def feature_dim(self) -> int:
+        """Length of the block's feature vector: ``D·m`` for a norm block, the parameter count otherwise."""
+        if self.kind == "norm":
+            return self.shapes[0][0] * self.directions
+        return sum(int(np.prod(s)) for s in self.shapes)
 
     @property
     def label(self) -> str:
@@ -109,7 +120,7 @@ class TargetBlock:
             "offset": list(self.offset),
             "consumer": self.consumer,
             "consumer_shape": list(self.consumer_shape) if self.consumer_shape is not None else None,
-        }
+        } | ({"directions": self.directions} if self.directions != 1 else {})
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> TargetBlock:
@@ -127,7 +138,10 @@ class TargetBlock:
             offset=tuple(float(v) for v in raw["offset"]),
             consumer=None if raw.get("consumer") is None else str(raw["consumer"]),
             consumer_shape=None if cs is None else tuple(int(d) for d in cs),
+            directions=int(raw.get("directions", 1)),
         )
+        if block.directions < 1 or (block.directions > 1 and block.kind != "norm"):
+            raise CorruptKeyError(f"target block {block.module!r}: directions={block.directions} (>= 1, norm blocks only)")
         if len(block.offset) != block.bits or block.bits < 1 or not block.scale > 0:
             raise CorruptKeyError(f"inconsistent target block {block.module!r}: bits={block.bits}, "
                                   f"{len(block.offset)} offsets, scale={block.scale}")
@@ -161,6 +175,21 @@ def direction(seed: bytes, index: int, dim: int) -> np.ndarray:
     """A secret unit vector ``r_index ∈ R^dim`` (the reference direction of an invariant norm block)."""
     v = _derive(seed, f"direction/{index}").normal(dim)
     out = v / np.linalg.norm(v)
+    out.flags.writeable = False
+    return out
+
+
+def directions(seed: bytes, index: int, dim: int, count: int) -> np.ndarray:
+    """``count`` secret unit vectors of ``R^dim`` as the columns of a ``[dim, count]`` matrix; the first is
+    :func:`direction` (so a one-direction block reads exactly as before), the others come from their own
+    streams. (Read-only.)"""
+    if count == 1:
+        return direction(seed, index, dim)[:, None]
+    cols = [direction(seed, index, dim)]
+    for j in range(1, count):
+        v = _derive(seed, f"direction/{index}/{j}").normal(dim)
+        cols.append(v / np.linalg.norm(v))
+    out = np.stack(cols, axis=1)
     out.flags.writeable = False
     return out
 

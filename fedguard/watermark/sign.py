@@ -41,7 +41,15 @@ from fedguard.errors import ConfigError, KeyMismatchError
 from fedguard.rng import SecureRNG, random_seed
 from fedguard.watermark.capacity import CapacityError, plan_capacity
 from fedguard.watermark.invariant import base_linear, gram_norm_features, invariant_norm_features, output_dim
-from fedguard.watermark.keys import Mode, Reference, SignKey, TargetBlock, direction, projection_matrix
+from fedguard.watermark.keys import (
+    Mode,
+    Reference,
+    SignKey,
+    TargetBlock,
+    direction,
+    directions,
+    projection_matrix,
+)
 from fedguard.watermark.targets import (
     BlockKind,
     MissingTargetError,
@@ -107,8 +115,12 @@ class SignWatermark:
                     raise KeyMismatchError(f"consumer layer {block.consumer!r} has weight shape {got} in the "
                                            f"model but {block.consumer_shape} in the key")
                 # invariant: r in the consumer's output space; gram: u in its input (= the norm's) space
-                r = torch.tensor(direction(key.seed, i, output_dim(consumer) if key.mode == "invariant"
-                                           else block.shapes[0][0]))
+                if key.mode == "invariant":
+                    r = torch.tensor(direction(key.seed, i, output_dim(consumer)))
+                elif block.directions == 1:
+                    r = torch.tensor(direction(key.seed, i, block.shapes[0][0]))
+                else:  # [D, m]: the Gram matrix read along m secret directions
+                    r = torch.tensor(directions(key.seed, i, block.shapes[0][0], block.directions))
             dim = self._dim(block)
             e = torch.tensor(projection_matrix(key.seed, i, dim, block.bits))
             bound.append(_Bound(block, params, consumer, e, r, torch.from_numpy(signature[sl].copy()),
@@ -211,9 +223,7 @@ class SignWatermark:
 
     @staticmethod
     def _dim(block: TargetBlock) -> int:
-        if block.kind == "norm":
-            return block.shapes[0][0]
-        return sum(int(np.prod(s)) for s in block.shapes)
+        return block.feature_dim
 
     def _tensors(self, device: torch.device, dtype: torch.dtype) -> list[tuple[torch.Tensor, ...]]:
         """Per block ``(E_i / s_i, r_i, z₀_i)`` on ``device`` in ``dtype`` (cached)."""
@@ -240,7 +250,10 @@ class SignWatermark:
             if self.key.mode == "gram":
                 if rot is None:
                     return gram_norm_features(b.params[0], b.consumer, r)
-                return rot.t() @ gram_norm_features(b.params[0], b.consumer, rot @ r)  # G u = Rᵀ G_s (R u)
+                read = gram_norm_features(b.params[0], b.consumer, rot @ r)  # G u = Rᵀ G_s (R u)
+                if r.ndim == 2:  # vec over m directions: Rᵀ applied to each
+                    return (read.reshape(r.shape[1], r.shape[0]) @ rot).reshape(-1)
+                return rot.t() @ read
             phi = invariant_norm_features(b.params[0], b.consumer, r)
             return phi if rot is None else rot.t() @ phi
         return torch.cat([p.to(dtype).reshape(-1) for p in b.params])
@@ -303,6 +316,7 @@ def make_sign_key(
     seed: bytes | None = None,
     rng: SecureRNG | None = None,
     like: SignKey | None = None,
+    directions: int = 1,
 ) -> SignKey:
     """Generate a client's sign-watermark key for ``model`` (the public starting point of the run).
 
@@ -313,6 +327,11 @@ def make_sign_key(
 
     ``like``: reuse the targets, bit allocation, mode, reference, γ0 and α of an existing key (already
     checked against capacity) and draw only a new seed — how many keys for the same model are made quickly.
+
+    ``directions`` (gram mode): read each block's Gram matrix along that many secret directions, so a block
+    of D channels offers ``m·D`` feature values instead of D (at most ``(D+1)//2`` directions: G is
+    symmetric, ``D(D+1)/2`` free values). More feature values than bits keep the bits apart from an
+    overwriting attacker's (docs/watermark.md).
     """
     if seed is None:
         seed = rng.bytes(32) if rng is not None else random_seed()
@@ -322,7 +341,17 @@ def make_sign_key(
                         owner=owner)
     else:
         mode = mode or ("invariant" if target == "norm" else "plain")
+        if directions != 1 and (mode != "gram" or target != "norm" or isinstance(directions, bool)
+                                or not isinstance(directions, int) or directions < 1):
+            raise ConfigError(f"directions must be an int >= 1, and > 1 only for gram norm keys; got {directions!r} "
+                              f"with mode {mode!r}, target {target!r}")
         candidates = discover(model, target, mode=mode, modules=modules)
+        if directions > 1:
+            too_many = [c.module for c in candidates if directions > (c.dim + 1) // 2]
+            if too_many:
+                raise ConfigError(f"{directions} directions exceed (D+1)//2 for {too_many[:3]}: the Gram matrix "
+                                  f"has only D(D+1)/2 free values")
+            candidates = [replace(c, dim=c.dim * directions, directions=directions) for c in candidates]
         adapted = [c for c in candidates if c.adapted]
         plan = None
         if not modules and adapted and len(adapted) < len(candidates):

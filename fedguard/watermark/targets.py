@@ -85,10 +85,11 @@ class Candidate:
     adapted: bool = False
     """For an invariant norm block: whether its consumer carries a LoRA adapter (so its feature moves with
     the adapter, not only with the slowly trained norm scale)."""
+    directions: int = 1
 
     def block(self, bits: int, scale: float = 1.0, offset: tuple[float, ...] = ()) -> TargetBlock:
         return TargetBlock(self.kind, self.module, self.params, self.shapes, bits, scale,
-                           offset or (0.0,) * bits, self.consumer, self.consumer_shape)
+                           offset or (0.0,) * bits, self.consumer, self.consumer_shape, self.directions)
 
 
 def norm_modules(model: torch.nn.Module) -> list[str]:

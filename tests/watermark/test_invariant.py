@@ -106,3 +106,42 @@ def test_llama_rmsnorm_transform_compensated_in_q_k_v_keeps_invariant_bits() -> 
     torch.testing.assert_close(logits(model, ids), before, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.from_numpy(wm.extract()), torch.from_numpy(z_before), rtol=1e-4, atol=1e-5)
     assert wm.detect().matched == 32
+
+
+def test_gram_keys_with_several_directions_are_invariant_and_round_trip(tmp_path) -> None:
+    """``directions=m`` reads each block's Gram matrix along m secret directions (m·D feature values): the
+    same invariances (norm fold, MLP permutation, head rotation; the residual rotation after alignment),
+    a key file that round-trips, and a one-direction key that serialises and commits exactly as before."""
+    import copy
+
+    from attacks.watermark import transforms
+    from fedguard.errors import ConfigError
+    from fedguard.watermark import load_key, save_key
+    from fedguard.watermark.calibration import check_calibration
+    from tests.models import tiny_llama
+
+    base = tiny_llama(1)
+    key = make_sign_key(base, bits=200, mode="gram", directions=4, rng=SecureRNG.for_testing("dirs"))
+    assert [b.feature_dim for b in key.blocks] == [128] * 4 and key.n_bits == 200  # > the 128 channels
+    one = make_sign_key(base, bits=32, mode="gram", rng=SecureRNG.for_testing("dirs"))
+    assert "directions" not in str(one.payload()) and "'directions': 4" in str(key.payload())
+    model = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    z = SignWatermark(key, model).extract()
+    moved = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(2)
+    for act in (transforms.fold_norms, transforms.permute_mlp, transforms.rotate_heads):
+        act(moved, gen)
+    assert abs(SignWatermark(key, moved).extract() - z).max() < 1e-4
+    transforms.rotate_residual(moved, gen)
+    assert abs(SignWatermark(key, moved).extract() - z).max() > 0.1  # the rotation moves the plain readout
+    assert abs(SignWatermark(key, moved, align_to=base).extract() - z).max() < 1e-4
+    save_key(key, tmp_path / "k.key")
+    assert load_key(tmp_path / "k.key") == key and check_calibration(key, base).accepted
+    with pytest.raises(ConfigError, match="directions"):
+        make_sign_key(base, bits=32, mode="invariant", directions=2, rng=SecureRNG.for_testing("d"))
+    with pytest.raises(ConfigError, match="free values"):
+        make_sign_key(base, bits=32, mode="gram", directions=17, rng=SecureRNG.for_testing("d"))

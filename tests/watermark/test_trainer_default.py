@@ -57,3 +57,24 @@ def test_server_side_embedding_under_central_dp_restores_the_claims(tmp_path: Pa
     assert rows[0]["watermark_verified"] == 0, rows[0]
     assert rows[60]["watermark_verified"] == 2 and 0 < rows[60]["watermark_server_steps"] <= 60, rows[60]
     assert rows[60]["epsilon"] == rows[0]["epsilon"]  # post-processing: the same privacy spent
+
+
+def test_the_section_passes_directions_to_the_keys_and_refuses_stored_keys_with_others(tmp_path: Path) -> None:
+    from fedguard.errors import ConfigError
+    from fedguard.watermark.simulation import SimulationConfig, tiny_gpt2_lora
+
+    task = write_task(tmp_path / "task.jsonl")
+
+    def prepared(directions: int) -> WatermarkHook:
+        config = tiny_config(tmp_path, task, watermark={"bits": 40, "directions": directions,
+                                                        "key_dir": str(tmp_path / "keys")})
+        hook = WatermarkHook(config.watermark or {}, config=config, rng=SecureRNG.for_testing("dirs"))
+        hook.prepare_model(tiny_gpt2_lora(SimulationConfig(n_layer=2), 0))
+        return hook
+
+    hook = prepared(4)
+    assert {b.directions for m in hook.marks for b in m.key.blocks} == {4}
+    with pytest.raises(ConfigError, match="directions is 4, the config says 2"):
+        prepared(2)
+    with pytest.raises(ConfigError, match="directions > 1 needs mode 'gram'"):
+        WatermarkSection(directions=2, mode="invariant")
