@@ -129,7 +129,8 @@ def manifest(run: LoadedRun, round_id: int) -> dict[str, Any]:
 
 
 def view_spec(doc: dict[str, Any]) -> FixedPointSpec:
-    if doc.get("fixed_point") is None:
+    # a custom encoding (distributed DP's own spec) is not the trainer's fixed point the manifest may also name
+    if doc.get("fixed_point") is None or doc.get("custom_encoding"):
         raise ConfigError(f"round {doc.get('round')}: the updates used a custom ring encoding (e.g. distributed DP "
                           f"noise); the fixed-point spec to decode them is not public")
     return FixedPointSpec(**doc["fixed_point"])

@@ -190,3 +190,14 @@ def test_capture_over_remote_rounds_matches_in_process(tmp_path: Path, task: Pat
         with np.load(v / "aggregate.npz") as data:
             means.append(data["mean"])
     np.testing.assert_array_equal(means[0], means[1])
+
+
+def test_a_custom_ring_encoding_is_not_decoded_with_the_trainers_spec() -> None:
+    """Distributed DP encodes with its own fixed point: the manifest's trainer spec must not be used to decode."""
+    from attacks.run_view import view_spec
+    from fedguard.errors import ConfigError
+
+    fixed = {"clip": 1.0, "value_bits": 24, "ring_bits": 64, "max_weight": 4}
+    assert view_spec({"round": 1, "fixed_point": fixed, "custom_encoding": False}).max_weight == 4
+    with pytest.raises(ConfigError, match="custom ring encoding"):
+        view_spec({"round": 1, "fixed_point": fixed, "custom_encoding": True})
