@@ -6,7 +6,8 @@
     .venv/bin/python benchmarks/kd_compare.py co --quick              # tiny random models, seconds
 
 hetero (issue 17): the example as configured (**fed + KD**), the same with ``hetero.lam: 0`` (**fed without
-KD**: FedHomoLLM on the mentee, no teacher built), **each client alone with KD** (``run_local``: the client
+KD**: FedHomoLLM on the mentee, no teacher built), fed + KD at the ``--lams`` values (default 0.3), **each
+client alone with KD** (``run_local``: the client
 step for as many rounds, no aggregation) and **each teacher** on the held-out split; then checks
 fed+KD ≥ fed without KD ≥ local+KD (ROUGE-L, and perplexity the other way round) and prints it as measured.
 
@@ -98,15 +99,19 @@ def _line(label: str, s: dict[str, float]) -> str:
     return f"| {label} | {s['rougeL']:.2f} | {s['bleu4']:.2f} | {s['perplexity']:,.1f} |"
 
 
-def hetero(raw: dict[str, Any], tmp: Path) -> tuple[dict[str, Any], list[str]]:
+def hetero(raw: dict[str, Any], tmp: Path, lams: list[float]) -> tuple[dict[str, Any], list[str]]:
     from fedguard_train.trainers.hetero import FedHeteroLLM
 
     kd = _run(FedHeteroLLM, raw, tmp / "kd", local=True)
     nokd = _run(FedHeteroLLM, {**raw, "hetero": {**raw["hetero"], "lam": 0.0}}, tmp / "nokd")
+    sweep = {lam: _run(FedHeteroLLM, {**raw, "hetero": {**raw["hetero"], "lam": lam}}, tmp / f"lam{lam}")
+             for lam in lams}
     fed_kd, fed = _scores(kd["history"][-1]), _scores(nokd["history"][-1])
     local = [_scores(r) for r in kd["local"]]
     lines = ["| model (final round) | ROUGE-L | BLEU-4 | perplexity |", "|---|---:|---:|---:|",
-             _line("mentee before training (round 0)", _scores(kd["baseline"])), _line("fed + KD", fed_kd),
+             _line("mentee before training (round 0)", _scores(kd["baseline"])),
+             _line(f"fed + KD (lam {raw['hetero'].get('lam', 1.0)})", fed_kd),
+             *[_line(f"fed + KD (lam {lam})", _scores(r["history"][-1])) for lam, r in sweep.items()],
              _line("fed without KD (lam 0)", fed)]
     lines += [_line(f"client {k} alone with KD", s) for k, s in enumerate(local)]
     lines += [_line(f"teacher of client {k}", {x: t[x] for x in SCORES})
@@ -120,7 +125,7 @@ def hetero(raw: dict[str, Any], tmp: Path) -> tuple[dict[str, Any], list[str]]:
     per_round = ["", "| round | LM loss | KD loss | ROUGE-L | perplexity |", "|---:|---:|---:|---:|---:|"]
     per_round += [f"| {r['round']} | {r.get('lm_loss', float('nan')):.3f} | {r.get('kd_loss', float('nan')):.3f} | "
                   f"{r['rougeL']:.2f} | {r['perplexity']:,.1f} |" for r in kd["history"]]
-    return {"kd": kd, "nokd": nokd, "checks": checks}, lines + per_round
+    return {"kd": kd, "nokd": nokd, "sweep": {str(k): v for k, v in sweep.items()}, "checks": checks}, lines + per_round
 
 
 def co(raw: dict[str, Any], tmp: Path, logits: bool) -> tuple[dict[str, Any], list[str]]:
@@ -163,6 +168,8 @@ def main() -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override keys of the trainer's section (e.g. lam=0.5, small_heal.steps=100)")
     parser.add_argument("--logits", action="store_true", help="co: also the FedMKT logits variant")
+    parser.add_argument("--lams", type=float, nargs="*", default=[0.3],
+                        help="hetero: further fed + KD runs at these lam values (the KD-strength sweep)")
     parser.add_argument("--tag", default="", help="suffix of the JSON file")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
@@ -174,7 +181,7 @@ def main() -> int:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"fedguard-{args.trainer}-compare-") as tmp:
         if args.trainer == "hetero":
-            out, lines = hetero(raw, Path(tmp))
+            out, lines = hetero(raw, Path(tmp), args.lams)
         else:
             out, lines = co(raw, Path(tmp), args.logits)
     out.update(settings=args.set, quick=args.quick, wall_seconds=time.perf_counter() - start,
