@@ -35,6 +35,8 @@ def register_cli(commands: Commands) -> None:
                    "output-side permutations and rotations (docs/watermark.md)")
     p.add_argument("--reference", choices=("initial", "zero"), default="initial")
     p.add_argument("--clients", type=int, default=1, help="clients K embedding into the same targets")
+    p.add_argument("--directions", type=int, default=1,
+                   help="gram mode: secret directions per norm block (m*D feature values; default 1)")
     p.add_argument("--gamma0", type=float, default=1.0, help="hinge margin in units of the features' RMS (default 1.0)")
     p.add_argument("--alpha", type=float, default=3e-3, help="regulariser weight alpha (default 3e-3)")
     p.add_argument("--significance", type=float, default=1e-6)
@@ -56,7 +58,7 @@ def run_keygen(args: argparse.Namespace) -> int:
     if args.scheme == "sign":
         key = make_sign_key(model, bits=args.bits, target=args.target, mode=args.mode, reference=args.reference,
                             gamma0=args.gamma0, alpha=args.alpha, owner=args.owner, n_clients=args.clients,
-                            significance=args.significance)
+                            significance=args.significance, directions=args.directions)
         where = ", ".join(f"{b.module}:{b.bits}" for b in key.blocks[:6]) + (" ..." if len(key.blocks) > 6 else "")
     else:
         config = model.config
