@@ -142,9 +142,9 @@ LLAMA_RESULTS = RESULTS.with_name("watermark_llama.json")
 
 
 def llama(steps: tuple[int, ...] = (0, 50, 200, 1000), *, bits: int = 32, hidden: int = 32,
-          layers: int = 2, directions: int = 1, alpha: float = 0.05) -> dict[str, Any]:
-    """The suite on a tiny random Llama (``layers`` × ``hidden``, GQA 4/2 heads, RoPE; LoRA r 4 on every
-    projection, trainable RMSNorm scales) into which 2 owners embed ``bits``-bit gram keys (``alpha``, Adam lr
+          layers: int = 2, directions: int = 1, alpha: float = 0.05, rank: int = 4) -> dict[str, Any]:
+    """The suite on a tiny random Llama (``layers`` × ``hidden``, GQA 4/2 heads, RoPE; LoRA on every
+    projection (r ``rank``), trainable RMSNorm scales) into which 2 owners embed ``bits``-bit gram keys (``alpha``, Adam lr
     1e-2, 300 steps with a next-token rule as the task); reparametrisations incl. the residual rotation (read
     with and without Procrustes alignment), prune, int4, fine-tuning of the released parameters and of a
     fresh LoRA at lr 5e-3, overwriting with 1 and 4 attacker keys (of the owners' plan: same blocks, bits and
@@ -160,7 +160,7 @@ def llama(steps: tuple[int, ...] = (0, 50, 200, 1000), *, bits: int = 32, hidden
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                         bos_token_id=0, eos_token_id=0, pad_token_id=0))
     model = get_peft_model(copy.deepcopy(base), LoraConfig(
-        r=4, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+        r=rank, lora_alpha=4 * rank, lora_dropout=0.0, task_type="CAUSAL_LM",
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     prepare_norm_targets(model)
     keys = [make_sign_key(model, bits=bits, mode="gram", n_clients=2, alpha=alpha, owner=f"owner-{i}",
@@ -192,7 +192,7 @@ def llama(steps: tuple[int, ...] = (0, 50, 200, 1000), *, bits: int = 32, hidden
     marked_loss, plain_loss = task_loss(model, data), task_loss(twin, data)
     print(f"llama {layers}x{hidden} {bits} bits {directions} dir: task loss {marked_loss:.4f} vs {plain_loss:.4f} without watermarks",
           flush=True)
-    out = {"bits": bits, "hidden": hidden, "layers": layers, "directions": directions, "alpha": alpha,
+    out = {"bits": bits, "hidden": hidden, "layers": layers, "directions": directions, "alpha": alpha, "rank": rank,
            "task_loss": marked_loss,
            "task_loss_without_watermark": plain_loss, "seconds": time.perf_counter() - t,
            "load": os.getloadavg(), **rep.to_json()}
@@ -207,6 +207,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--llama", type=int, nargs=3, default=(32, 32, 2), metavar=("BITS", "HIDDEN", "LAYERS"),
                         help="--part llama: bits per owner, hidden size, layers")
+    parser.add_argument("--rank", type=int, default=4, help="--part llama: LoRA rank")
     parser.add_argument("--alpha", type=float, default=0.05, help="--part llama: the owners' regulariser weight")
     parser.add_argument("--directions", type=int, default=1, help="--part llama: Gram directions per block")
     parser.add_argument("--grid", choices=sorted(SURVIVAL_GRIDS), default="a", help="--part survival: which grid")
@@ -231,8 +232,9 @@ def main() -> None:
         done = json.loads(LLAMA_RESULTS.read_text()) if LLAMA_RESULTS.exists() else {}
         bits, hidden, layers = args.llama
         name = (f"{layers}x{hidden}, {bits} bits" + (f", {args.directions} directions" if args.directions > 1 else "")
-                + (f", alpha {args.alpha:g}" if args.alpha != 0.05 else ""))
-        done[name] = llama(bits=bits, hidden=hidden, layers=layers, directions=args.directions, alpha=args.alpha)
+                + (f", alpha {args.alpha:g}" if args.alpha != 0.05 else "") + (f", rank {args.rank}" if args.rank != 4 else ""))
+        done[name] = llama(bits=bits, hidden=hidden, layers=layers, directions=args.directions, alpha=args.alpha,
+                           rank=args.rank)
         LLAMA_RESULTS.parent.mkdir(parents=True, exist_ok=True)
         LLAMA_RESULTS.write_text(json.dumps(done, indent=1) + "\n")
         print(f"wrote {LLAMA_RESULTS}")
