@@ -70,11 +70,11 @@ def run_attack(args: argparse.Namespace) -> int:
         data = data.long()
     else:
         data = sample_data(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name, p in model.named_parameters():  # what travelled: the adapter and the norm scales
-        if "lora_" in name or ("modules_to_save" in name):
-            p.requires_grad_(True)
+    # what travelled: the adapter and the norm scales (peft loads them frozen and names them; a bottleneck
+    # adapter checkpoint loads its saved tensors trainable)
+    released = {name for name, p in model.named_parameters() if p.requires_grad}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in released or "lora_" in name or "modules_to_save" in name)
     config = SUITES[args.suite]
     if args.lr is not None:
         config = dataclasses.replace(config, lr=args.lr)

@@ -275,3 +275,41 @@ def test_quick_suite_runs_on_llama_with_both_residual_rotation_rows(llama: dict)
     assert all(rows[n].verdict for n in ("norm-fold", "head-rotation", "residual-rotation", "lora-svd"))
     assert rows["residual-rotation (read without alignment)"].claims == 0
     assert any("new-lora" in r.attack for r in report.results) and not report.skipped
+
+
+def test_the_attack_cli_runs_on_a_bottleneck_adapter_checkpoint(tmp_path: Path) -> None:
+    """A Houlsby adapter saved by fedguard_train.bottleneck (peft cannot load it): the CLI registers its
+    loader, the released parameters (adapters + norm scales) are what fine-tuning trains, and the report
+    is written."""
+    from attacks.watermark.cli import register_cli
+    from fedguard.cli import Commands
+    from fedguard.watermark import SignWatermark, make_sign_key, prepare_norm_targets, save_key
+    from fedguard_train.bottleneck import BottleneckModel
+    from tests.models import tiny_gpt2
+
+    tiny_gpt2(4).save_pretrained(tmp_path / "base")
+    model = BottleneckModel(tiny_gpt2(4), target_modules=["attn.c_proj", "mlp.c_proj"], bottleneck_size=4)
+    model.base_model.config.name_or_path = str(tmp_path / "base")
+    prepare_norm_targets(model)
+    key = make_sign_key(model, bits=32, mode="gram", alpha=1.0, owner="owner", rng=SecureRNG.for_testing("bn-cli"))
+    wm = SignWatermark(key, model)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(300):
+        loss = wm.loss()
+        if float(loss.detach()) == 0.0:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(tmp_path / "adapter")
+    (tmp_path / "keys").mkdir()
+    path = str(save_key(key, tmp_path / "keys" / "owner.key"))
+    parser = argparse.ArgumentParser(prog="fedguard")
+    register_cli(Commands(parser.add_subparsers()))
+    args = parser.parse_args(["attack", "watermark", "--model", str(tmp_path / "adapter"), "--key", path,
+                              "--suite", "quick", "--out", str(tmp_path / "out")])
+    assert args.handler(args) == 0
+    doc = json.loads((tmp_path / "out" / "watermark_attacks.json").read_text())
+    assert doc["baseline"]["claims"] == 1
+    tuned = [r for r in doc["results"] if r["attack"].startswith("finetune") and r["label"] == "20 steps"]
+    assert tuned and tuned[0]["delta_task_loss"] != 0.0  # the released parameters did train
