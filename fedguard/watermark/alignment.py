@@ -13,8 +13,9 @@ base's (LoRA does not train them at all), so the verifier estimates the rotation
 
     R = argmin_{RᵀR = I} ‖E_suspect R − E_base‖_F = U Vᵀ,   U Σ Vᵀ = svd(E_suspectᵀ E_base)
 
-(the orthogonal Procrustes problem, Schönemann 1966). If ``E_suspect = E_base Q`` then ``R = Qᵀ`` exactly
-(for a full-column-rank ``E_base``; embeddings equal to the base's give ``R = I`` without a decomposition),
+(the orthogonal Procrustes problem, Schönemann 1966). If ``E_suspect = E_base Q`` then ``R = Qᵀ`` for a full-column-rank
+``E_base`` (up to the ~1e-6 relative bias of the tie-break below; embeddings equal to the base's give ``R = I``
+without a decomposition),
 and the suspect's features are read in the base's basis: ``G u = Rᵀ G_s (R u)`` (gram) and ``φ = Rᵀ φ_s``
 (invariant). The null distribution of the test is untouched: R depends on the model and the public base,
 never on the key, so extracted bits are still independent of a key that was not embedded.
