@@ -207,3 +207,41 @@ def test_audit_reports_whether_a_commitment_predates_the_model(workspace, tmp_pa
 
     with pytest.raises(ConfigError, match="never replaced"):
         save_commitment(make_commitment(alice), early)
+
+
+def test_the_audit_claims_a_residual_rotated_llama_only_through_alignment(tmp_path) -> None:
+    """A thief releases the owner's Llama model with its residual stream rotated (QuaRot-style, function
+    unchanged): the audit, which has the base model, undoes the rotation and claims; read without the base
+    (no alignment) the same key says nothing."""
+    import copy
+
+    from attacks.watermark import transforms
+    from fedguard.rng import SecureRNG
+    from fedguard.watermark import make_sign_key, save_key
+    from tests.models import tiny_llama
+
+    base = tiny_llama(2)
+    base.save_pretrained(tmp_path / "base")
+    key = make_sign_key(base, bits=32, mode="gram", alpha=1.0, owner="alice", rng=SecureRNG.for_testing("rot"))
+    model = copy.deepcopy(base)
+    wm = SignWatermark(key, model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in key.blocks:
+        model.get_submodule(block.module).weight.requires_grad_(True)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(300):
+        loss = wm.loss()
+        if float(loss.detach()) == 0.0:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    transforms.rotate_residual(model, torch.Generator().manual_seed(1))
+    model.save_pretrained(tmp_path / "stolen")
+    save_key(key, tmp_path / "alice.key")
+    report = audit_ownership(tmp_path / "stolen", [tmp_path / "alice.key"], base=tmp_path / "base")
+    (claim,) = report.claimants
+    assert claim.claimed and claim.detection.matched == 32, claim.reason
+    unaligned = SignWatermark(key, model).detect()
+    assert not unaligned.verdict and unaligned.matched < 26
