@@ -106,7 +106,11 @@ def supernode_main(argv: list[str] | None = None) -> None:
     """``flower-supernode`` with its polls capped at ``$FEDGUARD_FLOWER_POLL_SECONDS`` (default 0.1 s)."""
     import importlib
 
-    cap = check_poll(float(os.environ.get(POLL_ENV, DEFAULT_POLL)))
+    raw = os.environ.get(POLL_ENV, str(DEFAULT_POLL))
+    try:
+        cap = check_poll(float(raw))
+    except ValueError:
+        raise ConfigError(f"{POLL_ENV} must be a number of seconds in [0.01, 60], got {raw!r}") from None
     cap_sleeps(importlib.import_module(SUPERNODE_MODULE), cap)
     from flwr.supernode.cli import flower_supernode
 
