@@ -16,9 +16,10 @@ Re-parametrisations (each leaves the network's function unchanged; the suite mea
   ``v ← vR`` and ``c_proj`` rows of that head ``← R_hᵀ`` times them. On the Llama family the value/output
   rotation is any orthogonal matrix per key-value head, while q and k of a group get a rotation that
   commutes with RoPE: an independent 2-D rotation in each of RoPE's frequency planes ``(i, i + d/2)``;
-* residual rotation (Llama family; QuaRot, Ashkboos et al. 2024): untie the LM head, fold every RMSNorm
-  scale into the layers that read it, then rotate the residual basis by a random orthogonal ``Q``
-  (embeddings ``E ← EQ``, readers ``W ← WQ``, writers ``W ← QᵀW``); see
+* residual rotation (QuaRot, Ashkboos et al. 2024): untie the LM head, fold every norm scale into the
+  layers that read it, then rotate the residual basis by a random orthogonal ``Q`` (embeddings ``E ← EQ``,
+  readers ``W ← WQ``, writers ``W ← QᵀW``); on GPT-2 ``Q`` keeps the all-ones direction (LayerNorm
+  subtracts the mean) and the norms' β fold into the readers' biases; see
   :mod:`fedguard.watermark.alignment` for the defence.
 """
 
@@ -311,15 +312,68 @@ def _rotate_llama_heads(layer: Any, generator: torch.Generator) -> None:
     attn.o_proj.weight.copy_(o)
 
 
+def _mean_preserving_orthogonal(d: int, generator: torch.Generator) -> torch.Tensor:
+    """A random orthogonal ``Q`` with ``Q1 = 1``: identity on the all-ones direction, a random rotation of
+    its orthogonal complement (so LayerNorm's mean subtraction commutes with it)."""
+    ones = torch.full((d, 1), d ** -0.5, dtype=torch.float64)
+    basis, _ = torch.linalg.qr(torch.cat([ones, torch.randn(d, d - 1, generator=generator, dtype=torch.float64)], 1))
+    rest = basis[:, 1:]  # orthonormal, orthogonal to 1
+    return ones @ ones.t() + rest @ _orthogonal(d - 1, generator) @ rest.t()
+
+
+@torch.no_grad()
+def _rotate_gpt2_residual(model: Any, generator: torch.Generator) -> None:
+    """GPT-2 (LayerNorm): a rotation that keeps the all-ones direction commutes with the mean subtraction
+    and the normalisation; fold every LayerNorm's γ and β into its reader (β into the reader's bias), then
+    rotate embeddings, positions, readers (``W ← QᵀW``, Conv1D ``[in, out]``) and writers (``W ← WQ``,
+    ``b ← bQ``). The final norm's β becomes a bias of an untied LM head."""
+    blocks = _blocks(model)
+    tr = model.transformer
+    dim = int(tr.wte.weight.shape[1])
+    rot = _mean_preserving_orthogonal(dim, generator)
+
+    def fold_read(norm: Any, lin: Any) -> None:  # Conv1D reader of a LayerNorm
+        gamma, beta = norm.weight.double(), norm.bias.double()
+        w = lin.weight.double()
+        lin.bias.copy_(lin.bias.double() + beta @ w)
+        lin.weight.copy_(rot.t() @ (gamma[:, None] * w))
+        norm.weight.fill_(1.0)
+        norm.bias.zero_()
+
+    def write(lin: Any) -> None:  # Conv1D writer to the residual
+        lin.weight.copy_(lin.weight.double() @ rot)
+        lin.bias.copy_(lin.bias.double() @ rot)
+
+    for block in blocks:
+        fold_read(block.ln_1, block.attn.c_attn)
+        fold_read(block.ln_2, block.mlp.c_fc)
+        write(block.attn.c_proj)
+        write(block.mlp.c_proj)
+    head = model.lm_head
+    gamma, beta = tr.ln_f.weight.double(), tr.ln_f.bias.double()
+    emb = head.weight.double()  # [vocab, D] (tied to wte until now)
+    new_head = torch.nn.Linear(dim, emb.shape[0], bias=bool((beta != 0).any()), dtype=head.weight.dtype)
+    new_head.weight.copy_((emb * gamma[None, :]) @ rot)
+    if new_head.bias is not None:
+        new_head.bias.copy_(emb @ beta)
+    model.lm_head = new_head
+    model.config.tie_word_embeddings = False
+    tr.ln_f.weight.fill_(1.0)
+    tr.ln_f.bias.zero_()
+    tr.wte.weight.copy_(tr.wte.weight.double() @ rot)
+    tr.wpe.weight.copy_(tr.wpe.weight.double() @ rot)
+
+
 @torch.no_grad()
 def rotate_residual(model: torch.nn.Module, generator: torch.Generator) -> None:
     """QuaRot-style rotation of the residual stream (Llama family): untie the LM head, fold every RMSNorm
     scale into its readers (γ ← 1), then ``E ← EQ``, readers ``W ← WQ``, writers ``W ← QᵀW`` for one
-    random orthogonal ``Q``. Exact in real arithmetic (``rms(hQ) = rms(h)``); computed in float64."""
+    random orthogonal ``Q``. Exact in real arithmetic (``rms(hQ) = rms(h)``); computed in float64. GPT-2:
+    :func:`_rotate_gpt2_residual` (a rotation keeping the all-ones direction)."""
     layers = llama_layers(model)
     if layers is None:
-        raise ConfigError(f"residual rotation is implemented for the Llama family (RMSNorm) only, not "
-                          f"{type(model).__name__}: a LayerNorm also subtracts the mean")
+        _rotate_gpt2_residual(model, generator)
+        return
     if any(lin.bias is not None for layer in layers for lin in (layer.self_attn.o_proj, layer.mlp.down_proj)):
         raise ConfigError("residual rotation with biased o_proj/down_proj (writers to the residual) is not implemented")
     inner: Any = model.model

@@ -22,8 +22,8 @@ never on the key, so extracted bits are still independent of a key that was not 
 
 What it does not cover (docs/watermark.md): an attacker who also perturbs the embeddings far from the
 base's pays in task loss for it but degrades the estimate of R; a rotation of a residual stream whose
-norm subtracts the mean (GPT-2's LayerNorm) must keep the all-ones direction, which Procrustes also
-recovers, but :mod:`attacks.watermark.transforms` implements the attack for the Llama family only.
+norm subtracts the mean (GPT-2's LayerNorm) must keep the all-ones direction, which Procrustes recovers
+like any other (:func:`attacks.watermark.transforms.rotate_residual` implements both families).
 """
 
 from __future__ import annotations
@@ -53,13 +53,28 @@ def input_embeddings(model: torch.nn.Module) -> torch.Tensor:
     return weight
 
 
+def residual_anchors(model: torch.nn.Module) -> torch.Tensor:
+    """Rows that live in the residual basis: the token embeddings, and learned absolute position embeddings
+    where the model has them (GPT-2's ``wpe``; they rotate with the residual stream too and help pin ``R``
+    down when the vocabulary is smaller than the hidden size)."""
+    from fedguard.watermark.targets import base_model
+
+    rows = [input_embeddings(model)]
+    wpe = getattr(getattr(getattr(base_model(model), "transformer", None), "wpe", None), "weight", None)
+    if isinstance(wpe, torch.Tensor) and wpe.ndim == 2 and wpe.shape[1] == rows[0].shape[1]:
+        rows.append(wpe)
+    return torch.cat([r.detach().to("cpu", torch.float64) for r in rows])
+
+
 @torch.no_grad()
 def residual_alignment(model: torch.nn.Module, base: torch.nn.Module) -> torch.Tensor:
-    """``R`` (float64, ``[hidden, hidden]``, orthogonal) with ``E_model R ≈ E_base``: see the module docstring."""
-    suspect = input_embeddings(model).detach().to("cpu", torch.float64)
-    reference = input_embeddings(base).detach().to("cpu", torch.float64)
+    """``R`` (float64, ``[hidden, hidden]``, orthogonal) with ``E_model R ≈ E_base`` over the residual anchors
+    (:func:`residual_anchors`): see the module docstring."""
+    suspect = residual_anchors(model)
+    reference = residual_anchors(base)
     if suspect.shape != reference.shape:
-        raise KeyMismatchError(f"cannot align the residual stream: the model's token embeddings have shape "
+        raise KeyMismatchError(f"cannot align the residual stream: the model's token embeddings (with position "
+                               f"embeddings, if any) have shape "
                                f"{tuple(suspect.shape)}, the base model's {tuple(reference.shape)}")
     dim = suspect.shape[1]
     scale = float(reference.pow(2).mean())

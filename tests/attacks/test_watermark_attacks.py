@@ -251,14 +251,28 @@ def test_alignment_keeps_the_null_fresh_keys_do_not_claim_a_rotated_model(llama:
     assert r.claims == 0 and max(o.matched for o in r.owners) < 29
 
 
-def test_llama_prune_quantise_and_residual_rotation_rejected_for_gpt2(llama: dict, trained: dict) -> None:
+def test_llama_prune_and_quantise_keep_the_claims(llama: dict) -> None:
     for act in (lambda m: transforms.prune(m, 0.5), lambda m: transforms.quantise(m, 4, per_channel=True)):
         model = transforms.merged(copy.deepcopy(llama["model"]))
         act(model)
         r = measure(model, llama["keys"], llama["data"], attack="t", strength=1.0, label="t", reference_loss=0.0)
         assert r.verdict, r
-    with pytest.raises(ConfigError, match="Llama family"):
-        transforms.rotate_residual(transforms.merged(copy.deepcopy(trained["model"])), torch.Generator())
+
+
+def test_gpt2_residual_rotation_keeps_the_function_and_alignment_restores_every_bit(trained: dict) -> None:
+    """GPT-2's LayerNorm subtracts the mean: the rotation keeps the all-ones direction and the norms' β fold
+    into the readers' biases. The vocabulary (48) is smaller than the hidden size (64): the position
+    embeddings rotate too and complete the anchors that pin the rotation down."""
+    model = transforms.merged(copy.deepcopy(trained["model"]))
+    ref_loss, ref_logits = task_loss(model, trained["data"]), logits(model, trained["data"])
+    transforms.rotate_residual(model, torch.Generator().manual_seed(3))
+    plain = measure(model, trained["keys"], trained["data"], attack="t", strength=1.0, label="t",
+                    reference_loss=ref_loss, reference_logits=ref_logits)
+    assert plain.function_change < 1e-4 and abs(plain.delta_task_loss) < 1e-5
+    assert plain.claims == 0, plain
+    aligned = measure(model, trained["keys"], trained["data"], attack="t", strength=1.0, label="t",
+                      reference_loss=ref_loss, base=trained["base"])
+    assert aligned.verdict and [o.matched for o in aligned.owners] == trained["matched"], aligned
 
 
 def test_quick_suite_runs_on_llama_with_both_residual_rotation_rows(llama: dict) -> None:
