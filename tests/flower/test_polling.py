@@ -123,3 +123,12 @@ def test_exchange_of_nothing_sends_nothing() -> None:
     link = FakeLink({})
     assert exchange_messages(link.push, link.pull, [], timeout=5, poll=0.05, reply_to=lambda m: m) == []
     assert link.pulls == 0
+
+
+def test_supernode_main_refuses_a_bad_poll_before_starting_anything(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedguard_train.flower.polling import supernode_main
+
+    for bad in ("fast", "0", "1e9"):
+        monkeypatch.setenv(POLL_ENV, bad)
+        with pytest.raises(ConfigError, match="seconds in"):
+            supernode_main(["--help"])
