@@ -94,6 +94,19 @@ def compare(config: Any, work: Path, *, poll: float = 0.1, cold: bool = False) -
     out["in_process_setup_s"] = time.perf_counter() - t0
     local = trainer.run(overwrite=True)
     out["in_process_total_s"] = time.perf_counter() - t0
+    # the same remote round driver and workers without Flower (DirectExchange, one process): what the
+    # stage-by-stage protocol costs by itself, apart from Flower's transport
+    from fedguard_train.flower.coordinator import remote_trainer
+    from fedguard_train.flower.worker import ClientWorker, DirectExchange
+
+    direct_cfg = _with(config, run_dir=str(work / "direct"))
+    workers = {k: ClientWorker(direct_cfg, k) for k in range(direct_cfg.n_parties)}
+    try:
+        direct = remote_trainer(direct_cfg, DirectExchange(workers)).run(overwrite=True)
+    finally:
+        for worker in workers.values():
+            worker.close()
+    out["direct_round_s"] = [row["seconds"] for row in direct.history]
     flower_cfg = _with(config, run_dir=str(work / "flower"))
     summary, out["flower_total_s"], out["flower_start_s"] = _flower(config, work, "flower", FlowerOptions(poll=poll))
     if cold:  # the same run with Flower's own process start per message (no fork server), same conditions
@@ -124,6 +137,7 @@ def compare(config: Any, work: Path, *, poll: float = 0.1, cold: bool = False) -
     a, b = load_latest(Path(local_cfg.run_dir)), load_latest(Path(flower_cfg.run_dir))
     out["bit_identical"] = bool(a is not None and b is not None and a.vector.tobytes() == b.vector.tobytes())
     out["round_ratio_mean"] = sum(r["flower_s"] for r in rounds) / sum(r["in_process_s"] for r in rounds)
+    out["direct_ratio_mean"] = sum(out["direct_round_s"]) / sum(r["in_process_s"] for r in rounds)
     if cold:
         out["cold_round_ratio_mean"] = sum(out["flower_cold_round_s"]) / sum(r["in_process_s"] for r in rounds)
     return out
