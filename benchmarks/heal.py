@@ -37,6 +37,9 @@ def main() -> int:
     parser.add_argument("--data", default=None)
     parser.add_argument("--quick", action="store_true", help="a tiny random 6-block Llama instead of SmolLM2")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--time-steps", type=int, default=5,
+                        help="when the healing comes from the cache: time this many healing steps here (on a "
+                             "throwaway copy) to measure the one-off cost on this machine")
     args = parser.parse_args()
     import dataclasses
 
@@ -72,6 +75,20 @@ def main() -> int:
     start = time.perf_counter()
     healed, info = healed_model(full, tokenizer, keep, section, progress=True)
     wall = time.perf_counter() - start
+    step_seconds = None
+    if info.cached and args.time_steps > 0:  # the one-off cost here: a few steps of the same recipe, timed
+        from fedguard_train.healing import heal, heal_stream, windows
+
+        copy = build_emulator(full, EmulatorRecipe("llama", len(full.model.layers), 0, 0, 0.0, kept, "timing"))
+        chunks = windows(heal_stream(section.data, tokenizer, section.seq_len * section.batch_size * (args.time_steps + 2)),
+                         section.seq_len)
+        heal(full, copy, kept, chunks, dataclasses.replace(section, steps=1), progress=False)  # warm-up step
+        tick = time.perf_counter()
+        heal(full, copy, kept, chunks, dataclasses.replace(section, steps=args.time_steps), progress=False)
+        step_seconds = (time.perf_counter() - tick) / args.time_steps
+        del copy
+        print(f"healing here: {step_seconds:.2f} s per step ({args.time_steps} steps timed, {args.threads} threads) -> "
+              f"{step_seconds * section.steps / 60:.1f} min for the recipe's {section.steps} steps; load {os.getloadavg()}")
     rows: dict[str, Any] = {}
     for label, model in (("full", full), ("dropped", dropped), ("healed", healed)):
         scores = evaluate(model, tokenizer, test, items, max_new_tokens=config.eval.max_new_tokens)
@@ -80,7 +97,8 @@ def main() -> int:
         print(f"{label:8s} ROUGE-L {scores['rougeL']:6.2f}  BLEU-4 {scores['bleu4']:5.2f}  "
               f"ppl {scores['perplexity']:,.1f}", flush=True)
     out = {"model": name, "keep": keep, "heal": info.to_dict(), "heal_wall_seconds": wall, "task": rows,
-           "load_average": os.getloadavg(), "threads": args.threads,
+           "load_average": os.getloadavg(), "threads": args.threads, "cpu_step_seconds": step_seconds,
+           "cpu_one_off_seconds_estimate": step_seconds * section.steps if step_seconds else None,
            "ratios": {"healed_over_full_rougeL": rows["healed"]["rougeL"] / max(1e-9, rows["full"]["rougeL"]),
                       "healed_over_full_ppl": rows["healed"]["perplexity"] / rows["full"]["perplexity"]}}
     print(info.describe())

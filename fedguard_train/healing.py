@@ -71,6 +71,7 @@ class HealInfo:
     loss_last: float
     seconds: float
     cached: bool
+    provenance: str = ""  # where the cached healing was computed, when not by this code on this machine's text
 
     def describe(self) -> str:
         """One line for reports: what the model is and what healing bought."""
@@ -78,7 +79,7 @@ class HealInfo:
         return (f"{len(self.kept)} of {self.n_layers} blocks {list(self.kept)}, healed by distillation from the full "
                 f"model ({s['steps']} steps of KD + hidden-state NMSE on {s['data']} text, lr {s['lr']}, cache "
                 f"{self.key[:12]}): held-out perplexity {self.ppl_before:,.1f} -> {self.ppl_after:,.1f} "
-                f"(full model {self.ppl_full:,.1f})")
+                f"(full model {self.ppl_full:,.1f})" + (f" [{self.provenance}]" if self.provenance else ""))
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -173,11 +174,11 @@ def heal_loss(full_out: Any, small_out: Any, kept: Sequence[int], section: HealS
 
 
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, chunks: Sequence[list[int]], batch_size: int = 8) -> float:
+def perplexity(model: torch.nn.Module, chunks: Sequence[list[int]], batch_size: int = 8, device: str = "cpu") -> float:
     """exp(mean next-token NLL) over every position of ``chunks``."""
     total, count = 0.0, 0
     for start in range(0, len(chunks), batch_size):
-        ids = torch.tensor(list(chunks[start : start + batch_size]))
+        ids = torch.tensor(list(chunks[start : start + batch_size]), device=device)
         logits = model(input_ids=ids).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                                 reduction="sum")
@@ -187,9 +188,11 @@ def perplexity(model: torch.nn.Module, chunks: Sequence[list[int]], batch_size: 
 
 
 def heal(full: torch.nn.Module, small: torch.nn.Module, kept: Sequence[int], train: Sequence[list[int]],
-         section: HealSection, *, family_name: str = "auto", progress: bool = True) -> list[float]:
+         section: HealSection, *, family_name: str = "auto", progress: bool = True,
+         device: str = "cpu") -> list[float]:
     """``section.steps`` AdamW steps of the module docstring's loss on batches of ``train`` windows (cycled in
-    a seeded random order); returns the loss per step. ``small`` is left frozen and in eval mode."""
+    a seeded random order); returns the loss per step. ``small`` is left frozen and in eval mode. Both models
+    must already be on ``device``."""
     from tqdm import tqdm
 
     if not train:
@@ -213,7 +216,7 @@ def heal(full: torch.nn.Module, small: torch.nn.Module, kept: Sequence[int], tra
         if len(order) < section.batch_size:
             order += torch.randperm(len(train), generator=generator).tolist()
         pick, order = order[: section.batch_size], order[section.batch_size :]
-        ids = torch.tensor([train[i] for i in pick])
+        ids = torch.tensor([train[i] for i in pick], device=device)
         with torch.no_grad():
             full_out = full(input_ids=ids, output_hidden_states=True)
         small_out = small(input_ids=ids, output_hidden_states=True)
@@ -240,10 +243,12 @@ def _key(fingerprint: str, kept: Sequence[int], section: HealSection, text_sha: 
 
 
 def healed_model(full: torch.nn.Module, tokenizer: Any, keep: int, section: HealSection, *,
-                 family_name: str = "auto", cache: Path | None = None,
-                 progress: bool = True) -> tuple[torch.nn.Module, HealInfo]:
+                 family_name: str = "auto", cache: Path | None = None, progress: bool = True,
+                 device: str = "cpu") -> tuple[torch.nn.Module, HealInfo]:
     """``full`` with ``keep`` of its blocks (evenly spaced), healed by :func:`heal` — or loaded from the cache
-    when this exact recipe was healed before. Returns the frozen model (eval mode) and :class:`HealInfo`."""
+    when this exact recipe was healed before. Returns the frozen model (eval mode, on the CPU) and
+    :class:`HealInfo`. ``device``: where healing computes (``cuda`` heals the same recipe faster; the result
+    is numerically close to, not bit-identical with, a CPU healing; ``meta.json`` records the device)."""
     from safetensors.torch import load_file, save_file
 
     from fedguard_train.emulator import EmulatorRecipe, build_emulator, decoder_blocks, fingerprint
@@ -268,26 +273,34 @@ def healed_model(full: torch.nn.Module, tokenizer: Any, keep: int, section: Heal
         if set(tensors) != trainable_names:
             raise ConfigError(f"the healed-model cache {directory} does not fit this model; delete it to heal again")
         small.load_state_dict(tensors, strict=False)
-        info = HealInfo(**{**meta["info"], "kept": tuple(meta["info"]["kept"]), "seconds": 0.0, "cached": True})
+        info = HealInfo(**{**meta["info"], "kept": tuple(meta["info"]["kept"]), "seconds": 0.0, "cached": True,
+                           "provenance": str(meta.get("provenance", ""))})
         return small, info
     chunks = windows(stream, per_window)
     held = max(1, len(chunks) // 10)
     train, test = chunks[:-held], chunks[-held:]
     test = test[:32]
     torch.manual_seed(section.seed)
-    ppl_full, ppl_before = perplexity(full, test), perplexity(small, test)
+    full_device = next(full.parameters()).device
+    full.to(device)
+    small.to(device)
+    ppl_full, ppl_before = perplexity(full, test, device=device), perplexity(small, test, device=device)
     start = time.perf_counter()
-    losses = heal(full, small, kept, train, section, family_name=family.name, progress=progress)
+    losses = heal(full, small, kept, train, section, family_name=family.name, progress=progress, device=device)
     seconds = time.perf_counter() - start
+    ppl_after = perplexity(small, test, device=device)
+    full.to(full_device)
+    small.to("cpu")
     tenth = max(1, len(losses) // 10)
-    info = HealInfo(key, kept, n_layers, asdict(section), ppl_full, ppl_before, perplexity(small, test),
+    info = HealInfo(key, kept, n_layers, asdict(section), ppl_full, ppl_before, ppl_after,
                     float(np.mean(losses[:tenth])), float(np.mean(losses[-tenth:])), seconds, False)
     tensors = {n: t.detach().contiguous().clone() for n, t in small.state_dict().items() if n in trainable_names}
     tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / BLOCKS_FILE))
-    (tmp / META_FILE).write_text(json.dumps({"info": info.to_dict(), "losses": losses}, indent=2))
+    where = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
+    (tmp / META_FILE).write_text(json.dumps({"info": info.to_dict(), "losses": losses, "device": where}, indent=2))
     if directory.exists():  # healed concurrently by another process: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
     else:
