@@ -65,6 +65,20 @@ def _load(uptime: str = "/proc/loadavg") -> str:
     return Path(uptime).read_text().split(" ")[0]
 
 
+def _group_cpu(groups: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) of the live processes in each process group, by the group's name (the
+    SuperNode's group holds its SuperExec; a ClientApp that already exited is not counted)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    by_group: dict[int, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        by_group[int(fields[2])] = by_group.get(int(fields[2]), 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return {name: round(by_group.get(pgid, 0.0), 2) for name, pgid in groups.items()}
+
+
 def _flower(config: Any, work: Path, name: str, options: Any) -> tuple[dict[str, Any], float, float]:
     from fedguard_train.flower.launcher import Deployment
 
@@ -74,6 +88,8 @@ def _flower(config: Any, work: Path, name: str, options: Any) -> tuple[dict[str,
         deployment.start()
         started = time.perf_counter()
         summary = deployment.run(overwrite=True)
+        # where the CPU went in the long-lived processes (polling at idle included), for the report
+        summary["process_cpu_s"] = _group_cpu({n: p.pid for n, p in deployment.procs.items()})
     if summary.get("status") != "completed":
         raise SystemExit(f"the Flower run {name} did not complete: {summary}")
     return summary, time.perf_counter() - t0, started - t0
@@ -109,10 +125,12 @@ def compare(config: Any, work: Path, *, poll: float = 0.1, cold: bool = False) -
     out["direct_round_s"] = [row["seconds"] for row in direct.history]
     flower_cfg = _with(config, run_dir=str(work / "flower"))
     summary, out["flower_total_s"], out["flower_start_s"] = _flower(config, work, "flower", FlowerOptions(poll=poll))
+    out["flower_process_cpu_s"] = summary["process_cpu_s"]
     if cold:  # the same run with Flower's own process start per message (no fork server), same conditions
         cold_summary, out["flower_cold_total_s"], _ = _flower(config, work, "flower_cold",
                                                               FlowerOptions(poll=poll, prefork=False))
         out["flower_cold_round_s"] = [row["seconds"] for row in cold_summary["history"]]
+        out["flower_cold_process_cpu_s"] = cold_summary["process_cpu_s"]
         out["flower_cold_stage_wall_s"] = {r: sum(s["wall_s"] for s in v)
                                            for r, v in cold_summary.get("stage_times", {}).items()}
     out["load_after"] = _load()
