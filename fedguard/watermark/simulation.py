@@ -54,6 +54,7 @@ class SimulationConfig:
     gamma0: float = 1.0
     alpha: float = 3e-3
     mode: Mode = "invariant"
+    directions: int = 1  # gram mode: secret directions per norm block
     dp_clip: float | None = None
     dp_noise: float = 0.0
     server_embed_steps: int = 0
@@ -145,7 +146,7 @@ def run_federated(config: SimulationConfig, *, watermark: bool = True) -> Simula
         for c in range(config.clients):
             key = make_sign_key(model, bits=config.bits, n_clients=config.clients, gamma0=config.gamma0,
                                 alpha=config.alpha, owner=f"client-{c}", rng=rng.spawn(f"key/{c}"),
-                                mode=config.mode)
+                                mode=config.mode, directions=config.directions)
             keys.append(key)
             marks.append(SignWatermark(key, model))
     spec = FixedPointSpec(clip=1.0, value_bits=24, ring_bits=64, max_weight=1 << 16)
