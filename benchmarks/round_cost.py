@@ -242,8 +242,10 @@ def timing_part(raw: dict[str, Any], args: argparse.Namespace, report: dict[str,
             options.update(key_bits=512, allow_insecure_test_keys=True)
         if name == "mpc" and args.quick:
             options = {"backend": "simulated"}
-        row = run_variant(raw, f"time-{i}-{name}", {"aggregator": name, "aggregator_options": options},
-                          rounds=1, evaluate=False)
+        federation: dict[str, Any] = {"aggregator": name, "aggregator_options": options}
+        if args.upload_bits is not None:  # every aggregator (plaintext too) at the same quantised upload
+            federation.update(upload_bits=args.upload_bits, clip=args.public_clip)
+        row = run_variant(raw, f"time-{i}-{name}", federation, rounds=1, evaluate=False)
         row["label"], row["repeat"] = label, rep
         row["offline_seconds"] = row.pop("_offline")
         row["load"] = load_line()
@@ -271,6 +273,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="quality: indices into quality_variants (default: all; 0 = the reference)")
     parser.add_argument("--paillier-workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="timing: Paillier encryption/decryption processes (default: 2, this machine's cores)")
+    parser.add_argument("--upload-bits", type=int, default=None, choices=(8, 16, 32),
+                        help="timing: every aggregator at this quantised upload (default: the demo's encoding)")
     parser.add_argument("--repeats", type=int, default=2, help="timing: plaintext/private alternations")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
@@ -288,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     rounds = args.rounds or int(raw["federation"]["rounds"])
     lr, steps = float(raw["training"]["lr"]), int(raw["training"]["local_steps"])
     public_clip = 1.25 * lr * steps
+    args.public_clip = public_clip
     report: dict[str, Any] = {"quick": args.quick, "load_start": load_line(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                               "config": "tiny:gpt2" if args.quick else "examples/homo_lora.yaml",
                               "public_clip": public_clip, "timing": [], "quality": []}
