@@ -125,7 +125,7 @@ def test_an_mpc_upload_carries_one_ring_word_per_value_like_plaintext(fields: di
         plan = plan_upload(clip=1.0, n_clients=n, max_weight=300, dimension=d, **{"value_bits": 24, **fields})
         mpc, _ = _captured_inputs("mpc", plan, _updates(n, d))
         plain, _ = _captured_inputs("plaintext", plan, _updates(n, d))
-        for c, payload in mpc.items():
+        for payload in mpc.values():
             msg = wire.decode(payload)
             # party 0's sealed share: nonce + one ring word per value (d + the weight slot) + GCM tag
             assert msg.arrays["ct0"].size == 12 + width * (d + 1) + 16
