@@ -85,7 +85,10 @@ class FlowerOptions:
         stage_timeout: every later protocol stage.
         join_timeout: how long the server waits for every client to join before the first round.
         run_timeout: the whole ``flwr run`` (``None``: no limit).
-        torch_threads: ``OMP_NUM_THREADS`` of each worker (``None``: inherited).
+        torch_threads: ``OMP_NUM_THREADS`` of each worker (``None``: this machine's cores divided among the
+            clients, at least 1 — every worker of ``fedguard flower run`` is on this machine, and torch's
+            default of one thread per core in each of them oversubscribes the cores: measured on the demo
+            config, 3 workers of 2 threads on 2 cores spent ~3.7x the CPU per client of the in-process run).
         faults: ``{client: "kill:R:STAGE" | "garbage:R:STAGE"}`` — fault injection for tests.
         poll: how often Flower's processes and the ServerApp poll for messages (seconds, 0.01-60;
             :mod:`fedguard_train.flower.polling`).
@@ -123,6 +126,13 @@ class FlowerOptions:
             problems.append(str(err))
         if problems:
             raise ConfigError.collect(problems)
+
+
+def worker_threads(n_workers: int, cores: int | None = None) -> int:
+    """Torch threads per worker when ``n_workers`` workers share this machine: ``max(1, cores // n)``."""
+    cores = cores if cores is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                             else os.cpu_count() or 1)
+    return max(1, cores // max(1, n_workers))
 
 
 def free_port() -> int:
@@ -405,7 +415,8 @@ class Deployment:
         self._start_prefork(client)
         node = self._start_supernode(client)
         extra = {"FEDGUARD_FLOWER_SUPERNODE_PGID": str(node.pid)}
-        threads = self.options.torch_threads
+        threads = self.options.torch_threads if self.options.torch_threads is not None \
+            else worker_threads(self.config.n_parties)
         if threads is not None:
             extra.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         cmd = [sys.executable, "-m", "fedguard_train.flower.worker", "--config", str(self.dir / "config.json"),

@@ -109,3 +109,10 @@ def test_options_and_deployment_refuse_bad_input_before_any_process(tmp_path: Pa
     with pytest.raises(ConfigError, match="threshold"):
         Deployment(masking)
     assert not (tmp_path / "m" / "run" / "flower").exists()  # nothing was started or written
+
+
+def test_workers_share_the_cores_instead_of_oversubscribing_them() -> None:
+    from fedguard_train.flower.launcher import worker_threads
+
+    assert worker_threads(3, cores=2) == 1 and worker_threads(2, cores=8) == 4 and worker_threads(1, cores=2) == 2
+    assert worker_threads(10, cores=16) == 1 and worker_threads(0, cores=4) == 4
