@@ -95,7 +95,7 @@ def _flower(config: Any, work: Path, name: str, options: Any) -> tuple[dict[str,
     return summary, time.perf_counter() - t0, started - t0
 
 
-def compare(config: Any, work: Path, *, poll: float = 0.1, cold: bool = False) -> dict[str, Any]:
+def compare(config: Any, work: Path, *, poll: float = 0.1, cold: bool = False, direct: bool = True) -> dict[str, Any]:
     from fedguard_train.checkpoint import load_latest
     from fedguard_train.flower.launcher import FlowerOptions
     from fedguard_train.runner import build_trainer
@@ -115,14 +115,15 @@ def compare(config: Any, work: Path, *, poll: float = 0.1, cold: bool = False) -
     from fedguard_train.flower.coordinator import remote_trainer
     from fedguard_train.flower.worker import ClientWorker, DirectExchange
 
-    direct_cfg = _with(config, run_dir=str(work / "direct"))
-    workers = {k: ClientWorker(direct_cfg, k) for k in range(direct_cfg.n_parties)}
-    try:
-        direct = remote_trainer(direct_cfg, DirectExchange(workers)).run(overwrite=True)
-    finally:
-        for worker in workers.values():
-            worker.close()
-    out["direct_round_s"] = [row["seconds"] for row in direct.history]
+    if direct:
+        direct_cfg = _with(config, run_dir=str(work / "direct"))
+        workers = {k: ClientWorker(direct_cfg, k) for k in range(direct_cfg.n_parties)}
+        try:
+            direct_run = remote_trainer(direct_cfg, DirectExchange(workers)).run(overwrite=True)
+        finally:
+            for worker in workers.values():
+                worker.close()
+        out["direct_round_s"] = [row["seconds"] for row in direct_run.history]
     flower_cfg = _with(config, run_dir=str(work / "flower"))
     summary, out["flower_total_s"], out["flower_start_s"] = _flower(config, work, "flower", FlowerOptions(poll=poll))
     out["flower_process_cpu_s"] = summary["process_cpu_s"]
@@ -155,7 +156,8 @@ def compare(config: Any, work: Path, *, poll: float = 0.1, cold: bool = False) -
     a, b = load_latest(Path(local_cfg.run_dir)), load_latest(Path(flower_cfg.run_dir))
     out["bit_identical"] = bool(a is not None and b is not None and a.vector.tobytes() == b.vector.tobytes())
     out["round_ratio_mean"] = sum(r["flower_s"] for r in rounds) / sum(r["in_process_s"] for r in rounds)
-    out["direct_ratio_mean"] = sum(out["direct_round_s"]) / sum(r["in_process_s"] for r in rounds)
+    if direct:
+        out["direct_ratio_mean"] = sum(out["direct_round_s"]) / sum(r["in_process_s"] for r in rounds)
     if cold:
         out["cold_round_ratio_mean"] = sum(out["flower_cold_round_s"]) / sum(r["in_process_s"] for r in rounds)
     return out
@@ -201,6 +203,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--dropout", action="store_true")
     parser.add_argument("--poll", type=float, default=0.1, help="FlowerOptions.poll (Flower's poll intervals)")
+    parser.add_argument("--no-direct", action="store_true", help="skip the DirectExchange run (no Flower)")
     parser.add_argument("--cold", action="store_true",
                         help="also run Flower without the flwr-clientapp fork server, in the same run")
     parser.add_argument("--rounds", type=int, default=None, help="override federation.rounds")
@@ -226,7 +229,7 @@ def main() -> None:
             config = _with(config, federation__rounds=args.rounds)
         if args.eval_examples is not None:
             config = _with(config, eval__examples=args.eval_examples, eval__every=config.federation.rounds)
-        result = compare(config, work, poll=args.poll, cold=args.cold)
+        result = compare(config, work, poll=args.poll, cold=args.cold, direct=not args.no_direct)
     out = ROOT / "benchmarks" / "results" / f"{name}.json"
     out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(json.dumps(result, indent=1, default=str))
