@@ -164,6 +164,7 @@ def test_a_new_deployment_resumes_the_run_from_its_checkpoint(tmp_path: Path, ta
     assert _final_vector(config.run_dir).tobytes() == reference.global_vector().tobytes()
 
 
+@pytest.mark.slow  # ~1.5 min: round 1 waits out the 45 s stage timeout of the killed client
 def test_a_supernode_that_rejoins_takes_part_in_the_next_round(tmp_path: Path, task: Path) -> None:
     """Client 2's machine dies on receiving round 1's mask stage (SuperNode and worker killed); it is started
     again (a new SuperNode: a new Flower node id) while round 1 finishes over {0, 1}. Round 2's start asks
