@@ -27,9 +27,11 @@ same account that runs the SuperNode) can talk to the worker.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Final
 
 from fedguard.errors import MessageError
@@ -39,6 +41,21 @@ MAX_HEADER_BYTES: Final[int] = 1 << 16
 MAX_BLOB_BYTES: Final[int] = 1 << 34
 MAX_BLOBS: Final[int] = 8
 _PREFIX = struct.Struct("<4sI")
+
+
+def listen_private(path: Path, backlog: int) -> socket.socket:
+    """A Unix-domain socket listening at ``path`` (a stale socket file there is replaced), created 0600
+    (umask 0o177 around ``bind``, so it is never reachable by another user, not even briefly)."""
+    if path.exists():
+        path.unlink()
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        server.bind(str(path))
+    finally:
+        os.umask(old)
+    server.listen(backlog)
+    return server
 
 
 def encode_frame(header: Mapping[str, Any], blobs: Mapping[str, bytes] | None = None) -> bytes:

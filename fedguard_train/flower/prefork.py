@@ -38,6 +38,8 @@ import sys
 from pathlib import Path
 from typing import Final
 
+from fedguard_train.flower.ipc import listen_private
+
 SOCKET_ENV: Final[str] = "FEDGUARD_CLIENTAPP_FORK_SOCKET"
 """The fork server's socket, in the SuperNode's environment (read by the shim)."""
 REAL_ENV: Final[str] = "FEDGUARD_CLIENTAPP_REAL"
@@ -146,15 +148,7 @@ def serve(path: Path) -> None:
 
     import fedguard_train.flower.client_app  # noqa: F401 — the ClientApp module Flower loads
 
-    if path.exists():
-        path.unlink()
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        server.bind(str(path))
-    finally:
-        os.umask(old)
-    server.listen(16)
+    server = listen_private(path, 16)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
 
     def stop(*_: object) -> None:

@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Mapping
@@ -45,7 +44,7 @@ from fedguard.federation.protocol import Aggregator, ClientSide, RoundSpec
 from fedguard.rng import SecureRNG
 from fedguard.updates import ClientUpdate
 from fedguard_train.flower.dp_split import begin_client_round
-from fedguard_train.flower.ipc import encode_frame, read_frame
+from fedguard_train.flower.ipc import encode_frame, listen_private, read_frame
 from fedguard_train.flower.rounds import BROADCAST_KIND, FirstStage, StageFailure, StageReply, stage_request
 
 _LOG = logging.getLogger(__name__)
@@ -199,15 +198,7 @@ def serve(worker: ClientWorker, path: Path) -> None:
     """Answer requests on the Unix socket ``path`` (0600) until SIGTERM; one request per connection.
     A request that fails is answered with ``{"error": ...}`` (the server then counts this client as
     dropped for the stage), and the worker keeps serving."""
-    if path.exists():
-        path.unlink()
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        server.bind(str(path))
-    finally:
-        os.umask(old)
-    server.listen(4)
+    server = listen_private(path, 4)
 
     def stop(*_: object) -> None:
         raise SystemExit(0)

@@ -297,25 +297,10 @@ def test_the_attack_cli_runs_on_a_bottleneck_adapter_checkpoint(tmp_path: Path) 
     is written."""
     from attacks.watermark.cli import register_cli
     from fedguard.cli import Commands
-    from fedguard.watermark import SignWatermark, make_sign_key, prepare_norm_targets, save_key
-    from fedguard_train.bottleneck import BottleneckModel
-    from tests.models import tiny_gpt2
+    from fedguard.watermark import save_key
+    from tests.watermark.embedding import watermarked_bottleneck
 
-    tiny_gpt2(4).save_pretrained(tmp_path / "base")
-    model = BottleneckModel(tiny_gpt2(4), target_modules=["attn.c_proj", "mlp.c_proj"], bottleneck_size=4)
-    model.base_model.config.name_or_path = str(tmp_path / "base")
-    prepare_norm_targets(model)
-    key = make_sign_key(model, bits=32, mode="gram", alpha=1.0, owner="owner", rng=SecureRNG.for_testing("bn-cli"))
-    wm = SignWatermark(key, model)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(300):
-        loss = wm.loss()
-        if float(loss.detach()) == 0.0:
-            break
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.save_pretrained(tmp_path / "adapter")
+    _, key = watermarked_bottleneck(tmp_path, "bn-cli", owner="owner")
     (tmp_path / "keys").mkdir()
     path = str(save_key(key, tmp_path / "keys" / "owner.key"))
     parser = argparse.ArgumentParser(prog="fedguard")

@@ -219,6 +219,7 @@ def test_the_audit_claims_a_residual_rotated_llama_only_through_alignment(tmp_pa
     from fedguard.rng import SecureRNG
     from fedguard.watermark import make_sign_key, save_key
     from tests.models import tiny_llama
+    from tests.watermark.embedding import embed_until_margins_hold
 
     base = tiny_llama(2)
     base.save_pretrained(tmp_path / "base")
@@ -229,14 +230,7 @@ def test_the_audit_claims_a_residual_rotated_llama_only_through_alignment(tmp_pa
         p.requires_grad_(False)
     for block in key.blocks:
         model.get_submodule(block.module).weight.requires_grad_(True)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(300):
-        loss = wm.loss()
-        if float(loss.detach()) == 0.0:
-            break
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    embed_until_margins_hold(wm, model)
     transforms.rotate_residual(model, torch.Generator().manual_seed(1))
     model.save_pretrained(tmp_path / "stolen")
     save_key(key, tmp_path / "alice.key")

@@ -54,30 +54,11 @@ def test_inconsistent_counts_are_refused() -> None:
 def test_a_bottleneck_adapter_checkpoint_loads_for_verification(tmp_path) -> None:
     """Houlsby adapters (fedguard_train.bottleneck, peft_type FEDGUARD_BOTTLENECK) with watermarked norm
     scales saved beside them: load_model restores both and the owner's key verifies, the base does not."""
-    import torch
-
-    from fedguard.rng import SecureRNG
-    from fedguard.watermark import SignWatermark, make_sign_key, prepare_norm_targets
+    from fedguard.watermark import SignWatermark
     from fedguard.watermark.loading import load_base, load_model
-    from fedguard_train.bottleneck import BottleneckModel
-    from tests.models import tiny_gpt2
+    from tests.watermark.embedding import watermarked_bottleneck
 
-    base = tiny_gpt2(4)
-    base.save_pretrained(tmp_path / "base")
-    model = BottleneckModel(tiny_gpt2(4), target_modules=["attn.c_proj", "mlp.c_proj"], bottleneck_size=4)
-    model.base_model.config.name_or_path = str(tmp_path / "base")
-    prepare_norm_targets(model)
-    key = make_sign_key(model, bits=32, mode="gram", alpha=1.0, rng=SecureRNG.for_testing("bottleneck"))
-    wm = SignWatermark(key, model)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(300):
-        loss = wm.loss()
-        if float(loss.detach()) == 0.0:
-            break
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.save_pretrained(tmp_path / "adapter")
+    _, key = watermarked_bottleneck(tmp_path, "bottleneck")
     from fedguard.errors import ConfigError
     from fedguard.watermark import loading
     from fedguard_train.bottleneck import PEFT_TYPE, load_adapter
