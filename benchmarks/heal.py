@@ -77,7 +77,8 @@ def main() -> int:
     wall = time.perf_counter() - start
     step_seconds = None
     if info.cached and args.time_steps > 0:  # the one-off cost here: a few steps of the same recipe, timed
-        from fedguard_train.healing import heal, heal_stream, windows
+        from fedguard_train.emulator import windows
+        from fedguard_train.healing import heal, heal_stream
 
         copy = build_emulator(full, EmulatorRecipe("llama", len(full.model.layers), 0, 0, 0.0, kept, "timing"))
         chunks = windows(heal_stream(section.data, tokenizer, section.seq_len * section.batch_size * (args.time_steps + 2)),

@@ -309,15 +309,25 @@ def public_texts(source: str = "common-licenses") -> list[str]:
     return texts
 
 
-def text_chunks(texts: Sequence[str], tokenizer: Any, seq_len: int, max_tokens: int) -> list[list[int]]:
-    """Consecutive ``seq_len``-token windows of the concatenated texts, at most ``max_tokens`` in all."""
+def token_ids(texts: Sequence[str], tokenizer: Any, max_tokens: int) -> list[int]:
+    """The concatenated texts' token ids (no special tokens), at most ``max_tokens``; tokenises no more
+    texts than it needs."""
     ids: list[int] = []
     for text in texts:
         ids += tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) >= max_tokens:
             break
-    ids = ids[:max_tokens]
-    return [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
+    return ids[:max_tokens]
+
+
+def windows(ids: Sequence[int], seq_len: int) -> list[list[int]]:
+    """Consecutive, non-overlapping ``seq_len``-token windows of ``ids`` (a shorter tail is dropped)."""
+    return [list(ids[i : i + seq_len]) for i in range(0, len(ids) - seq_len + 1, seq_len)]
+
+
+def text_chunks(texts: Sequence[str], tokenizer: Any, seq_len: int, max_tokens: int) -> list[list[int]]:
+    """Consecutive ``seq_len``-token windows of the concatenated texts, at most ``max_tokens`` in all."""
+    return windows(token_ids(texts, tokenizer, max_tokens), seq_len)
 
 
 def nmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

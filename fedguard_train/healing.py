@@ -99,16 +99,11 @@ def heal_stream(data: str, tokenizer: Any, max_tokens: int) -> list[int]:
     """Token ids of the healing text ``data`` (module docstring), at most ``max_tokens``; ``mixed`` alternates
     licence text and WordNet pairs in blocks of 256 tokens."""
     from fedguard_train.data import format_prompt
-    from fedguard_train.emulator import public_texts
+    from fedguard_train.emulator import public_texts, token_ids
     from fedguard_train.public_data import unused_wordnet_pairs
 
     def licences() -> list[int]:
-        ids: list[int] = []
-        for text in public_texts("common-licenses"):
-            ids += tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(ids) >= max_tokens:
-                break
-        return ids[:max_tokens]
+        return token_ids(public_texts("common-licenses"), tokenizer, max_tokens)
 
     def wordnet() -> list[int]:
         pairs = unused_wordnet_pairs()
@@ -135,10 +130,6 @@ def heal_stream(data: str, tokenizer: Any, max_tokens: int) -> list[int]:
     for start in range(0, max(len(a), len(b)), 256):
         out += a[start : start + 256] + b[start : start + 256]
     return out[:max_tokens]
-
-
-def windows(stream: Sequence[int], seq_len: int) -> list[list[int]]:
-    return [list(stream[i : i + seq_len]) for i in range(0, len(stream) - seq_len + 1, seq_len)]
 
 
 def _trainable(model: torch.nn.Module, family_name: str) -> list[torch.nn.Parameter]:
@@ -173,6 +164,7 @@ def heal_loss(full_out: Any, small_out: Any, kept: Sequence[int], section: HealS
     return loss, float(kd.detach()), float(hidden.detach())
 
 
+@torch.no_grad()
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, chunks: Sequence[list[int]], batch_size: int = 8, device: str = "cpu") -> float:
     """exp(mean next-token NLL) over every position of ``chunks``."""
@@ -251,7 +243,7 @@ def healed_model(full: torch.nn.Module, tokenizer: Any, keep: int, section: Heal
     is numerically close to, not bit-identical with, a CPU healing; ``meta.json`` records the device)."""
     from safetensors.torch import load_file, save_file
 
-    from fedguard_train.emulator import EmulatorRecipe, build_emulator, decoder_blocks, fingerprint
+    from fedguard_train.emulator import EmulatorRecipe, build_emulator, decoder_blocks, fingerprint, windows
 
     family = family_of(full, family_name)
     n_layers = len(decoder_blocks(full, family))
@@ -313,4 +305,4 @@ def _trainable_names(model: torch.nn.Module, family_name: str) -> set[str]:
     return {n for n, p in model.named_parameters() if id(p) in ids}
 
 
-__all__ = ["HealInfo", "even_blocks", "heal", "heal_loss", "heal_stream", "healed_model", "perplexity", "windows"]
+__all__ = ["HealInfo", "even_blocks", "heal", "heal_loss", "heal_stream", "healed_model", "perplexity"]

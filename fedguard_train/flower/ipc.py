@@ -30,7 +30,8 @@ import json
 import os
 import socket
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
@@ -43,9 +44,11 @@ MAX_BLOBS: Final[int] = 8
 _PREFIX = struct.Struct("<4sI")
 
 
-def listen_private(path: Path, backlog: int) -> socket.socket:
+@contextmanager
+def listen_private(path: Path, backlog: int) -> Iterator[socket.socket]:
     """A Unix-domain socket listening at ``path`` (a stale socket file there is replaced), created 0600
-    (umask 0o177 around ``bind``, so it is never reachable by another user, not even briefly)."""
+    (umask 0o177 around ``bind``, so it is never reachable by another user, not even briefly); closed and
+    its file removed when the block ends, however it ends."""
     if path.exists():
         path.unlink()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -55,7 +58,12 @@ def listen_private(path: Path, backlog: int) -> socket.socket:
     finally:
         os.umask(old)
     server.listen(backlog)
-    return server
+    try:
+        yield server
+    finally:
+        server.close()
+        if path.exists():
+            path.unlink()
 
 
 def encode_frame(header: Mapping[str, Any], blobs: Mapping[str, bytes] | None = None) -> bytes:

@@ -148,14 +148,13 @@ def serve(path: Path) -> None:
 
     import fedguard_train.flower.client_app  # noqa: F401 — the ClientApp module Flower loads
 
-    server = listen_private(path, 16)
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+    with listen_private(path, 16) as server:
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
 
-    def stop(*_: object) -> None:
-        raise SystemExit(0)
+        def stop(*_: object) -> None:
+            raise SystemExit(0)
 
-    signal.signal(signal.SIGTERM, stop)
-    try:
+        signal.signal(signal.SIGTERM, stop)
         while True:
             conn, _ = server.accept()
             try:
@@ -180,10 +179,6 @@ def serve(path: Path) -> None:
             os.write(go_write, b"g")
             os.close(go_write)
             conn.close()  # the child holds its own copy and reports the exit status through it
-    finally:
-        server.close()
-        if path.exists():
-            path.unlink()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -198,13 +198,11 @@ def serve(worker: ClientWorker, path: Path) -> None:
     """Answer requests on the Unix socket ``path`` (0600) until SIGTERM; one request per connection.
     A request that fails is answered with ``{"error": ...}`` (the server then counts this client as
     dropped for the stage), and the worker keeps serving."""
-    server = listen_private(path, 4)
+    with listen_private(path, 4) as server:
+        def stop(*_: object) -> None:
+            raise SystemExit(0)
 
-    def stop(*_: object) -> None:
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, stop)
-    try:
+        signal.signal(signal.SIGTERM, stop)
         while True:
             conn, _ = server.accept()
             with conn:
@@ -218,10 +216,6 @@ def serve(worker: ClientWorker, path: Path) -> None:
                     conn.sendall(encode_frame(out_header, out_blobs))
                 except OSError as err:
                     _LOG.warning("client %d could not answer: %s", worker.client, err)
-    finally:
-        server.close()
-        if path.exists():
-            path.unlink()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,8 +11,8 @@ import torch
 
 from fedguard.errors import ConfigError
 from fedguard_train.config import HealSection, ModelConfig, TrainConfig
-from fedguard_train.emulator import load_server_model
-from fedguard_train.healing import even_blocks, heal_stream, healed_model, windows
+from fedguard_train.emulator import load_server_model, windows
+from fedguard_train.healing import even_blocks, heal_stream, healed_model
 from tests.train.conftest import tiny_config
 
 SMALL = HealSection(steps=30, batch_size=4, seq_len=32, lr=2e-3, data="common-licenses")
