@@ -102,6 +102,10 @@ class PaillierOptions(AggregatorOptions):
             each client can fill an :class:`~fedguard.secagg.paillier.keys.ObfuscatorPool` for it before its
             update exists (:meth:`PaillierAggregator.precompute`, called by the trainer before local
             training); encryption in the round is then one multiplication per ciphertext.
+        precompute_background: with ``precompute``, fill the pools on low-priority (``nice 19``) worker
+            processes *while* the clients train, instead of before: the filling then uses only the CPU time
+            local training leaves idle, and a client's encryption waits for whatever is not ready yet, so its
+            cost stays inside the round's time (``workers`` processes, at least one).
     """
 
     removed: ClassVar[dict[str, str]] = {
@@ -119,11 +123,17 @@ class PaillierOptions(AggregatorOptions):
     obfuscator: ObfuscatorMethod = DEFAULT_OBFUSCATOR
     allow_insecure_test_keys: bool = False
     precompute: bool = False
+    precompute_background: bool = False
 
     def _problems(self) -> list[str]:
         problems: list[str] = []
         if not isinstance(self.precompute, bool):
             problems.append(f"precompute must be a bool, got {self.precompute!r}")
+        if not isinstance(self.precompute_background, bool):
+            problems.append(f"precompute_background must be a bool, got {self.precompute_background!r}")
+        elif self.precompute_background and self.precompute is not True:
+            problems.append("precompute_background needs precompute: true (it fills the pools of the run's "
+                            "long-lived key)")
         if not isinstance(self.allow_insecure_test_keys, bool):
             problems.append(f"allow_insecure_test_keys must be a bool, got {self.allow_insecure_test_keys!r}")
         problems += [p for p in (
