@@ -21,9 +21,10 @@ from fedguard.watermark.keys import SignKey
 
 def finetune(model: torch.nn.Module, keys: Sequence[SignKey], data: torch.Tensor, *, steps: Sequence[int],
              lr: float = 5e-3, batch_size: int = 16, params: Literal["released", "all", "new-lora"] = "released",
-             seed: int = 0, lora_rank: int = 8) -> list[AttackResult]:
+             seed: int = 0, lora_rank: int = 8, eval_data: torch.Tensor | None = None) -> list[AttackResult]:
     """Fine-tune ``model`` (in place, except ``"new-lora"``, which merges a copy and wraps it); one result
-    per entry of ``steps`` (increasing step counts)."""
+    per entry of ``steps`` (increasing step counts). The task loss is scored on ``eval_data`` (held-out
+    sequences) if given, else on the attacker's ``data``."""
     counts = sorted(set(int(s) for s in steps))
     if not counts or counts[0] < 0 or not lr > 0:
         raise ConfigError(f"fine-tuning needs step counts >= 0 and lr > 0, got {list(steps)}, {lr}")
@@ -35,20 +36,24 @@ def finetune(model: torch.nn.Module, keys: Sequence[SignKey], data: torch.Tensor
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ConfigError("no trainable parameters to fine-tune (params='released' on a frozen model)")
-    base_loss = task_loss(model, data)
+    scored = data if eval_data is None else eval_data
+    base_loss = task_loss(model, scored)
     opt = torch.optim.AdamW(trainable, lr=lr)
     gen = torch.Generator().manual_seed(seed)
+    dropout = torch.Generator().manual_seed(seed)
     out, done = [], 0
     for target in counts:
         model.train()
         while done < target:
             idx = torch.randint(0, data.shape[0], (batch_size,), generator=gen)
-            loss = model(input_ids=data[idx], labels=data[idx]).loss
+            with torch.random.fork_rng():  # dropout masks from ``seed`` too: a run repeats exactly
+                torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=dropout)))
+                loss = model(input_ids=data[idx], labels=data[idx]).loss
             opt.zero_grad()
             loss.backward()
             opt.step()
             done += 1
-        out.append(measure(model, keys, data, attack=f"finetune ({params}, lr={lr:g})", strength=float(target),
+        out.append(measure(model, keys, scored, attack=f"finetune ({params}, lr={lr:g})", strength=float(target),
                            label=f"{target} steps", reference_loss=base_loss))
     return out
 

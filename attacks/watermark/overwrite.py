@@ -4,6 +4,10 @@ The attacker knows the scheme and the targets (they are public in any key file) 
 seeds. It draws ``k`` fresh keys calibrated on the released model, and trains with the task loss plus
 its ``k`` regularisers (FedIPR's objective, with the owners' α) for ``steps`` steps, hoping the new
 constraints push the owners' bits over. Measured for each ``k`` on a fresh copy of the model.
+
+``k = 0`` is the control: the same fine-tuning without attacker keys. With ``seed`` every ``k`` sees the
+same batches, so ``loss(k) − loss(0)`` is what writing ``k`` keys cost the attacker in task loss;
+``eval_data`` (held-out sequences) prices it on data the attacker did not train on.
 """
 
 from __future__ import annotations
@@ -22,14 +26,20 @@ from fedguard.watermark.sign import SignWatermark, make_sign_key
 
 def overwrite(model: torch.nn.Module, keys: Sequence[SignKey], data: torch.Tensor, *, attacker_keys: Sequence[int],
               steps: int = 200, lr: float = 5e-3, alpha: float | None = None, batch_size: int = 16,
-              rng: SecureRNG | None = None) -> list[AttackResult]:
-    """One result per count in ``attacker_keys``; ``model`` itself is left as it was."""
+              rng: SecureRNG | None = None, seed: int | None = None,
+              eval_data: torch.Tensor | None = None) -> list[AttackResult]:
+    """One result per count in ``attacker_keys`` (0 = fine-tuning alone); ``model`` itself is left as it
+    was. ``alpha``: the attacker's regulariser weight (default: the owners', read from their key);
+    ``seed``: batch order shared by every count (default: one order per count)."""
     if not keys:
         raise ConfigError("overwrite needs the owners' keys to measure")
-    if steps < 1 or any(k < 1 for k in attacker_keys):
-        raise ConfigError(f"overwrite needs steps >= 1 and attacker key counts >= 1, got {steps}, {list(attacker_keys)}")
+    if steps < 1 or any(k < 0 for k in attacker_keys):
+        raise ConfigError(f"overwrite needs steps >= 1 and attacker key counts >= 0, got {steps}, {list(attacker_keys)}")
+    if alpha is not None and not alpha > 0:
+        raise ConfigError(f"the attacker's alpha must be > 0, got {alpha}")
     rng = rng or SecureRNG()
-    base_loss = task_loss(model, data)
+    scored = data if eval_data is None else eval_data
+    base_loss = task_loss(model, scored)
     template = keys[0]
     out = []
     for k in attacker_keys:
@@ -43,17 +53,22 @@ def overwrite(model: torch.nn.Module, keys: Sequence[SignKey], data: torch.Tenso
                     victim.get_submodule(_base_path(victim, block.module)).get_parameter(name).requires_grad_(True)
         trainable = [p for p in victim.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(trainable, lr=lr)
-        gen = torch.Generator().manual_seed(k)
+        gen = torch.Generator().manual_seed(k if seed is None else seed)
+        dropout = torch.Generator().manual_seed(k if seed is None else seed)
         victim.train()
         for _ in range(steps):
             idx = torch.randint(0, data.shape[0], (batch_size,), generator=gen)
-            loss = victim(input_ids=data[idx], labels=data[idx]).loss + sum(m.loss() for m in marks)
+            with torch.random.fork_rng():  # dropout masks shared like the batches (see finetune)
+                torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=dropout)))
+                loss = victim(input_ids=data[idx], labels=data[idx]).loss
+            loss = loss + sum(m.loss() for m in marks)
             opt.zero_grad()
             loss.backward()
             opt.step()
-        attacker_bits = min(m.detect().matched for m in marks)
-        out.append(measure(victim, keys, data, attack=f"overwrite ({steps} steps)", strength=float(k),
-                           label=f"{k} attacker key(s), attacker bits >= {attacker_bits}", reference_loss=base_loss))
+        label = (f"{k} attacker key(s), attacker bits >= {min(m.detect().matched for m in marks)}" if marks
+                 else "0 attacker keys (fine-tuning control)")
+        out.append(measure(victim, keys, scored, attack=f"overwrite ({steps} steps)", strength=float(k),
+                           label=label, reference_loss=base_loss))
     return out
 
 

@@ -24,6 +24,13 @@ class OwnerOutcome:
     matched: int
     p_value: float
     verdict: bool
+    sign_flip_p_value: float = math.nan
+    """The same key under the sign-flip test (:func:`fedguard.watermark.verify.sign_flip_p_value`)."""
+    significance: float = DEFAULT_SIGNIFICANCE
+
+    @property
+    def sign_flip_verdict(self) -> bool:
+        return self.sign_flip_p_value <= self.significance
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +52,11 @@ class AttackResult:
         return sum(o.verdict for o in self.owners)
 
     @property
+    def claims_sign_flip(self) -> int:
+        """Owners that would claim had the sign-flip test been their (prior) choice."""
+        return sum(o.sign_flip_verdict for o in self.owners)
+
+    @property
     def min_matched(self) -> int:
         return min((o.matched for o in self.owners), default=0)
 
@@ -64,11 +76,14 @@ class AttackResult:
     def to_json(self) -> dict[str, Any]:
         return {"attack": self.attack, "strength": self.strength, "label": self.label,
                 "bits": self.bits, "min_matched": self.min_matched, "max_p_value": self.max_p_value,
-                "claims": self.claims, "owners_total": len(self.owners), "verdict": self.verdict,
+                "claims": self.claims, "claims_sign_flip": self.claims_sign_flip,
+                "max_sign_flip_p_value": max((o.sign_flip_p_value for o in self.owners), default=1.0),
+                "owners_total": len(self.owners), "verdict": self.verdict,
                 "task_loss": self.task_loss, "delta_task_loss": self.delta_task_loss,
                 "function_change": self.function_change,
                 "owners": [{"owner": o.owner, "key_id": o.key_id, "bits": o.bits, "matched": o.matched,
-                            "p_value": o.p_value, "verdict": o.verdict} for o in self.owners]}
+                            "p_value": o.p_value, "verdict": o.verdict,
+                            "sign_flip_p_value": o.sign_flip_p_value} for o in self.owners]}
 
 
 @torch.no_grad()
@@ -102,8 +117,11 @@ def measure(model: torch.nn.Module, keys: Sequence[SignKey], data: torch.Tensor,
     rotation (:mod:`fedguard.watermark.alignment`)."""
     owners = []
     for key in keys:
-        d = SignWatermark(key, model, align_to=base).detect(significance)
-        owners.append(OwnerOutcome(key.owner, key.key_id, d.bits, d.matched, d.p_value, d.verdict))
+        mark = SignWatermark(key, model, align_to=base)
+        d = mark.detect(significance)
+        flip = mark.detect(significance, test="sign-flip")
+        owners.append(OwnerOutcome(key.owner, key.key_id, d.bits, d.matched, d.p_value, d.verdict,
+                                   flip.p_value, significance))
     loss = task_loss(model, data)
     change = math.nan
     if reference_logits is not None:

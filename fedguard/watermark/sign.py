@@ -57,7 +57,14 @@ from fedguard.watermark.targets import (
     discover,
     resolve_module,
 )
-from fedguard.watermark.verify import DEFAULT_SIGNIFICANCE, BlockAgreement, Detection, detection
+from fedguard.watermark.verify import (
+    DEFAULT_SIGNIFICANCE,
+    TESTS,
+    BlockAgreement,
+    Detection,
+    detection,
+    sign_flip_p_value,
+)
 
 ERASURE_TOLERANCE = 1e-6
 """Projections with ``|z_j| ≤`` this (in units of the block's scale) count as erased, i.e. not matched."""
@@ -289,15 +296,24 @@ class SignWatermark:
         bits = self.key.signature().astype(np.float64)
         return bits * z > ERASURE_TOLERANCE
 
-    def detect(self, significance: float = DEFAULT_SIGNIFICANCE) -> Detection:
-        """Verify: count agreements, exact binomial p-value under fair coins, verdict at ``significance``."""
-        ok = self.matches()
+    def detect(self, significance: float = DEFAULT_SIGNIFICANCE, *, test: str = "binomial") -> Detection:
+        """Verify: count agreements, p-value under fair coins, verdict at ``significance``. ``test``:
+        ``"binomial"`` (the exact sign count) or ``"sign-flip"`` (the exact randomisation test of
+        ``Σ b_j z_j``, :func:`~fedguard.watermark.verify.sign_flip_p_value`); fix it before looking."""
+        if test not in TESTS:
+            raise ConfigError(f"unknown test {test!r}: choose one of {', '.join(TESTS)}")
+        z = self.extract()
+        agreements = self.key.signature().astype(np.float64) * z
+        ok = agreements > ERASURE_TOLERANCE
         blocks = tuple(
             BlockAgreement(b.block.label, b.block.bits, int(ok[sl].sum()))
             for b, sl in zip(self._bound, self.key.block_bit_slices(), strict=True)
         )
-        return detection(key_id=self.key.key_id, owner=self.key.owner, scheme="sign", bits=len(ok),
-                         matched=int(ok.sum()), significance=significance, blocks=blocks)
+        found = detection(key_id=self.key.key_id, owner=self.key.owner, scheme="sign", bits=len(ok),
+                          matched=int(ok.sum()), significance=significance, blocks=blocks)
+        if test == "binomial":
+            return found
+        return replace(found, p_value=sign_flip_p_value(agreements, erased=ERASURE_TOLERANCE), test=test)
 
 
 def make_sign_key(

@@ -312,3 +312,30 @@ def test_the_attack_cli_runs_on_a_bottleneck_adapter_checkpoint(tmp_path: Path) 
     assert doc["baseline"]["claims"] == 1
     tuned = [r for r in doc["results"] if r["attack"].startswith("finetune") and r["label"] == "20 steps"]
     assert tuned and tuned[0]["delta_task_loss"] != 0.0  # the released parameters did train
+
+
+def test_overwrite_control_is_plain_finetuning_on_the_same_batches_and_prices_on_held_out_data(trained: dict) -> None:
+    """``k = 0`` with a shared ``seed`` is exactly the attacker's fine-tuning alone (the anchor that prices
+    writing keys), and ``eval_data`` is what the task loss is measured on."""
+    held_out = trained["data"][-32:]
+    control, four = overwrite(trained["model"], trained["keys"], trained["data"], attacker_keys=[0, 4], steps=12,
+                              seed=5, eval_data=held_out, rng=SecureRNG.for_testing("attacker"))
+    (plain,) = finetune(copy.deepcopy(trained["model"]), trained["keys"], trained["data"], steps=[12], seed=5,
+                        eval_data=held_out)
+    assert "control" in control.label and control.strength == 0.0
+    assert abs(control.task_loss - plain.task_loss) < 1e-6  # identical training, identical model
+    assert [o.matched for o in control.owners] == [o.matched for o in plain.owners]
+    assert four.task_loss != control.task_loss  # the 4 keys' regularisers changed the training
+    assert abs(control.task_loss - control.delta_task_loss - task_loss(trained["model"], held_out)) < 1e-6
+    with pytest.raises(ConfigError, match="attacker's alpha"):
+        overwrite(trained["model"], trained["keys"], trained["data"], attacker_keys=[1], alpha=0.0)
+    with pytest.raises(ConfigError, match="key counts >= 0"):
+        overwrite(trained["model"], trained["keys"], trained["data"], attacker_keys=[-1])
+
+
+def test_every_attack_result_carries_the_sign_flip_test(trained: dict) -> None:
+    r = measure(trained["model"], trained["keys"], trained["data"], attack="none", strength=0.0, label="t",
+                reference_loss=0.0)
+    assert all(o.sign_flip_p_value <= 1e-6 for o in r.owners) and r.claims_sign_flip == 2
+    row = r.to_json()
+    assert row["claims_sign_flip"] == 2 and all("sign_flip_p_value" in o for o in row["owners"])
