@@ -7,13 +7,15 @@ children too: ``flower-superexec``, ``flwr-serverapp``, ``flwr-clientapp``):
    ``insecure_test_mode``, the only way to run without TLS, meant for tests and named as such;
 2. ``flower-superlink`` on ``127.0.0.1`` (one HTTP port for its Fleet, Control and Runtime APIs;
    ``--disable-runtime-dependency-installation``: the app runs in this environment);
-3. per client ``k``: the fedguard worker (:mod:`fedguard_train.flower.worker`, which loads the model and
+3. with ``aggregator: mpc``, the compute parties (:mod:`fedguard_train.flower.mpc`: long-term keys, the
+   clients' key pin ``<run_dir>/flower/mpc/party_keys.json``, party programs on ``127.0.0.1``);
+4. per client ``k``: the fedguard worker (:mod:`fedguard_train.flower.worker`, which loads the model and
    its data shard) and a ``flower-supernode`` whose ``--node-config`` names the worker's socket, started
    through :func:`fedguard_train.flower.polling.supernode_main` so that it polls every ``poll`` seconds
    instead of 3 (every Flower process also gets Flower's ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``), and
    (``prefork``, the default) a ``flwr-clientapp`` fork server whose shim the SuperNode's ``PATH`` finds
    first (:mod:`fedguard_train.flower.prefork`);
-4. ``flwr run <app> fedguard --stream``: Flower builds the app bundle (a ``pyproject.toml`` whose
+5. ``flwr run <app> fedguard --stream``: Flower builds the app bundle (a ``pyproject.toml`` whose
    components are :mod:`fedguard_train.flower.server_app` and :mod:`fedguard_train.flower.client_app`),
    the SuperLink starts the ServerApp, which runs the rounds and writes the run's usual files
    (metrics.jsonl, checkpoints, report.md) plus ``flower/summary.json`` (drops, Flower's byte counts).
@@ -44,6 +46,7 @@ from fedguard.errors import ConfigError
 from fedguard_train.config import TrainConfig
 from fedguard_train.flower import prefork
 from fedguard_train.flower.certs import make_tls
+from fedguard_train.flower.mpc import PARTY_STARTUP_MARGIN_S, MpcParties
 from fedguard_train.flower.polling import DEFAULT_POLL, check_poll, flower_env
 from fedguard_train.trainers.base import env_without_launcher, prepare_run_dir
 
@@ -351,26 +354,25 @@ class Deployment:
     :meth:`stop`."""
 
     def __init__(self, config: TrainConfig, options: FlowerOptions | None = None) -> None:
-        if config.federation.aggregator == "mpc":
-            raise ConfigError(
-                "aggregator mpc is not supported over Flower yet: each client pins the compute parties' public keys, "
-                "and a worker has no way to learn them but to start parties of its own (aggregator_options has no "
-                "client-side key pin); its every reply would be refused. Use masking or paillier over Flower, or "
-                "mpc in process (`fedguard train`); docs/flower.md")
         self.config = config
         self.options = options or FlowerOptions()
         bad = [k for k in self.options.faults if not 0 <= k < config.n_parties]
         if bad:
             raise ConfigError(f"faults name clients {bad} outside [0, {config.n_parties})")
-        from fedguard.federation.registry import make_aggregator
-
-        fed = config.federation  # a round the aggregator refuses fails here, before any process starts
-        with make_aggregator(fed.aggregator, fed.aggregator_options) as aggregator:
-            aggregator.check_clients(config.n_parties)
         self.run_dir = Path(config.run_dir)
         self.dir = self.run_dir / "flower"
         self.flower = FlowerProcesses(self.dir, insecure_test_mode=self.options.insecure_test_mode,
                                       poll=self.options.poll)
+        fed = config.federation
+        self.mpc: MpcParties | None = None
+        if fed.aggregator == "mpc":  # the parties and the clients' key pin (fedguard_train.flower.mpc)
+            self.mpc = MpcParties(self.flower, fed.aggregator_options, self.dir / "mpc",
+                                  connect_timeout=self.options.join_timeout + PARTY_STARTUP_MARGIN_S)
+        else:  # a round the aggregator refuses fails here, before any process starts (mpc: in start())
+            from fedguard.federation.registry import make_aggregator
+
+            with make_aggregator(fed.aggregator, fed.aggregator_options) as aggregator:
+                aggregator.check_clients(config.n_parties)
         self.sockets = Path(tempfile.mkdtemp(prefix="fgfl-"))  # short: Unix socket paths are limited to 107 bytes
         self.sockets.chmod(0o700)
 
@@ -383,13 +385,33 @@ class Deployment:
         return self.flower.logs
 
     def start(self) -> None:
-        """Certificates, the SuperLink, then each client's worker and SuperNode."""
+        """Certificates, the SuperLink, then (MPC) the compute parties, then each client's worker and SuperNode.
+
+        With ``aggregator: mpc`` the parties' keys, the control key and the clients' pin are made first
+        (:meth:`MpcParties.prepare`) and the run's configuration names them: the workers read the pin from
+        ``config.json``, the ServerApp the coordinator's address from ``settings.json``."""
+        if self.mpc is not None:
+            self._prepare_mpc(self.mpc)
         self.flower.start_superlink()
         (self.dir / "config.json").write_text(self.config.to_json())
+        if self.mpc is not None:
+            self.mpc.start()
         if self.options.prefork:
             prefork.write_shim(self.dir / "bin")
         for client in range(self.config.n_parties):
             self.start_client(client)
+
+    def _prepare_mpc(self, mpc: MpcParties) -> None:
+        """Keys and pin (no process yet); the configuration rewritten to name them; the client count checked
+        by a client-side aggregator, before any process starts."""
+        from fedguard.secagg.mpc.aggregator import MpcAggregator
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        raw = self.config.to_dict()
+        raw["federation"]["aggregator_options"] = mpc.prepare()
+        self.config = TrainConfig.from_dict(raw)
+        with MpcAggregator.for_client(self.config.federation.aggregator_options) as aggregator:
+            aggregator.check_clients(self.config.n_parties)
 
     def _start_supernode(self, client: int) -> subprocess.Popen[bytes]:
         sock = self.sockets / f"c{client}.sock"
@@ -432,6 +454,8 @@ class Deployment:
         workers keep running (model loaded, nothing of a round kept that the next round's first stage does
         not replace)."""
         self.flower.restart_superlink()
+        if self.mpc is not None:  # the parties served the old ServerApp: the new one gets them afresh
+            self.mpc.restart()
         for client in range(self.config.n_parties):
             self.flower.kill(f"supernode-{client}")
             self._start_supernode(client)
@@ -465,6 +489,8 @@ class Deployment:
         app = self.dir / "app"
         app.mkdir(exist_ok=True)
         (app / "pyproject.toml").write_text(APP_TOML.format(settings=json.dumps(str(self.dir / "settings.json"))))
+        if self.mpc is not None:  # parties exit with the ServerApp they served: a second submission restarts them
+            self.mpc.ensure_running()
         code = self.flower.flwr_run(app, timeout=opts.run_timeout)
         if not summary_path.exists():
             raise ConfigError(f"the ServerApp wrote no summary (flwr run exited {code}; logs in {self.logs})")

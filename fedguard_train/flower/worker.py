@@ -68,11 +68,25 @@ def round_spec_from(header: dict[str, Any], fixed_point: Any) -> RoundSpec:
         raise MessageError(f"bad round header: {err}") from err
 
 
+def client_aggregator(name: str, options: Any) -> Aggregator:
+    """The aggregator a client's process builds: only its client side is used. For ``mpc`` that is
+    :meth:`MpcAggregator.for_client <fedguard.secagg.mpc.aggregator.MpcAggregator.for_client>`: no compute
+    party is started here, the shares are sealed to the keys pinned by ``aggregator_options.party_keys_file``
+    (which the launcher hands each client at set-up, :mod:`fedguard_train.flower.mpc`), and a request naming
+    other parties is refused (the client's dropout for that stage). Every other aggregator as configured."""
+    if name == "mpc":
+        from fedguard.secagg.mpc.aggregator import MpcAggregator
+
+        return MpcAggregator.for_client(options)
+    from fedguard.federation.registry import make_aggregator
+
+    return make_aggregator(name, options)
+
+
 class ClientWorker:
     """The client ``client`` of a run: its trainer (built with ``coordinator=False``) and aggregator."""
 
     def __init__(self, config: Any, client: int, *, fault: str | None = None) -> None:
-        from fedguard.federation.registry import make_aggregator
         from fedguard_train.flower.dp_split import client_hooks
         from fedguard_train.trainers import trainer_class
 
@@ -80,11 +94,15 @@ class ClientWorker:
             raise ConfigError(f"client must be in [0, {config.n_parties}), got {client}")
         self.config = config
         self.client = client
-        # the DP hook's client half (clip, distributed noise); the server keeps the accountant (dp_split)
-        self.trainer = trainer_class(config.trainer)(config, hooks=client_hooks(config), quiet=True,
-                                                     coordinator=False)
-        fed = config.federation
-        self.aggregator: Aggregator = make_aggregator(fed.aggregator, fed.aggregator_options)
+        # first: an aggregator that cannot be built (an MPC client without its key pin) fails before the model loads
+        self.aggregator: Aggregator = client_aggregator(config.federation.aggregator,
+                                                        config.federation.aggregator_options)
+        try:  # the DP hook's client half (clip, distributed noise); the server keeps the accountant (dp_split)
+            self.trainer = trainer_class(config.trainer)(config, hooks=client_hooks(config), quiet=True,
+                                                         coordinator=False)
+        except BaseException:
+            self.aggregator.close()
+            raise
         self.side: ClientSide | None = None
         self.fault = _parse_fault(fault)
 

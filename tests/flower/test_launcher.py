@@ -99,8 +99,13 @@ def test_options_and_deployment_refuse_bad_input_before_any_process(tmp_path: Pa
         assert accepted.config.dp is not None
     mpc = tiny_config(tmp_path / "mpc", task, federation={"clients": 2, "rounds": 1, "aggregator": "mpc",
                                                           "aggregator_options": {"backend": "simulated"}})
-    with pytest.raises(ConfigError, match="mpc is not supported over Flower"):
-        Deployment(mpc)
+    with pytest.raises(ConfigError, match="backend 'simulated' cannot run over Flower"):
+        Deployment(mpc)  # its parties live in the server: the clients could take the keys only from the server
+    remote = tiny_config(tmp_path / "mpc2", task, federation={
+        "clients": 2, "rounds": 1, "aggregator": "mpc",
+        "aggregator_options": {"backend": "network", "listen": "127.0.0.1:1", "control_key_file": "c.key"}})
+    with pytest.raises(ConfigError, match="needs party_keys_file"):
+        Deployment(remote)  # parties run elsewhere: the clients must be given their pin
     plain = tiny_config(tmp_path / "p", task)
     with pytest.raises(ConfigError, match="faults name clients"):
         Deployment(plain, FlowerOptions(faults={5: "kill:1:input"}))
@@ -116,3 +121,39 @@ def test_workers_share_the_cores_instead_of_oversubscribing_them() -> None:
 
     assert worker_threads(3, cores=2) == 1 and worker_threads(2, cores=8) == 4 and worker_threads(1, cores=2) == 2
     assert worker_threads(10, cores=16) == 1 and worker_threads(0, cores=4) == 4
+
+
+def test_mpc_set_up_makes_party_keys_and_the_clients_pin_before_any_process(tmp_path: Path, task: Path) -> None:
+    """``aggregator: mpc`` (crypten, the default) over Flower: the launcher gives each party a long-term key
+    (0600), the clients the pin of those keys, and the run a configuration naming them (network parties on
+    loopback); a second deployment of the same run dir (``--resume``) finds the same keys and pin, and a pin
+    that names other keys is refused rather than replaced. Nothing is started here."""
+    from fedguard.secagg.mpc import MpcOptions
+    from fedguard.secagg.mpc.network import read_party_key
+    from fedguard.secagg.mpc.pin import read_party_keys, write_party_keys
+    from fedguard.secagg.mpc.sharing import public_key_bytes
+    from fedguard_train.flower.launcher import Deployment
+    from tests.train.conftest import tiny_config
+
+    config = tiny_config(tmp_path / "mpc", task, federation={"clients": 2, "rounds": 1, "aggregator": "mpc",
+                                                             "aggregator_options": {"n_parties": 2}})
+    with Deployment(config) as deployment:
+        assert deployment.mpc is not None and deployment.mpc.managed
+        deployment._prepare_mpc(deployment.mpc)
+        options = deployment.config.federation.aggregator_options
+        assert not deployment.procs  # no process yet
+    assert isinstance(options, MpcOptions) and options.backend == "network" and options.n_parties == 2
+    assert options.listen is not None and options.listen.startswith("127.0.0.1:")
+    mpc_dir = tmp_path / "mpc" / "run" / "flower" / "mpc"
+    keys = [mpc_dir / f"party{r}.key" for r in range(2)]
+    assert all(k.stat().st_mode & 0o077 == 0 for k in keys) and (mpc_dir / "control.key").stat().st_mode & 0o077 == 0
+    pinned = read_party_keys(str(options.party_keys_file), 2)
+    assert pinned == tuple(public_key_bytes(read_party_key(k)) for k in keys)
+    with Deployment(config) as again:  # a resumed deployment: the same parties, the same pin
+        assert again.mpc is not None
+        again._prepare_mpc(again.mpc)
+        assert read_party_keys(str(again.config.federation.aggregator_options.party_keys_file)) == pinned
+    write_party_keys(mpc_dir / "party_keys.json", (b"\x01" * 32, b"\x02" * 32), overwrite=True)
+    with Deployment(config) as conflicting, pytest.raises(ConfigError, match="refusing to overwrite"):
+        assert conflicting.mpc is not None
+        conflicting._prepare_mpc(conflicting.mpc)

@@ -228,3 +228,80 @@ def test_client_sampling_gives_the_in_process_rounds(tmp_path: Path, task: Path,
                                                     "aggregator_options": options, **sampling})
     assert [r["clients"] for r in remote.history] == [r["clients"] for r in local.history]
     assert any(r["clients"] < 4 for r in remote.history)  # a real sample (the row counts contributors)
+
+
+# -- MPC over the network: every worker seals to the parties pinned by the party-keys file --------------------
+def _mpc_overrides(options: dict[str, Any], clients: int = 3) -> dict[str, Any]:
+    return {"data__partition": "attribute",
+            "federation": {"clients": clients, "rounds": 2, "aggregator": "mpc", "aggregator_options": options}}
+
+
+def _pinned_workers(tmp_path: Path, task: Path, keys: tuple[bytes, ...], *, wrong: frozenset[int] = frozenset(),
+                    clients: int = 3) -> tuple[Any, dict[int, ClientWorker]]:
+    """Workers whose configs only pin the parties (``party_keys_file``; no party, no coordinator options); the
+    clients in ``wrong`` pin keys of other parties."""
+    from fedguard.secagg.mpc import SimulatedParties
+    from fedguard.secagg.mpc.pin import write_party_keys
+
+    good = write_party_keys(tmp_path / "party_keys.json", keys)
+    bad = write_party_keys(tmp_path / "other_keys.json", SimulatedParties(len(keys)).public_keys)
+    workers = {}
+    for k in range(clients):
+        cfg = tiny_config(tmp_path / f"worker{k}", task, **_mpc_overrides(
+            {"backend": "network", "party_keys_file": str(bad if k in wrong else good)}, clients))
+        workers[k] = ClientWorker(cfg, k)
+    return cfg, workers
+
+
+def test_mpc_round_over_the_network_gives_the_in_process_adapters(tmp_path: Path, task: Path) -> None:
+    """The coordinator's parties (simulated here: the round driver and the workers' sealing are what is
+    tested) and workers that know them only from the pin: bit-identical adapters to in-process MPC."""
+    from fedguard.secagg.mpc import PinnedParties
+
+    overrides = _mpc_overrides({"backend": "simulated"})
+    local_trainer = build_trainer(tiny_config(tmp_path / "in", task, **overrides), quiet=True)
+    local_trainer.run()
+    trainer = remote_trainer(tiny_config(tmp_path / "remote", task, **overrides), DirectExchange({}))
+    _, workers = _pinned_workers(tmp_path, task, trainer._require_aggregator().parties.public_keys)
+    try:
+        assert all(isinstance(w.aggregator.parties, PinnedParties) for w in workers.values())  # none started
+        trainer.exchange = DirectExchange(workers)
+        trainer.run()
+    finally:
+        for worker in workers.values():
+            worker.close()
+    assert trainer.global_vector().tobytes() == local_trainer.global_vector().tobytes()
+    assert not trainer.drops.events
+
+
+def test_a_worker_with_a_wrong_pin_refuses_to_seal_and_is_a_dropout(tmp_path: Path, task: Path) -> None:
+    """Client 2 pins other parties' keys: it refuses the server's request (ProtocolViolation in the worker,
+    answered as an error: its dropout at the input stage, not a crash), and the round is exact over the
+    others: equal to the in-process round with client 2 dropped at the same stage."""
+    from fedguard.federation.round import run_round
+    from fedguard.rng import SecureRNG
+
+    overrides = _mpc_overrides({"backend": "simulated"})
+    cfg = tiny_config(tmp_path / "remote", task, **overrides)
+    trainer = remote_trainer(cfg, DirectExchange({}))
+    _, workers = _pinned_workers(tmp_path, task, trainer._require_aggregator().parties.public_keys,
+                                 wrong=frozenset({2}))
+    trainer.exchange = DirectExchange(workers)
+    theta = trainer.global_vector()
+    result = trainer._remote_result(1)
+    assert result.contributors == (0, 1)
+    [(client, stage, reason)] = trainer.drops.events
+    assert (client, stage) == (2, "input") and "ProtocolViolation" in reason and "other compute parties" in reason
+
+    ref = build_trainer(tiny_config(tmp_path / "in", task, **overrides), quiet=True)
+    expected = run_round(1, theta, range(3), lambda c, v: ref.client_step(1, c, v), ref.aggregator, ref.spec,
+                         hooks=ref.hooks, rng=SecureRNG.for_testing(f"{cfg.seed}/aggregate/1"), drop_at={2: "input"})
+    assert result.global_vector.tobytes() == expected.global_vector.tobytes()
+    # the worker keeps serving: next round it is asked again (and refuses again), the others carry on
+    assert trainer._remote_result(2).contributors == (0, 1)
+
+
+def test_an_mpc_worker_without_a_pin_is_refused_before_it_loads_a_model(tmp_path: Path, task: Path) -> None:
+    cfg = tiny_config(tmp_path / "w", task, **_mpc_overrides({"backend": "simulated"}))
+    with pytest.raises(ConfigError, match="must pin their public keys: set aggregator_options.party_keys_file"):
+        ClientWorker(cfg, 0)

@@ -6,6 +6,7 @@
 * :mod:`~fedguard.secagg.mpc.parties` — :class:`CryptenParties` (party processes, the default) and
   :class:`SimulatedParties` (every party in this process: tests and simulations, no protection);
 * :mod:`~fedguard.secagg.mpc.network` — parties on other machines (``python -m fedguard.secagg.mpc.network``);
+* :mod:`~fedguard.secagg.mpc.pin` — the parties' public keys as clients pin them (the party-keys file);
 * :mod:`~fedguard.secagg.mpc.norm` — the exact norm check and clipping under MPC;
 * :mod:`~fedguard.secagg.mpc.crypten_compat`, :mod:`~fedguard.secagg.mpc.crypten_rng`,
   :mod:`~fedguard.secagg.mpc.preload` — CrypTen 0.4.1 on torch 2.13, ChaCha20 generators for CrypTen,
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     )
     from fedguard.secagg.mpc.norm import NormCheck
     from fedguard.secagg.mpc.options import MpcOptions
-    from fedguard.secagg.mpc.parties import ComputeParties, CryptenParties, SimulatedParties
+    from fedguard.secagg.mpc.parties import ComputeParties, CryptenParties, PinnedParties, SimulatedParties
 
 _LAZY = {
     "MpcAggregator": "fedguard.secagg.mpc.aggregator",
@@ -42,6 +43,7 @@ _LAZY = {
     "ComputeParties": "fedguard.secagg.mpc.parties",
     "CryptenParties": "fedguard.secagg.mpc.parties",
     "SimulatedParties": "fedguard.secagg.mpc.parties",
+    "PinnedParties": "fedguard.secagg.mpc.parties",
 }
 
 __all__ = [
@@ -52,6 +54,7 @@ __all__ = [
     "MpcOptions",
     "NORM_CHECK_DROPPED",
     "NormCheck",
+    "PinnedParties",
     "SimulatedParties",
     "unweighted_input",
 ]

@@ -8,7 +8,9 @@ single server seeing an update, and the one that can check updates, not only add
 Protocol (one stage, ``input``):
 
 1. The server asks each selected client for its input; the request names the parties' public keys by
-   fingerprint (clients pin the keys themselves: they come from the aggregator's configuration).
+   fingerprint (clients pin the keys themselves: from the parties the aggregator started in this process,
+   or, for a client that starts none, from the party-keys file ``party_keys_file``,
+   :mod:`fedguard.secagg.mpc.pin`; a request naming other keys is refused).
 2. Client ``i`` additively shares its ring vector ``x_i`` in the round's ring Z_{2^k} (party 0's share
    travels in the ring's word: k/8 bytes per value) among the parties and encrypts each share to its party (X25519 + HKDF + AES-GCM: :mod:`fedguard.secagg.mpc.sharing`). The server relays
    ciphertexts it cannot read.
@@ -86,7 +88,14 @@ from fedguard.rng import SecureRNG
 from fedguard.secagg.identity_files import load_client_identity
 from fedguard.secagg.mpc.norm import NormCheck
 from fedguard.secagg.mpc.options import MpcOptions
-from fedguard.secagg.mpc.parties import AggregationJob, ComputeParties, CryptenParties, SimulatedParties
+from fedguard.secagg.mpc.parties import (
+    AggregationJob,
+    ComputeParties,
+    CryptenParties,
+    PinnedParties,
+    SimulatedParties,
+    check_pinned,
+)
 from fedguard.secagg.mpc.sharing import (
     KEY_BYTES,
     PURPOSE_SHARE_SIGNATURE,
@@ -271,6 +280,10 @@ class MpcAggregator(Aggregator):
         self._closed = False
         if parties is None:
             norm_check = opts.norm_bound is not None
+            if opts.backend == "network" and opts.listen is None:
+                raise ConfigError("this configuration only pins the compute parties (party_keys_file, no listen or "
+                                  "control_key_file): it is a client's; build its client side with "
+                                  "MpcAggregator.for_client, or give a coordinator listen and control_key_file")
             if opts.backend == "crypten":
                 parties = CryptenParties(opts.n_parties, norm_check=norm_check, timeout_s=opts.timeout_s,
                                          startup_timeout_s=opts.startup_timeout_s, roster=self.roster).start()
@@ -283,7 +296,34 @@ class MpcAggregator(Aggregator):
                                          startup_timeout_s=opts.startup_timeout_s).start()
             else:
                 parties = SimulatedParties(opts.n_parties, roster=self.roster)
+        if opts.party_keys_file is not None:
+            from fedguard.secagg.mpc.pin import read_party_keys
+
+            try:
+                check_pinned(parties, read_party_keys(opts.party_keys_file, opts.n_parties))
+            except ConfigError:
+                if self._owned:
+                    parties.close()
+                raise
         self.parties = parties
+
+    @classmethod
+    def for_client(cls, options: MpcOptions | Mapping[str, Any] | None = None, *,
+                   identities: Mapping[int, Identity] | None = None, deployment: str = "",
+                   **fields: Any) -> MpcAggregator:
+        """The aggregator of a process that plays clients only (a Flower worker, a client machine): it starts
+        no party and holds only the parties' public keys, read from ``party_keys_file``
+        (:class:`~fedguard.secagg.mpc.parties.PinnedParties`); its :meth:`client` seals to those keys and
+        refuses a request that names other parties. :class:`ConfigError` without ``party_keys_file``: such a
+        client would have no way to learn the keys but from the server, which could then name parties of
+        its own and read every share."""
+        opts = MpcOptions.build(options, fields)
+        if opts.party_keys_file is None:
+            raise ConfigError("an MPC client that does not start the compute parties must pin their public keys: "
+                              "set aggregator_options.party_keys_file (the file whoever starts the parties writes, "
+                              "handed to the clients at set-up)")
+        return cls(opts, parties=PinnedParties.from_file(opts.party_keys_file, opts.n_parties),
+                   identities=identities, deployment=deployment)
 
     @property
     def simulated(self) -> bool:

@@ -27,6 +27,11 @@ Run a party (``python -m fedguard.secagg.mpc.network --help``)::
         [--roster roster.json]   # check every share's client signature against the deployment's roster
     python -m fedguard.secagg.mpc.network dealer --parties 3 --rendezvous 10.0.0.1:29500   # --norm-check only
 
+Clients that do not start the parties pin their public keys (:mod:`fedguard.secagg.mpc.pin`): each party
+keeps a long-term key (``party-keygen --out party0.key`` prints its public key; ``party --key-file
+party0.key``), and ``pin --out party_keys.json HEX0 HEX1 HEX2`` writes the file handed to every client
+(``aggregator_options.party_keys_file``).
+
 and on the server: ``NetworkParties(3, listen=("0.0.0.0", 29600), control_key=key, norm_check=...)``, or
 ``aggregator: mpc`` with ``aggregator_options: {backend: network, listen: "0.0.0.0:29600",
 control_key_file: control.key, n_parties: 3}``.
@@ -111,6 +116,37 @@ def read_control_key(path: str | Path) -> bytes:
     if len(data) != CONTROL_KEY_BYTES:
         raise ConfigError(f"control key {target} must hold {CONTROL_KEY_BYTES} bytes, got {len(data)}")
     return data
+
+
+# -- a party's long-term key ---------------------------------------------------------------------------------
+def write_party_key(path: str | Path) -> bytes:
+    """Write a fresh X25519 private key for a compute party to ``path`` (32 raw bytes, mode 0600; refuses to
+    overwrite) and return its public key: what the clients pin (:mod:`fedguard.secagg.mpc.pin`)."""
+    from fedguard.secagg.mpc.sharing import new_party_key
+
+    private = new_party_key()
+    fd = os.open(Path(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(private.private_bytes_raw())
+    return private.public_key().public_bytes_raw()
+
+
+def read_party_key(path: str | Path) -> Any:
+    """A party's private key file (:func:`write_party_key`): exactly 32 bytes, not readable by group or others;
+    the X25519 private key."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    target = Path(path)
+    try:
+        mode = target.stat().st_mode
+        data = target.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read the party key {target}: {err}") from err
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"party key {target} is readable by others (mode {oct(mode & 0o777)}): chmod 600 it")
+    if len(data) != 32:
+        raise ConfigError(f"party key {target} must hold 32 bytes, got {len(data)}")
+    return X25519PrivateKey.from_private_bytes(data)
 
 
 # -- the channel -------------------------------------------------------------------------------------------
@@ -357,8 +393,13 @@ def connect(address: tuple[str, int], key: bytes, *, deadline_s: float, timeout_
 
 def serve_party(rank: int, n_parties: int, rendezvous: tuple[str, int], coordinator: tuple[str, int],
                 control_key: bytes, *, norm_check: bool = False, timeout_s: float = 60.0,
-                startup_timeout_s: float = 300.0, interface: str | None = None, roster: Roster | None = None) -> None:
+                startup_timeout_s: float = 300.0, interface: str | None = None, roster: Roster | None = None,
+                private_key: Any = None) -> None:
     """Run one compute party until the coordinator says close (or the channel fails).
+
+    ``private_key``: the party's long-term X25519 key (:func:`read_party_key`), whose public half the
+    clients pin (:mod:`fedguard.secagg.mpc.pin`); without it the party draws a fresh key, which only a
+    client that takes the keys from the coordinator's own parties can use.
 
     With a ``roster`` (the deployment's client identities, ``--roster`` on the command line) the party does
     what :class:`~fedguard.secagg.mpc.parties.CryptenParties` parties do: a share counts only with its
@@ -373,7 +414,7 @@ def serve_party(rank: int, n_parties: int, rendezvous: tuple[str, int], coordina
     # CrypTen's world is the K parties; the dealer joins as rank K (crypten adds it to the rendezvous)
     crypten = _prepare_process(rank, n_parties, rendezvous[1], timeout_s, norm_check, host=rendezvous[0],
                                interface=interface)
-    private = new_party_key()
+    private = private_key if private_key is not None else new_party_key()
     served: set[int] = set()  # rounds this party has served (a second job for one is refused with a roster)
     crypten.init()
     channel = connect(coordinator, control_key, deadline_s=startup_timeout_s, timeout_s=timeout_s)
@@ -614,6 +655,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     keygen = sub.add_parser("keygen", help="write a fresh control key (mode 0600)")
     keygen.add_argument("--out", required=True)
+    party_keygen = sub.add_parser("party-keygen", help="write a party's long-term private key (mode 0600) and "
+                                                       "print its public key (hex), which the clients pin")
+    party_keygen.add_argument("--out", required=True)
+    pin = sub.add_parser("pin", help="write the party-keys file the clients pin (aggregator_options."
+                                     "party_keys_file) from the parties' public keys, in rank order")
+    pin.add_argument("--out", required=True)
+    pin.add_argument("public_keys", nargs="+", help="each party's public key (64 hex digits), rank 0 first")
     for name in ("party", "dealer"):
         p = sub.add_parser(name, help=f"run a compute {name}")
         p.add_argument("--parties", type=int, required=True, help="number of compute parties K (2 or 3)")
@@ -628,16 +676,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--roster", default=None,
                            help="the deployment's client roster (`fedguard roster add`): accept only shares "
                                 "signed by rostered clients, and serve each round once")
+            p.add_argument("--key-file", default=None,
+                           help="this party's long-term private key (party-keygen), whose public key the clients "
+                                "pin; default: a fresh key per start, which clients cannot pin")
+            p.add_argument("--startup-timeout", type=float, default=300.0,
+                           help="seconds to keep trying to reach the coordinator")
     args = parser.parse_args(argv)
     if args.command == "keygen":
         print(write_control_key(args.out))
+        return 0
+    if args.command == "party-keygen":
+        print(write_party_key(args.out).hex())
+        return 0
+    if args.command == "pin":
+        from fedguard.secagg.mpc.pin import write_party_keys
+
+        try:
+            keys = [bytes.fromhex(k) for k in args.public_keys]
+        except ValueError as err:
+            raise ConfigError(f"public keys must be hex: {err}") from err
+        print(write_party_keys(args.out, keys))
         return 0
     if args.command == "dealer":
         serve_dealer(args.parties, parse_address(args.rendezvous), timeout_s=args.timeout, interface=args.interface)
         return 0
     serve_party(args.rank, args.parties, parse_address(args.rendezvous), parse_address(args.coordinator),
                 read_control_key(args.control_key), norm_check=args.norm_check, timeout_s=args.timeout,
-                interface=args.interface, roster=Roster.load(args.roster) if args.roster else None)
+                interface=args.interface, roster=Roster.load(args.roster) if args.roster else None,
+                startup_timeout_s=args.startup_timeout,
+                private_key=read_party_key(args.key_file) if args.key_file else None)
     return 0
 
 

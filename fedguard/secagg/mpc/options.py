@@ -26,6 +26,7 @@ from fedguard.secagg.identity_files import (
     missing_identity_files,
     normalise_identity_files,
 )
+from fedguard.secagg.mpc.pin import party_keys_problem
 
 __all__ = ["BACKENDS", "Backend", "MpcOptions", "NormAction"]
 
@@ -74,6 +75,14 @@ class MpcOptions(AggregatorOptions):
         identity_files: where the signing identities of the clients this process plays are (a path template
             with ``{client}`` or a mapping ``{client id: path}``); each client signs its share for every
             party. Needs ``roster_file``.
+        party_keys_file: the compute parties' public keys, pinned (:mod:`fedguard.secagg.mpc.pin`: a JSON file
+            written by whoever starts the parties and handed to the clients at set-up, like a TLS root
+            certificate). A client built with it (:meth:`MpcAggregator.for_client
+            <fedguard.secagg.mpc.aggregator.MpcAggregator.for_client>`, what a Flower worker builds) seals
+            only to these keys and refuses a request naming other parties; a coordinator built with it
+            refuses parties that connect with other keys. ``backend="network"`` only (parties started here
+            draw fresh keys at each start, so there is nothing to pin); with it, ``listen`` and
+            ``control_key_file`` may be left out by a configuration that is only a client's.
     """
 
     removed: ClassVar[dict[str, str]] = {
@@ -95,6 +104,7 @@ class MpcOptions(AggregatorOptions):
     control_key_file: str | None = None
     roster_file: str | None = None
     identity_files: str | Mapping[Any, str] | None = None
+    party_keys_file: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "identity_files", normalise_identity_files(self.identity_files))
@@ -142,8 +152,20 @@ class MpcOptions(AggregatorOptions):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 problems.append(f"{name} must be a non-empty string or None, got {value!r}")
-        if self.backend == "network" and (self.listen is None or self.control_key_file is None):
-            problems.append("backend='network' needs listen='HOST:PORT' and control_key_file")
+        if self.backend == "network" and (self.listen is None) != (self.control_key_file is None):
+            problems.append("listen and control_key_file go together (the coordinator's address and the control "
+                            "key it shares with the parties)")
+        elif self.backend == "network" and self.listen is None and self.party_keys_file is None:
+            problems.append("backend='network' needs listen='HOST:PORT' and control_key_file (a coordinator), or "
+                            "party_keys_file (a client, which only seals to the pinned parties)")
+        if self.party_keys_file is not None:
+            if self.backend != "network":
+                problems.append(f"party_keys_file pins the long-term keys of parties started elsewhere (backend="
+                                f"'network'); backend={self.backend!r} parties draw fresh keys at each start")
+            problem = party_keys_problem(self.party_keys_file, self.n_parties if isinstance(self.n_parties, int)
+                                         else None)
+            if problem is not None:
+                problems.append(problem)
         if self.backend != "network" and (self.listen is not None or self.control_key_file is not None):
             problems.append("listen and control_key_file apply to backend='network' only")
         if (self.roster_file is None) != (self.identity_files is None):

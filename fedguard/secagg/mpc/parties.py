@@ -239,6 +239,52 @@ class SimulatedParties(ComputeParties):
         return PartiesResult(total, contributors, (), invalid)
 
 
+class PinnedParties(ComputeParties):
+    """The parties as a client knows them: their pinned public keys and nothing else
+    (:mod:`fedguard.secagg.mpc.pin`). A client's aggregator seals to them
+    (:meth:`fedguard.secagg.mpc.aggregator.MpcAggregator.for_client`); it cannot aggregate, and whether the
+    parties run the norm check is theirs to say (the request carries it, the client compares it with its own
+    configuration)."""
+
+    def __init__(self, public_keys: tuple[bytes, ...]) -> None:
+        _check_n_parties(len(public_keys), range(2, 17))
+        if any(not isinstance(k, bytes) or len(k) != 32 for k in public_keys):
+            raise ConfigError("pinned party keys must be 32-byte X25519 public keys")
+        self.n_parties = len(public_keys)
+        self._public = tuple(public_keys)
+
+    @classmethod
+    def from_file(cls, path: str, n_parties: int | None = None) -> PinnedParties:
+        """The parties pinned by the party-keys file ``path`` (:func:`~fedguard.secagg.mpc.pin.read_party_keys`)."""
+        from fedguard.secagg.mpc.pin import read_party_keys
+
+        return cls(read_party_keys(path, n_parties))
+
+    @property
+    def public_keys(self) -> tuple[bytes, ...]:
+        return self._public
+
+    @property
+    def supports_norm_check(self) -> bool:
+        return True  # the parties' business: the client shares [q, w] in Z_2^64 when its own config says so
+
+    def aggregate(self, job: AggregationJob) -> PartiesResult:
+        raise ConfigError("a client holds only the compute parties' public keys (PinnedParties): it cannot "
+                          "aggregate; the coordinator's aggregator talks to the parties")
+
+
+def check_pinned(parties: ComputeParties, pinned: tuple[bytes, ...]) -> None:
+    """:class:`ConfigError` unless ``parties`` hold exactly the ``pinned`` public keys, in party order (a
+    coordinator whose parties are not the ones its clients pin would have every share refused)."""
+    keys = parties.public_keys
+    if len(keys) != len(pinned):
+        raise ConfigError(f"{len(keys)} parties connected, the party-keys file pins {len(pinned)}")
+    wrong = [rank for rank, (a, b) in enumerate(zip(keys, pinned)) if a != b]
+    if wrong:
+        raise ConfigError(f"the compute parties {wrong} hold other public keys than the party-keys file pins: the "
+                          "clients would refuse to seal to them (start those parties with their --key-file)")
+
+
 # -- real CrypTen parties ----------------------------------------------------------------------------------
 def _free_loopback_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
