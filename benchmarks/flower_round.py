@@ -3,6 +3,7 @@
     /path/to/venv-with-flwr/bin/python benchmarks/flower_round.py --quick          # tiny GPT-2, masking, 3 clients
     .../python benchmarks/flower_round.py --config examples/flower_homo_lora.yaml  # the demo config (SmolLM2)
     .../python benchmarks/flower_round.py --dropout                                # masking, n=10, 30% killed
+    .../python benchmarks/flower_round.py --private examples/homo_lora_private.yaml --rounds 2   # dp: over Flower
 
 Round time: the config's job runs first in process (``fedguard train``'s trainer), then over Flower (a TLS
 SuperLink, one SuperNode + worker per client, ``fedguard flower run``'s launcher), in the same run; per
@@ -17,7 +18,8 @@ them as Flower serialises them (``GridExchange.flower_bytes``).
 
 ``--dropout``: masking with 10 clients over Flower, 3 SuperNodes killed on receiving the *share* stage of
 round 1 (mid-round): the round must complete over the 7 survivors with the exact aggregate — the global
-adapter bit-identical to the in-process round with the same 3 clients dropped at the same stage.
+adapter bit-identical to the in-process round with the same 3 clients dropped at the same stage, and to
+the plaintext sum of the 7 survivors' quantised updates (:func:`survivors_exact`).
 
 Writes benchmarks/results/flower_round[_quick|_dropout].json.
 """
@@ -163,38 +165,125 @@ def compare(config: Any, work: Path, *, poll: float = 0.1, cold: bool = False, d
     return out
 
 
-def dropout(work: Path) -> dict[str, Any]:
-    """n=10 masking, 3 SuperNodes killed at round 1's share stage."""
+def survivors_exact(config: Any, work: Path, killed: tuple[int, ...], stage: str = "share") -> dict[str, Any]:
+    """How "exact" is checked for a Flower run of round 1 with ``killed`` clients dropped at ``stage``: its
+    checkpointed global adapter against (a) the in-process masking round with the same clients dropped at
+    the same stage and (b) the **plaintext sum of the survivors' updates**: ``run_round`` with the plaintext
+    aggregator over the survivors only — the same quantised ring inputs (each client's quantisation stream
+    is keyed by its id), summed in the clear, decoded to the weighted mean and added to ``θ_1``. Both must
+    be bit-identical. Also reported: the largest distance of the released mean from the float weighted mean
+    of the survivors' unquantised ``Δ_k``, against the fixed-point bound. Each client trains once (cached)."""
+    import numpy as np
+    import torch
+
+    from fedguard.federation.plaintext import PlaintextAggregator
     from fedguard.federation.round import run_round
     from fedguard.rng import SecureRNG
     from fedguard_train.checkpoint import load_latest
-    from fedguard_train.flower.launcher import Deployment, FlowerOptions
     from fedguard_train.runner import build_trainer
+
+    torch.set_num_threads(1)
+    ref = build_trainer(_with(config, run_dir=str(work / "ref")), quiet=True)
+    theta = ref.global_vector()
+    cache: dict[int, Any] = {}
+
+    def train(c: int, v: Any) -> Any:
+        if c not in cache:
+            cache[c] = ref.client_step(1, c, v)
+        return cache[c]
+
+    n = config.n_parties
+    survivors = tuple(c for c in range(n) if c not in killed)
+    masked = run_round(1, theta, range(n), train, ref.aggregator, ref.spec, hooks=ref.hooks,
+                       rng=SecureRNG.for_testing(f"{config.seed}/aggregate/1"), drop_at={k: stage for k in killed})
+    plain = run_round(1, theta, survivors, train, PlaintextAggregator(), ref.spec, hooks=ref.hooks,
+                      rng=SecureRNG.for_testing(f"{config.seed}/aggregate/1"))
+    got = load_latest(Path(config.run_dir))
+    flower = None if got is None else np.asarray(got.vector)
+    weights = np.array([float(cache[c].weight) for c in survivors])
+    float_mean = sum(w * cache[c].delta.astype(np.float64) for w, c in zip(weights, survivors)) / weights.sum()
+    return {"contributors_in_process": list(masked.contributors), "survivors": list(survivors),
+            "exact_vs_in_process_masking": bool(flower is not None
+                                                and flower.tobytes() == masked.global_vector.tobytes()),
+            "exact_vs_plaintext_sum_of_survivors": bool(flower is not None
+                                                        and flower.tobytes() == plain.global_vector.tobytes()),
+            "max_abs_vs_float_mean": None if flower is None else float(np.abs(flower - theta - float_mean).max()),
+            "fixed_point_bound": float(ref.spec.error_bound()),
+            "threshold": ref.aggregator.threshold(n) if ref.aggregator is not None else None}
+
+
+def dropout(work: Path) -> dict[str, Any]:
+    """n=10 masking, 3 SuperNodes killed at round 1's share stage."""
+    from fedguard_train.flower.launcher import Deployment, FlowerOptions
 
     killed = (2, 5, 8)
     config = _tiny(work / "flower", 10, 1, "masking")
     opts = FlowerOptions(stage_timeout=90.0, first_timeout=900.0, torch_threads=1,
                          faults={k: "kill:1:share" for k in killed})
+    load_before = _load()
     t0 = time.perf_counter()
     with Deployment(config, opts) as deployment:
         deployment.start()
         summary = deployment.run(overwrite=True)
     seconds = time.perf_counter() - t0
-    import torch
-
-    torch.set_num_threads(1)
-    ref = build_trainer(_with(config, run_dir=str(work / "ref")), quiet=True)
-    expected = run_round(1, ref.global_vector(), range(10), lambda c, v: ref.client_step(1, c, v), ref.aggregator,
-                         ref.spec, hooks=ref.hooks, rng=SecureRNG.for_testing(f"{config.seed}/aggregate/1"),
-                         drop_at={k: "share" for k in killed})
-    got = load_latest(Path(config.run_dir))
+    load_after = _load()
+    check = survivors_exact(config, work, killed)
+    stages = summary.get("stage_times", {}).get("1", [])
     return {"clients": 10, "killed": list(killed), "stage": "share", "status": summary.get("status"),
-            "threshold": ref.aggregator.threshold(10) if ref.aggregator else None,
             "contributors_flower": summary["history"][0]["clients"] if summary.get("history") else None,
-            "contributors_in_process": list(expected.contributors),
-            "drops": summary.get("drops"),
-            "exact": bool(got is not None and got.vector.tobytes() == expected.global_vector.tobytes()),
-            "seconds": seconds, "load": _load()}
+            "drops": summary.get("drops"), **check,
+            "exact": check["exact_vs_in_process_masking"] and check["exact_vs_plaintext_sum_of_survivors"],
+            "seconds": seconds, "stage_wall_s": {s["stage"]: s["wall_s"] for s in stages},
+            "stage_timeout_s": opts.stage_timeout, "load_before": load_before, "load": load_after}
+
+
+def in_process_epsilon(config: Any, work: Path) -> list[float]:
+    """ε after each of the config's rounds as the in-process trainer's DP hook accounts them: the trainer is
+    built (model loaded, so the hook is calibrated to the same layout and encoding) and its hooks start every
+    round with all clients, as ``run_round`` does — the write-ahead record is ε's event (distributed
+    placement records it with ``min_survivors`` contributors and the release adds nothing); no client trains."""
+    from fedguard_train.runner import build_trainer
+
+    trainer = build_trainer(_with(config, run_dir=str(work / "eps")), quiet=True)
+    out = []
+    for r in range(1, config.federation.rounds + 1):
+        trainer.hooks.on_round_start(r, tuple(range(config.n_parties)))
+        out.append(_accountant_epsilon(trainer))
+    return out
+
+
+def _accountant_epsilon(trainer: Any) -> float:
+    from fedguard_train.privacy import ClientDPHook
+
+    hooks = [h for h in getattr(trainer.hooks, "hooks", ()) if isinstance(h, ClientDPHook)]
+    if len(hooks) != 1 or hooks[0].dp.accountant is None:
+        raise SystemExit("the config has no dp: section with an accountant")
+    return float(hooks[0].dp.accountant.epsilon())
+
+
+def private(config_path: str, rounds: int, work: Path) -> dict[str, Any]:
+    """A DP config (``dp:``) over Flower for ``rounds`` rounds (evaluated after the last), TLS, the launcher's
+    defaults: per-round ε from the ServerApp's round table beside the in-process hook's ε for the same rounds
+    (:func:`in_process_epsilon`), the rounds' times, bytes and drops."""
+    from fedguard_train.config import TrainConfig
+    from fedguard_train.flower.launcher import FlowerOptions, run_deployment
+
+    config = TrainConfig.from_yaml(config_path)
+    config = _with(config, federation__rounds=rounds, eval__every=rounds, run_dir=str(work / "flower"))
+    load_before = _load()
+    t0 = time.perf_counter()
+    summary = run_deployment(config, FlowerOptions(), overwrite=True)
+    seconds = time.perf_counter() - t0
+    load_after = _load()
+    eps_in = in_process_epsilon(config, work)
+    history = summary.get("history", [])
+    eps_flower = [row.get("epsilon") for row in history]
+    return {"config": config_path, "rounds": rounds, "status": summary.get("status"),
+            "epsilon_flower": eps_flower, "epsilon_in_process": eps_in,
+            "same_epsilon": len(eps_flower) == rounds and all(
+                isinstance(a, float) and abs(a - b) <= 1e-9 * max(1.0, b) for a, b in zip(eps_flower, eps_in)),
+            "history": history, "drops": summary.get("drops"), "flower_bytes": summary.get("flower_bytes"),
+            "seconds": seconds, "load_before": load_before, "load": load_after}
 
 
 def main() -> None:
@@ -202,6 +291,8 @@ def main() -> None:
     parser.add_argument("--config", help="a run config (default with --quick: tiny GPT-2, masking, 3 clients)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--dropout", action="store_true")
+    parser.add_argument("--private", metavar="CONFIG", help="a dp: config over Flower: its per-round epsilon beside "
+                                                            "the in-process hook's (with --rounds, default 2)")
     parser.add_argument("--poll", type=float, default=0.1, help="FlowerOptions.poll (Flower's poll intervals)")
     parser.add_argument("--no-direct", action="store_true", help="skip the DirectExchange run (no Flower)")
     parser.add_argument("--cold", action="store_true",
@@ -216,6 +307,9 @@ def main() -> None:
     if args.dropout:
         result = dropout(work)
         name = "flower_round_dropout"
+    elif args.private:
+        result = private(args.private, args.rounds or 2, work)
+        name = "flower_private"
     else:
         from fedguard_train.config import TrainConfig
 
