@@ -11,7 +11,9 @@ turn (the order of the fedguard methods rotates from one round to the next):
   fresh ``r^n``): packed encryption of a ``--slice-ciphertexts`` slice in one process, then the whole
   ``--values``-value update on ``--workers`` processes (pack + obfuscators + encrypt + serialise);
 * ``djn`` with a pool: the pool filled on ``--workers`` processes (offline: what a client does during
-  local training, for a key pinned across rounds), then the update encrypted from it (online).
+  local training, for a key pinned across rounds), then the update encrypted from it (online);
+* ``djn-key-holder``: the key holder's own update, whose obfuscators it makes by CRT with its private key
+  (the same values as ``djn``, :class:`~fedguard.secagg.paillier.keys.CRTObfuscators`).
 
 Afterwards, once: the server's sum of ``--clients`` updates (parse + validation + product mod n^2) and
 the key holder's decryption, checked exactly against the plaintext ring sum. The other clients'
@@ -147,16 +149,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit("phe round trip failed")
         return len(phe_values) / wall, len(phe_values) / CPU_SECONDS[0]
 
-    def slice_1_process(method: ObfuscatorMethod, tag: str) -> tuple[float, float]:
-        _, wall = _timed(partial(encrypt_vector, pub, sub_layout, slice_ring, rng=rng.spawn(tag), method=method))
+    def slice_1_process(method: ObfuscatorMethod, tag: str, own: PaillierPrivateKey | None = None) -> tuple[float, float]:
+        _, wall = _timed(partial(encrypt_vector, pub, sub_layout, slice_ring, rng=rng.spawn(tag), method=method,
+                                 private_key=own))
         return n_slice / wall, n_slice / CPU_SECONDS[0]
 
     data = b""
 
-    def full_update(method: ObfuscatorMethod, tag: str) -> tuple[float, float]:
+    def full_update(method: ObfuscatorMethod, tag: str, own: PaillierPrivateKey | None = None) -> tuple[float, float]:
         nonlocal data
         out, wall = _timed(partial(encrypt_vector, pub, layout, ring, rng=rng.spawn(tag), workers=args.workers,
-                                   method=method))
+                                   method=method, private_key=own))
         data = data or out
         return wall, CPU_SECONDS[0]
 
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return offline, offline_cpu, online
 
     # -- interleaved rounds -------------------------------------------------------------------------
-    steps = ["djn", "standard", "djn-pooled"]
+    steps = ["djn", "standard", "djn-pooled", "djn-key-holder"]
     rounds: list[dict[str, Any]] = []
     for rep in range(args.repeats):
         order = steps[rep % len(steps):] + steps[: rep % len(steps)]
@@ -180,9 +183,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 offline, offline_cpu, online = pooled_update(tag)
                 row[step] = {"offline_s": offline, "offline_cpu_s": offline_cpu, "online_s": online}
             else:
-                method: ObfuscatorMethod = "djn" if step == "djn" else "standard"
-                rate, cpu_rate = slice_1_process(method, tag + "/slice")
-                wall, cpu = full_update(method, tag)
+                method: ObfuscatorMethod = "standard" if step == "standard" else "djn"
+                own = priv if step == "djn-key-holder" else None  # the key holder's own update: CRT obfuscators
+                rate, cpu_rate = slice_1_process(method, tag + "/slice", own)
+                wall, cpu = full_update(method, tag, own)
                 row[step] = {"values_per_s_1_process": rate, "values_per_cpu_s_1_process": cpu_rate,
                              "update_s": wall, "update_cpu_s": cpu, "values_per_s_workers": n_values / wall}
             phe_rates.append(phe_rate())
@@ -224,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = {
         "phe_values_per_s": phe_med,
         "phe_update_s_extrapolated": n_values / phe_med,
-        **{f"{m}/{k}": med(m, k) for m in ("djn", "standard")
+        **{f"{m}/{k}": med(m, k) for m in ("djn", "standard", "djn-key-holder")
            for k in ("values_per_s_1_process", "x_phe_1_process", "x_phe_per_cpu_s", "update_s", "update_cpu_s",
                      "x_phe_workers")},
         "djn-pooled/offline_s": med("djn-pooled", "offline_s"),
@@ -264,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     w = args.workers
     lines = ["", f"medians over {args.repeats} interleaved repeats; load {load_start[0]:.2f} -> {os.getloadavg()[0]:.2f}",
              f"{'':46}{'phe':>12}{'fedguard':>12}{'x phe':>9}"]
-    for m in ("djn", "standard"):
+    for m in ("djn", "standard", "djn-key-holder"):
         label = m + (" (default)" if m == DEFAULT_OBFUSCATOR else "")
         lines += [
             f"{'values/s, 1 process, ' + label:46}{phe_med:12,.1f}{summary[m + '/values_per_s_1_process']:12,.0f}"

@@ -64,6 +64,7 @@ import hashlib
 import math
 import multiprocessing
 import os
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -724,6 +725,16 @@ def _executor(workers: int, *, background: bool = False) -> ProcessPoolExecutor:
     if pool is None:
         pool = _EXECUTORS[(workers, background)] = _pool(workers, background)
     return pool
+
+
+def start_workers(workers: int, *, background: bool = False) -> None:
+    """Spawn the shared pool of ``workers`` processes now (the low-priority one with ``background``) rather
+    than on first use: a trainer, or a benchmark that must not time process start-up, calls it once."""
+    check_int("workers", workers, low=1)
+    pool = _executor(workers, background=background)
+    # the executor spawns a process only when no idle one is left: keep each busy until all have started
+    for future in [pool.submit(time.sleep, 0.5) for _ in range(workers)]:
+        future.result()
 
 
 def _drop_executor(workers: int | None, *, background: bool) -> None:
