@@ -1,7 +1,8 @@
 """The default watermark attack suite and its report (JSON + Markdown + PNG of bits vs strength).
 
 Every attack starts from a fresh copy of the model. Strengths of the ``default`` suite: prune 25/50/75%
-of every block weight (and, separately, 50% with the norm scales); int8/int4 per tensor and per channel,
+of every block weight (and, separately, 50% with the norm scales; and 25/50/75% of the unmerged LoRA
+factors themselves); int8/int4 per tensor and per channel,
 fp16, bf16; the exact re-parametrisations (norm fold with sign flips, MLP permutation, head permutation,
 head rotation, residual-stream rotation, LoRA refactoring with SVD re-extraction);
 same-task fine-tuning for 0..1000 steps at the
@@ -110,6 +111,11 @@ def run_suite(model: torch.nn.Module, keys: Sequence[SignKey], data: torch.Tenso
         on_copy("prune (block weights)", f, f"{f:.0%}", partial(transforms.prune, fraction=f))
     if 0.5 in config.prune:
         on_copy("prune (weights + norms)", 0.5, "50%", partial(transforms.prune, fraction=0.5, norms=True))
+    if any(hasattr(m, "lora_A") for m in model.modules()):
+        for f in config.prune:
+            on_copy("prune (LoRA adapter)", f, f"{f:.0%}", partial(transforms.prune_lora, fraction=f), merge=False)
+    else:
+        report.skipped.append("prune (LoRA adapter): the model has no LoRA adapter")
     for q in config.quantise:
         if q in ("fp16", "bf16"):
             on_copy("quantise (float)", 16.0, q, partial(transforms.quantise, bits=q))

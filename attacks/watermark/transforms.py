@@ -227,6 +227,31 @@ def rotate_heads(model: torch.nn.Module, generator: torch.Generator) -> None:
 
 
 @torch.no_grad()
+def prune_lora(model: torch.nn.Module, fraction: float) -> int:
+    """Zero the ``fraction`` smallest-magnitude entries of every LoRA factor (``lora_A``, ``lora_B`` of each
+    active adapter), the adapter left unmerged: pruning the released adapter itself. Returns the number
+    of factor matrices pruned; raises for a model without LoRA layers."""
+    if not 0 <= fraction < 1:
+        raise ConfigError(f"prune fraction must be in [0, 1), got {fraction}")
+    count = 0
+    module: Any
+    for module in model.modules():
+        if not (hasattr(module, "lora_A") and hasattr(module, "get_base_layer")):
+            continue
+        for adapter in module.active_adapters:
+            if adapter not in module.lora_A:
+                continue
+            for w in (module.lora_A[adapter].weight, module.lora_B[adapter].weight):
+                k = int(fraction * w.numel())
+                if k:
+                    w.masked_fill_(w.abs() <= w.abs().flatten().kthvalue(k).values, 0.0)
+                count += 1
+    if count == 0:
+        raise ConfigError("the model has no LoRA layers to prune")
+    return count
+
+
+@torch.no_grad()
 def refactor_lora(model: torch.nn.Module) -> int:
     """LoRA refactoring and SVD re-extraction at the same rank: each adapter's ``ΔW = s·BA`` is replaced by
     its rank-r SVD factors ``B' = U√Σ/s, A' = √ΣVᵀ`` (same product, different factors). Returns the

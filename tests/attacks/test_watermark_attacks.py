@@ -339,3 +339,18 @@ def test_every_attack_result_carries_the_sign_flip_test(trained: dict) -> None:
     assert all(o.sign_flip_p_value <= 1e-6 for o in r.owners) and r.claims_sign_flip == 2
     row = r.to_json()
     assert row["claims_sign_flip"] == 2 and all("sign_flip_p_value" in o for o in row["owners"])
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5])
+def test_pruning_the_lora_factors_themselves_keeps_the_claims(trained: dict, fraction: float) -> None:
+    """Issue 14's "prune (LoRA)": magnitude pruning of the released adapter's A and B, unmerged."""
+    model = copy.deepcopy(trained["model"])
+    ref = task_loss(model, trained["data"])
+    assert transforms.prune_lora(model, fraction) > 0
+    zeros = [float((m.lora_A["default"].weight == 0).float().mean()) for m in model.modules() if hasattr(m, "lora_A")
+             and hasattr(m, "get_base_layer")]
+    assert min(zeros) >= fraction - 0.01
+    r = measure(model, trained["keys"], trained["data"], attack="t", strength=fraction, label="t", reference_loss=ref)
+    assert r.verdict, r
+    with pytest.raises(ConfigError, match="no LoRA layers to prune"):
+        transforms.prune_lora(transforms.merged(copy.deepcopy(trained["model"])), 0.5)
