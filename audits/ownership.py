@@ -125,9 +125,12 @@ def audit_keys(
     model: torch.nn.Module, keys: Sequence[tuple[str, WatermarkKey]], *, model_name: str = "<model>",
     significance: float = DEFAULT_SIGNIFICANCE, base: torch.nn.Module | None = None,
     commitments: Sequence[Commitment] = (), model_time: datetime | None = None,
-    run_commitments: frozenset[str] = frozenset(), require_commitment: bool = False,
+    run_commitments: frozenset[str] = frozenset(), require_commitment: bool = False, test: str = "binomial",
 ) -> OwnershipReport:
     """Verify each ``(key file, key)`` against an already loaded model.
+
+    ``test``: the sign keys' test, chosen before looking (``"binomial"`` bit count, or ``"sign-flip"``:
+    :func:`fedguard.watermark.verify.sign_flip_p_value`); the report names it.
 
     ``base``: the public starting model; every sign key's offsets and scales are recomputed on it
     (:mod:`fedguard.watermark.calibration`) and a key whose stated calibration differs — or cannot be
@@ -145,7 +148,7 @@ def audit_keys(
         raise ConfigError("an ownership audit needs at least one key")
     claims = []
     for label, (path, key) in zip(_labels(keys), keys, strict=True):
-        detection = verify_key(model, key, significance, base=base)
+        detection = verify_key(model, key, significance, base=base, test=test if isinstance(key, SignKey) else "binomial")
         calibration = check_calibration(key, base) if isinstance(key, SignKey) else None
         status, detail = _commitment_status(key, commitments, model_time, run_commitments)
         committed = status in ("predates-model", "recorded-in-run")
@@ -204,9 +207,10 @@ def audit_ownership(
     significance: float = DEFAULT_SIGNIFICANCE,
     commitment_files: Sequence[str | os.PathLike[str]] = (),
     require_commitment: bool = False,
+    test: str = "binomial",
 ) -> OwnershipReport:
     """Load the model at ``model_dir``, its base (``base``, else an adapter's own base) and every key and
-    commitment file (all checked before any verification)."""
+    commitment file (all checked before any verification); ``test``: see :func:`audit_keys`."""
     from fedguard.watermark.commitment import load_commitment
     from fedguard.watermark.keys import load_key
     from fedguard.watermark.loading import load_base, load_model, register_adapter_loader
@@ -220,7 +224,8 @@ def audit_ownership(
     base_model = load_base(model_dir, base)
     return audit_keys(model, keys, model_name=str(model_dir), significance=significance, base=base_model,
                       commitments=commitments, model_time=model_written_at(model_dir),
-                      run_commitments=commitments_in_run_state(model_dir), require_commitment=require_commitment)
+                      run_commitments=commitments_in_run_state(model_dir), require_commitment=require_commitment,
+                      test=test)
 
 
 def render_markdown(report: OwnershipReport, plot: str | None = PLOT_NAME) -> str:
@@ -244,7 +249,11 @@ def render_markdown(report: OwnershipReport, plot: str | None = PLOT_NAME) -> st
                      f"{d.p_value:.3g} | {cal} | {c.commitment} | {verdict} |")
     lines += ["", "H0: the model was not trained with the key; under H0 each sign bit matches with probability "
               "1/2 and each backdoor trigger with probability at most V^-L, so the p-value is the exact "
-              "binomial tail P[X >= matched].", ""]
+              "binomial tail P[X >= matched]."
+              + (" Sign keys here use the sign-flip test instead: given |z|, the key's signs are fair coins "
+                 "under H0, and the p-value is the exact tail of sum_j b_j z_j over all sign vectors (computed "
+                 "on a grid, rounded in the conservative direction)."
+                 if any(c.detection.test == "sign-flip" for c in report.claimants) else ""), ""]
     lines += ["A sign key's offsets and scales are recomputed from the base model; a key that states others "
               "(a forgery: chosen offsets match any model) or whose calibration cannot be recomputed is refused. "
               "A claim is evidence against seed trying only with a commitment that predates the model.", ""]
@@ -316,6 +325,9 @@ def register_cli(commands: Any) -> None:
     p.add_argument("--require-commitment", action="store_true",
                    help="a claim also needs a commitment that predates the model")
     p.add_argument("--json", action="store_true", help="print the JSON report to stdout and write no files")
+    p.add_argument("--test", choices=("binomial", "sign-flip"), default="binomial",
+                   help="sign keys' test (fix it before looking): the bit count, or the sign-flip test of "
+                        "sum_j b_j z_j that also weighs each bit's margin (docs/watermark.md)")
     p.set_defaults(handler=run_audit)
 
 
@@ -324,7 +336,8 @@ def run_audit(args: Any) -> int:
     import json
 
     report = audit_ownership(args.model, args.key, base=args.base, significance=args.significance,
-                             commitment_files=args.commitment, require_commitment=args.require_commitment)
+                             commitment_files=args.commitment, require_commitment=args.require_commitment,
+                             test=args.test)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
         return 0

@@ -80,20 +80,24 @@ def __getattr__(name: str) -> Any:
 
 
 def verify_key(model: torch.nn.Module, key: WatermarkKey, significance: float = 1e-6, *,
-               base: torch.nn.Module | None = None) -> Detection:
+               base: torch.nn.Module | None = None, test: str = "binomial") -> Detection:
     """Verify one key of either scheme against a model (white-box for sign keys, by generation for
     backdoor keys); ``significance`` defaults to :data:`DEFAULT_SIGNIFICANCE` (1e-6). With ``base`` (the
     public starting model) invariant/gram sign keys are read after undoing a residual-stream rotation
     (:mod:`fedguard.watermark.alignment`). (Not named ``verify``: that is the submodule
-    :mod:`fedguard.watermark.verify`.)"""
+    :mod:`fedguard.watermark.verify`.) ``test``: a sign key's test, ``"binomial"`` (the bit count) or
+    ``"sign-flip"`` (:func:`fedguard.watermark.verify.sign_flip_p_value`); backdoor keys have only their
+    binomial count."""
     from fedguard.errors import ConfigError
     from fedguard.watermark.backdoor import BackdoorWatermark
     from fedguard.watermark.keys import BackdoorKey, SignKey
     from fedguard.watermark.sign import SignWatermark
 
     if isinstance(key, SignKey):
-        return SignWatermark(key, model, align_to=base).detect(significance)
+        return SignWatermark(key, model, align_to=base).detect(significance, test=test)
     if isinstance(key, BackdoorKey):
+        if test != "binomial":
+            raise ConfigError(f"a backdoor key is tested by its trigger count (binomial), not {test!r}")
         return BackdoorWatermark(key).detect(model, significance)
     raise ConfigError(f"not a watermark key: {type(key).__name__}")
 

@@ -239,3 +239,13 @@ def test_the_audit_claims_a_residual_rotated_llama_only_through_alignment(tmp_pa
     assert claim.claimed and claim.detection.matched == 32, claim.reason
     unaligned = SignWatermark(key, model).detect()
     assert not unaligned.verdict and unaligned.matched < 26
+
+
+def test_the_audit_can_use_the_sign_flip_test_and_says_so(workspace, capsys) -> None:
+    """``--test sign-flip``: the owner still claims, the other claimant does not, the report names the test."""
+    keys = workspace["keys"]
+    assert run(["audit", "ownership", "--model", str(workspace["final"]), "--base", str(workspace["root"] / "start"),
+                "--key", str(keys / "alice.key"), "--key", str(keys / "bob.key"), "--json", "--test", "sign-flip"]) == 0
+    alice, bob = json.loads(capsys.readouterr().out)["claimants"]
+    assert alice["test"] == bob["test"] == "sign-flip"
+    assert alice["verdict"] and alice["p_value"] <= 2.0**-32 * 1.0001 and not bob["verdict"]
