@@ -139,3 +139,22 @@ def test_paillier_pools_are_filled_before_local_training_and_the_round_stays_exa
     np.testing.assert_array_equal(vectors["paillier"], vectors["plaintext"])
     assert all(row["offline_seconds"] > 0 for row in rows["paillier"])  # each round's pools, made offline
     assert all("offline_seconds" not in row for row in rows["plaintext"])
+
+
+@pytest.mark.multiprocess
+def test_paillier_pools_filled_in_the_background_during_local_training_keep_the_round_exact(
+        tmp_path: Path, task: Path) -> None:
+    """``precompute_background``: the trainer's precompute call only starts the filling (low-priority worker
+    processes run it while the clients train); the clients' encryption waits for it; the model is the
+    plaintext run's bit for bit."""
+    vectors, rows = {}, {}
+    for name, options in (("plaintext", {}), ("paillier", {"key_bits": 1024, "allow_insecure_test_keys": True,
+                                                           "precompute": True, "precompute_background": True,
+                                                           "workers": 2})):
+        config = _config(tmp_path / name, task, aggregator=name, aggregator_options=options, rounds=2)
+        rows[name] = FedHomoLLM(config, quiet=True).run().history
+        ckpt = load_latest(Path(config.run_dir))
+        assert ckpt is not None
+        vectors[name] = ckpt.vector
+    np.testing.assert_array_equal(vectors["paillier"], vectors["plaintext"])
+    assert all(row["offline_seconds"] > 0 for row in rows["paillier"])  # the filling was started each round
