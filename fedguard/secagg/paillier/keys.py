@@ -54,6 +54,12 @@ argument, which is why the exponent is long. ``x``, ``h_s``, the table and every
 as ``r``. ``"standard"`` (``R = r^n`` with a fresh uniform ``r``) remains available and is used
 automatically for batches too small to pay for a table (see :func:`obfuscator_source`).
 
+Two faster routes to the same obfuscators. The key holder, which also contributes, computes ``h_s^α``
+modulo ``p^2`` and ``q^2`` with ``α`` reduced modulo ``p-1`` and ``q-1`` (:class:`CRTObfuscators`: the same
+values, about 5x cheaper). On several worker processes the fixed-base table's rows are split among the
+workers and their partial products multiplied (:func:`make_obfuscators`): one table per batch, not one per
+worker. :class:`ObfuscatorPool` can also be filled on low-priority processes while the client trains.
+
 The public key (``n``) travels through :mod:`fedguard.wire` as big-endian bytes and is identified by its
 fingerprint, the first 128 bits of ``SHA-256("fedguard/paillier/v1" || n)`` in hex.
 """
