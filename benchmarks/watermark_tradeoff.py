@@ -13,17 +13,20 @@ Setting, per family (a tiny random Llama — RoPE, GQA 4/2 heads, RMSNorm — an
   train LoRA r 8 on every projection + the norm scales together (centrally, as the issue's "2 owners"
   Llama setting) for ``--owner-steps`` at lr 5e-3 (the training lr) with their gram keys' regularisers;
   the twin trains the same without them. The task metric is held-out next-token loss and accuracy
-  (sequences neither the owners nor the attacker trained on); the owners' model is near its plateau,
+  (2,048 sequences neither the owners nor the attacker trained on), averaged over 4 evaluations in the
+  last 40% of the owners' steps (constant lr: the loss fluctuates around its plateau); the model is there,
   so the attacker's fine-tuning cannot just keep training an under-trained model;
 * **(a) fidelity vs survival**: per owners' ``bits`` and regulariser weight α: fidelity cost (held-out
   loss and accuracy vs the twin) and the worst owner's bits / claims after 200 and 1,000 steps of
   same-task fine-tuning of the released parameters at the training lr on the attacker's own data;
 * **(b) the overwriting attacker**: on the owners' model at the largest α whose fidelity cost is within
-  1% (loss), ``k`` = 1..4 attacker keys of the owners' plan at the owners' α, and 4 keys at 3/10/30× that α;
-  the owners' fewest bits / claims and the attacker's held-out task loss minus the control's;
-* **defence tried: the sign-flip test** (:func:`fedguard.watermark.verify.sign_flip_p_value`): every
-  result carries both the binomial count's claims and the sign-flip test's (the same significance 1e-6,
-  fixed before looking), and 128-bit keys (the same significance, a claim needs 72%, not 80%, of the bits);
+  1% (loss), ``k`` = 1..4 attacker keys of the owners' plan at the owners' α, and 4 keys at multiples of
+  that α; the owners' fewest bits / claims and the attacker's held-out task loss minus the control's;
+* **defences tried**: 16 secret Gram directions per block (the owners' 64 bits spread over 16× the feature
+  values, so that the attacker's random constraints — of the same plan — overlap less with theirs);
+  128-bit keys (the same significance, a claim needs 72%, not 80%, of the bits); and the sign-flip test
+  (:func:`fedguard.watermark.verify.sign_flip_p_value`): every result carries both the binomial count's
+  claims and the sign-flip test's (same significance 1e-6; which one a claim uses is fixed before looking);
 * **(c)** ``--part simulation``: the issue's own 4-client GPT-2 simulation (4 layers × 64, 32 bits per
   client, gram keys), run longer than the default (``--sim-rounds`` × ``--sim-local``), then 200 / 1,000
   steps of fine-tuning of the released adapter + norms at the training lr.
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -67,6 +71,23 @@ FIDELITY_BUDGET = 0.01
 
 
 @dataclass(frozen=True)
+class Keys:
+    """One owners' key plan of the sweep: bits and Gram directions per block, the α values swept, and the
+    overwriting attacker run against the largest α within the fidelity budget (attacker key counts, and
+    multiples of the owners' α tried with 4 keys)."""
+
+    bits: int
+    directions: int
+    alphas: tuple[float, ...]
+    overwrite_keys: tuple[int, ...]
+    strengths: tuple[float, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.bits} bits" + (f", {self.directions} directions" if self.directions > 1 else "")
+
+
+@dataclass(frozen=True)
 class Plan:
     """The sweep's sizes (``--quick`` shrinks every count for a smoke run)."""
 
@@ -74,18 +95,20 @@ class Plan:
     owner_steps: int
     finetune_steps: tuple[int, ...]
     overwrite_steps: int
-    alphas: dict[int, tuple[float, ...]]  # bits -> alphas
-    overwrite_keys: tuple[int, ...]
-    strengths: tuple[float, ...]  # multiples of the owners' alpha, with 4 attacker keys
+    keys: tuple[Keys, ...]
     n_train: int = 512
-    n_eval: int = 512
+    n_eval: int = 2048
 
 
-FULL = Plan(pretrain_steps=500, owner_steps=400, finetune_steps=(200, 1000), overwrite_steps=400,
-            alphas={64: (0.001, 0.003, 0.01, 0.03, 0.1), 128: (0.003, 0.01, 0.03)},
-            overwrite_keys=(0, 1, 2, 3, 4), strengths=(3.0, 10.0, 30.0))
-QUICK = Plan(pretrain_steps=60, owner_steps=40, finetune_steps=(20, 40), overwrite_steps=20,
-             alphas={64: (0.003, 0.03)}, overwrite_keys=(0, 4), strengths=(10.0,), n_train=128, n_eval=128)
+FULL = Plan(pretrain_steps=500, owner_steps=400, finetune_steps=(200, 1000), overwrite_steps=400, keys=(
+    Keys(64, 1, (0.001, 0.003, 0.01, 0.03, 0.1), (0, 1, 2, 3, 4), (3.0, 10.0, 30.0)),
+    # the defence tried: the same bits read along 16 secret directions per block (16x the feature values
+    # for the attacker's random constraints to miss), and more bits at the same significance
+    Keys(64, 16, (0.003, 0.01, 0.03), (0, 1, 2, 3, 4), (3.0, 10.0)),
+    Keys(128, 1, (0.01,), (0, 4), ()),
+))
+QUICK = Plan(pretrain_steps=60, owner_steps=40, finetune_steps=(20, 40), overwrite_steps=20, n_train=128,
+             n_eval=128, keys=(Keys(64, 1, (0.003, 0.03), (0, 4), (10.0,)), Keys(64, 4, (0.01,), (0, 4), ())))
 
 
 class Bar:
@@ -104,10 +127,10 @@ class Bar:
 
 
 def plan_steps(plan: Plan, families: int) -> int:
-    owners = sum(len(a) for a in plan.alphas.values()) + 1
+    owners = sum(len(k.alphas) for k in plan.keys) + 1
     per_family = (plan.pretrain_steps + owners * plan.owner_steps + plan.owner_steps // 4
                   + (owners - 1) * max(plan.finetune_steps)
-                  + len(plan.alphas) * (len(plan.overwrite_keys) + len(plan.strengths)) * plan.overwrite_steps)
+                  + sum(len(k.overwrite_keys) + len(k.strengths) for k in plan.keys) * plan.overwrite_steps)
     return families * per_family
 
 
@@ -168,15 +191,21 @@ def make_task(seed: int, plan: Plan) -> Task:
 
 
 def train(model: torch.nn.Module, data: torch.Tensor, steps: int, lr: float, marks: Sequence[SignWatermark],
-          seed: int, bar: Bar, batch: int = 16) -> None:
+          seed: int, bar: Bar, batch: int = 16, heldout: torch.Tensor | None = None,
+          average_last: int = 4) -> dict[str, float]:
     """AdamW on every parameter that requires grad; task loss + the owners' regularisers; fixed batch order
-    and dropout masks."""
+    and dropout masks. With ``heldout``: the held-out metrics averaged over ``average_last`` evaluations
+    spread over the last 40% of the steps (a constant-lr run fluctuates around its plateau; one evaluation
+    would mix that fluctuation into the fidelity comparison), plus the final model's own."""
+    every = max(1, int(0.4 * steps) // max(1, average_last))
+    at = {steps - i * every for i in range(average_last)} if heldout is not None else set()
+    seen: list[dict[str, float]] = []
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # GPT-2's dropout masks: the same for the twin and the watermarked runs
-        for _ in range(steps):
+        for step in range(steps):
             idx = torch.randint(0, data.shape[0], (batch,), generator=gen)
             loss = model(input_ids=data[idx], labels=data[idx]).loss
             for m in marks:
@@ -185,6 +214,13 @@ def train(model: torch.nn.Module, data: torch.Tensor, steps: int, lr: float, mar
             loss.backward()
             opt.step()
             bar.update(1)
+            if step + 1 in at and heldout is not None:
+                seen.append(evaluate(model, heldout))
+                model.train()
+    if not seen:
+        return {}
+    return {"loss": float(np.mean([e["loss"] for e in seen])), "accuracy": float(np.mean([e["accuracy"] for e in seen])),
+            "final_loss": seen[-1]["loss"], "final_accuracy": seen[-1]["accuracy"], "evaluations": float(len(seen))}
 
 
 @torch.no_grad()
@@ -199,11 +235,13 @@ def evaluate(model: torch.nn.Module, data: torch.Tensor) -> dict[str, float]:
     return {"loss": float(out.loss), "accuracy": acc}
 
 
-def owners_keys(model: torch.nn.Module, family: str, bits: int, alpha: float, seed: int) -> list[SignKey]:
-    """Two owners' gram keys; the seeds depend on (family, bits, seed), not on α, so the α sweep changes
-    nothing but the regulariser's weight."""
-    return [make_sign_key(model, bits=bits, mode="gram", n_clients=2, alpha=alpha, owner=f"owner-{i}",
-                          rng=SecureRNG.for_testing(f"tradeoff/{family}/{bits}/{seed}/{i}")) for i in range(2)]
+def owners_keys(model: torch.nn.Module, family: str, plan: Keys, alpha: float, seed: int) -> list[SignKey]:
+    """Two owners' gram keys; the seeds depend on (family, bits, directions, seed), not on α, so the α sweep
+    changes nothing but the regulariser's weight."""
+    return [make_sign_key(model, bits=plan.bits, mode="gram", n_clients=2, alpha=alpha, owner=f"owner-{i}",
+                          directions=plan.directions,
+                          rng=SecureRNG.for_testing(f"tradeoff/{family}/{plan.bits}/{plan.directions}/{seed}/{i}"))
+            for i in range(2)]
 
 
 def _row(r: AttackResult, control: float | None = None) -> dict[str, Any]:
@@ -230,8 +268,7 @@ def curves(family: str, plan: Plan, seed: int, bar: Bar) -> dict[str, Any]:
     out: dict[str, Any] = {"family": family, "base_on_pretraining_rule": evaluate(base, task.pretrain[:512]),
                            "base_on_owners_rule": evaluate(base, task.heldout)}
     twin = with_adapter(base, family)
-    train(twin, task.owners, plan.owner_steps, LR, [], seed + 1, bar)
-    ref = evaluate(twin, task.heldout)
+    ref = train(twin, task.owners, plan.owner_steps, LR, [], seed + 1, bar, heldout=task.heldout)
     # the twin's curve near the end: is the owners' model at its plateau?
     probe = copy.deepcopy(twin)
     train(probe, task.owners, plan.owner_steps // 4, LR, [], seed + 2, bar)
@@ -241,26 +278,27 @@ def curves(family: str, plan: Plan, seed: int, bar: Bar) -> dict[str, Any]:
           f"{out['base_on_owners_rule']}; twin {ref}; +{plan.owner_steps // 4} steps {out['twin']['after_quarter_more_steps']}",
           flush=True)
     sweep = []
-    owned: dict[tuple[int, float], tuple[torch.nn.Module, list[SignKey]]] = {}
-    for bits, alphas in plan.alphas.items():
-        for alpha in alphas:
+    owned: dict[tuple[str, float], tuple[torch.nn.Module, list[SignKey]]] = {}
+    for kp in plan.keys:
+        bits = kp.bits
+        for alpha in kp.alphas:
             model = with_adapter(base, family)
-            keys = owners_keys(model, family, bits, alpha, seed)
+            keys = owners_keys(model, family, kp, alpha, seed)
             marks = [SignWatermark(k, model) for k in keys]
-            train(model, task.owners, plan.owner_steps, LR, marks, seed + 1, bar)
-            fid = evaluate(model, task.heldout)
-            owned[(bits, alpha)] = (copy.deepcopy(model), keys)
+            fid = train(model, task.owners, plan.owner_steps, LR, marks, seed + 1, bar, heldout=task.heldout)
+            owned[(kp.name, alpha)] = (copy.deepcopy(model), keys)
             released = measure(model, keys, task.heldout, attack="none", strength=0.0, label="as released",
-                               reference_loss=fid["loss"])
+                               reference_loss=fid["final_loss"])
             ft = finetune(model, keys, task.attacker, steps=(0, *plan.finetune_steps), lr=LR, seed=seed + 3,
                           eval_data=task.heldout)
             bar.update(max(plan.finetune_steps))
-            row = {"bits": bits, "alpha": alpha, **{f"heldout_{k}": v for k, v in fid.items()},
+            row = {"keys": kp.name, "bits": bits, "directions": kp.directions, "alpha": alpha,
+                   **{f"heldout_{k}": v for k, v in fid.items()},
                    "fidelity_cost_loss": (fid["loss"] - ref["loss"]) / ref["loss"],
                    "fidelity_cost_accuracy": (ref["accuracy"] - fid["accuracy"]) / ref["accuracy"],
                    "released": _row(released), "finetune": [_row(r) for r in ft]}
             sweep.append(row)
-            print(f"[{family}] {bits} bits alpha {alpha:g}: held-out loss {fid['loss']:.4f} "
+            print(f"[{family}] {kp.name} alpha {alpha:g}: held-out loss {fid['loss']:.4f} "
                   f"({row['fidelity_cost_loss']:+.2%}), acc {fid['accuracy']:.4f} ({-row['fidelity_cost_accuracy']:+.2%}); "
                   f"released {released.min_matched}/{bits} ({released.claims}/2); "
                   + ", ".join(f"FT {int(r.strength)}: {r.min_matched}/{bits} ({r.claims}/2 binomial, "
@@ -268,27 +306,28 @@ def curves(family: str, plan: Plan, seed: int, bar: Bar) -> dict[str, Any]:
                   flush=True)
     out["sweep"] = sweep
     out["overwrite"] = []
-    for bits, alphas in plan.alphas.items():
-        rows = [r for r in sweep if r["bits"] == bits]
+    for kp in plan.keys:
+        bits = kp.bits
+        rows = [r for r in sweep if r["keys"] == kp.name]
         within = [r["alpha"] for r in rows if r["fidelity_cost_loss"] <= FIDELITY_BUDGET]
-        alpha = max(within) if within else min(alphas)
-        model, keys = owned[(bits, alpha)]
+        alpha = max(within) if within else min(kp.alphas)
+        model, keys = owned[(kp.name, alpha)]
         rng = SecureRNG.for_testing(f"tradeoff/{family}/{seed}/attacker")
-        results = overwrite(model, keys, task.attacker, attacker_keys=plan.overwrite_keys,
+        results = overwrite(model, keys, task.attacker, attacker_keys=kp.overwrite_keys,
                             steps=plan.overwrite_steps, lr=LR, seed=seed + 4, eval_data=task.heldout, rng=rng)
-        bar.update(len(plan.overwrite_keys) * plan.overwrite_steps)
-        control = results[0].task_loss if plan.overwrite_keys[0] == 0 else None
+        bar.update(len(kp.overwrite_keys) * plan.overwrite_steps)
+        control = results[0].task_loss if kp.overwrite_keys[0] == 0 else None
         by_strength = []
-        for mult in plan.strengths:
+        for mult in kp.strengths:
             (r,) = overwrite(model, keys, task.attacker, attacker_keys=(4,), steps=plan.overwrite_steps, lr=LR,
                              alpha=alpha * mult, seed=seed + 4, eval_data=task.heldout, rng=rng)
             bar.update(plan.overwrite_steps)
             by_strength.append({"alpha_multiple": mult, **_row(r, control)})
-        entry = {"bits": bits, "owners_alpha": alpha, "within_budget": bool(within), "steps": plan.overwrite_steps,
+        entry = {"keys": kp.name, "bits": bits, "directions": kp.directions, "owners_alpha": alpha, "within_budget": bool(within), "steps": plan.overwrite_steps,
                  "by_keys": [_row(r, control) for r in results], "by_strength_4_keys": by_strength}
         out["overwrite"].append(entry)
         for r in entry["by_keys"] + by_strength:
-            print(f"[{family}] overwrite {bits} bits (owners' alpha {alpha:g}): {r['label']}"
+            print(f"[{family}] overwrite {kp.name} (owners' alpha {alpha:g}): {r['label']}"
                   f"{' x' + str(r['alpha_multiple']) + ' alpha' if 'alpha_multiple' in r else ''}: owners "
                   f"{r['fewest_bits']}/{bits} ({r['claims']}/2 binomial, {r['claims_sign_flip']}/2 sign-flip); "
                   f"attacker's held-out loss {r['heldout_loss']:.4f}, cost vs control {r.get('cost_vs_control', float('nan')):+.4f}",
@@ -342,14 +381,15 @@ def draw(results: dict[str, Any], path: Path) -> None:
     cost: Any = None
     for row, fam in zip(axes, fams, strict=True):
         ax = row[0]
-        for bits in sorted({r["bits"] for r in fam["sweep"]}):
-            rows = [r for r in fam["sweep"] if r["bits"] == bits]
+        for name in dict.fromkeys(r["keys"] for r in fam["sweep"]):
+            rows = [r for r in fam["sweep"] if r["keys"] == name]
+            bits = rows[0]["bits"]
             xs = [100 * r["fidelity_cost_loss"] for r in rows]
             longest = int(rows[0]["finetune"][-1]["strength"])
             ax.plot(xs, [r["finetune"][-1]["fewest_bits"] / bits for r in rows], marker="o",
-                    label=f"{bits} bits, after {longest} FT steps")
+                    label=f"{name}, after {longest} FT steps")
             ax.plot(xs, [r["released"]["fewest_bits"] / bits for r in rows], marker="x", linestyle=":",
-                    label=f"{bits} bits, as released")
+                    label=f"{name}, as released")
             for x, r in zip(xs, rows, strict=True):
                 ax.annotate(f"α {r['alpha']:g}", (x, r["finetune"][-1]["fewest_bits"] / bits), fontsize=6)
         ax.axvline(100 * FIDELITY_BUDGET, color="red", linestyle="--", linewidth=1)
@@ -363,17 +403,17 @@ def draw(results: dict[str, Any], path: Path) -> None:
             ks = [r["strength"] for r in ow["by_keys"]]
             ax = row[1]
             ax.plot(ks, [r["fewest_bits"] / ow["bits"] for r in ow["by_keys"]], marker="o",
-                    label=f"{ow['bits']} bits (α {ow['owners_alpha']:g})")
+                    label=f"{ow['keys']} (α {ow['owners_alpha']:g})")
             ax2 = row[2]
             mults = [1.0] + [r["alpha_multiple"] for r in ow["by_strength_4_keys"]]
             four = [r for r in ow["by_keys"] if r["strength"] == 4.0]
             pts = four + ow["by_strength_4_keys"]
             if len(pts) == len(mults):
                 ax2.semilogx(mults, [r["fewest_bits"] / ow["bits"] for r in pts], marker="o",
-                             color=f"C{i}", label=f"{ow['bits']} bits: owners' fewest bits / N")
+                             color=f"C{i}", label=f"{ow['keys']}: owners' fewest bits / N")
                 cost = ax2.twinx() if i == 0 else cost
                 cost.semilogx(mults, [r.get("cost_vs_control", float("nan")) for r in pts], marker="s",
-                              color=f"C{i}", linestyle="--", label=f"{ow['bits']} bits: attacker's Δ loss")
+                              color=f"C{i}", linestyle="--", label=f"{ow['keys']}: attacker's Δ loss")
                 cost.set_ylabel("attacker's held-out Δ loss vs control (dashed)", fontsize=7)
         row[1].axhline(51 / 64, color="grey", linestyle=":", linewidth=1)
         row[1].set_xlabel("attacker keys (0 = fine-tuning alone)", fontsize=7)
@@ -408,7 +448,7 @@ def main(argv: Sequence[str] | None = None, *, out_dir: Path = RESULTS,
     path = out_dir / f"{stem}.json"
     out: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     out.update({"load_before": os.getloadavg(), "threads": torch.get_num_threads(), "seed": args.seed,
-                "plan": {**plan.__dict__, "alphas": {str(k): v for k, v in plan.alphas.items()}},
+                "plan": dataclasses.asdict(plan),
                 "significance": 1e-6})
     t0 = time.perf_counter()
     if args.part in ("all", "curves"):
