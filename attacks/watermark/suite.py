@@ -161,16 +161,21 @@ def render_markdown(report: SuiteReport, plot: str | None = "watermark_attacks.p
     lines = ["# Watermark attack suite", "", f"Model: `{report.model}`; owners: {', '.join(report.keys)}; "
              f"as released: fewest bits {b.min_matched}/{b.bits}, {b.claims}/{len(b.owners)} claims, task loss "
              f"{b.task_loss:.4f}.", "",
-             "| attack | strength | fewest bits | max p-value | claims | Δ task loss | max abs Δ logits |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| attack | strength | fewest bits | max p-value | claims | claims (sign-flip test) | Δ task loss "
+             "| max abs Δ logits |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report.results:
         lines.append(f"| {r.attack} | {r.label} | {r.min_matched}/{r.bits} | {r.max_p_value:.3g} | "
-                     f"{r.claims}/{len(r.owners)} | {r.delta_task_loss:+.4f} | {r.function_change:.2g} |")
+                     f"{r.claims}/{len(r.owners)} | {r.claims_sign_flip}/{len(r.owners)} | {r.delta_task_loss:+.4f} | "
+                     f"{r.function_change:.2g} |")
     if report.ambiguity:
         lines += ["", "| ambiguity attack | strength | bits matched | p-value | bits alone claim | audit |",
                   "| --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {a.attack} | {a.label} | {a.matched}/{a.bits} | {a.p_value:.3g} | {a.bits_verdict} | "
                   f"{a.reason} |" for a in report.ambiguity]
+    lines += ["", "Claims: binomial count of matched bits at significance 1e-6; the sign-flip column is the "
+              "same key under the sign-flip test of sum_j b_j z_j (fedguard.watermark.verify), which a claimant "
+              "must choose before looking (`fedguard audit ownership --test`)."]
     if report.skipped:
         lines += ["", "Skipped: " + "; ".join(report.skipped)]
     if plot:
