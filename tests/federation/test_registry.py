@@ -38,11 +38,11 @@ NON_DEFAULT: dict[str, dict[str, Any]] = {
     "masking": {"neighbours": 4, "threshold": 3, "unmask_workers": 2},
     "paillier": {"key_bits": 3072, "key_holder": 1, "max_clients": 40, "min_clients": 4, "workers": 2,
                  "on_bad_input": "exclude", "obfuscator": "djn", "allow_insecure_test_keys": False,
-                 "precompute": True},
+                 "precompute": True, "precompute_background": True},
     "mpc": {"backend": "network", "n_parties": 2, "min_clients": 3, "allow_single_client": False,
             "norm_bound": 2.5, "norm_action": "clip", "clip_halvings": 3, "timeout_s": 12.0,
             "startup_timeout_s": 60.0, "listen": "0.0.0.0:29400", "control_key_file": "control.key",
-            "roster_file": None, "identity_files": None},
+            "roster_file": None, "identity_files": None, "party_keys_file": None},
 }
 
 
