@@ -187,5 +187,38 @@ def examples_seen(run: LoadedRun, round_id: int, client: int) -> list[int]:
     return list(dict.fromkeys(seen))
 
 
+def round_participants(run: LoadedRun, round_id: int) -> list[int]:
+    """The clients that trained in ``round_id``: the captured manifest's participants when the view was
+    captured, else the trainer's own draw replayed (every client; or the seeded sample of
+    ``federation.sample_rate`` / ``clients_per_round``: ``Trainer.participants``)."""
+    view = run.view / f"round_{round_id:04d}" / "view.json"
+    if view.is_file():
+        return [int(c) for c in manifest(run, round_id)["participants"]]
+    from fedguard.dp.client_level import sample_clients, sample_fixed_size
+    from fedguard.rng import SecureRNG
+
+    everyone = list(range(len(run.client_items)))
+    options = run.config.sampling_options
+    rng = SecureRNG.for_testing(f"{run.config.seed}/sample/{round_id}")
+    if options["sample_rate"] is not None:
+        return sample_clients(everyone, float(options["sample_rate"]), rng)
+    if options["clients_per_round"] is not None:
+        return sample_fixed_size(everyone, int(options["clients_per_round"]), rng)
+    return everyone
+
+
+def trained_on(run: LoadedRun, *, client: int | None = None, rounds: int | None = None) -> list[tuple[int, int]]:
+    """``(client, index)`` of every example some client trained on in rounds ``1..rounds`` (default: the final
+    round), each once, in a fixed order — the members in the strict sense (a client's examples that no round
+    drew were never in any update). ``client``: that client's only."""
+    last = run.final_round if rounds is None else rounds
+    seen: dict[tuple[int, int], None] = {}
+    for round_id in range(1, last + 1):
+        for c in round_participants(run, round_id):
+            if client is None or c == client:
+                seen.update(((c, i), None) for i in examples_seen(run, round_id, c))
+    return sorted(seen)
+
+
 def named_update(run: LoadedRun, vector: np.ndarray) -> dict[str, np.ndarray]:
     return named_vector(run.layout, vector)

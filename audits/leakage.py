@@ -161,41 +161,85 @@ def invert_run(run: Any, *, rounds: Sequence[int] | None = None, config: Any = N
     return out
 
 
-def membership_on_run(run: Any, *, target: np.ndarray | None = None, members: Sequence[Any] | None = None,
-                      target_name: str = "global model", shadows: int = 0, n_boot: int = 1000, seed: int = 0,
-                      max_members: int = 200, progress: bool = False) -> Any:
-    """The membership suite against ``target`` (default: the final global vector) loaded into the run's model."""
-    import copy
+def _weights_key(name: str, vector: np.ndarray) -> str:
+    import hashlib
 
+    return f"{name}:{hashlib.sha256(np.ascontiguousarray(vector).tobytes()).hexdigest()}"
+
+
+MEMBER_SETS = ("seen", "partition")
+"""Who counts as a member: ``seen`` — the examples some client trained on (replayed from the trainer's seeded
+batch order; :func:`attacks.run_view.trained_on`); ``partition`` — every example of the clients' data, most of
+which a short run never draws (they dilute the attack towards chance)."""
+
+
+def membership_on_run(run: Any, *, target: np.ndarray | None = None, members: Sequence[Any] | None = None,
+                      member_texts: Sequence[bytes] | None = None, target_name: str = "global model",
+                      shadows: int = 0, n_boot: int = 1000, seed: int = 0, max_members: int = 200,
+                      member_set: str = "seen", population: int | None = None, lira_nonmembers: int = 0,
+                      stats_cache: Any = None, progress: bool = False) -> Any:
+    """The membership suite against ``target`` (default: the final global vector) loaded into the run's model.
+
+    Members: ``members`` if given (with ``member_texts`` for zlib), else the clients' examples of
+    ``member_set`` (:data:`MEMBER_SETS`), a seeded sample of ``max_members`` if there are more. Non-members
+    and RMIA's population split the held-out examples (the run's test split plus any ``extra_heldout`` drawn
+    by :func:`attacks.run_view.load_run`, same distribution): ``population`` of them (default: half) for RMIA,
+    the rest scored as non-members. LiRA's shadows (``shadows``) are fine-tunes of the run's initial adapter
+    with the run's batch size and learning rate, one pass over their half of the scored examples (each IN
+    example trained on once, as a member was), on every scored example or, with ``lira_nonmembers``, on the
+    members and that many non-members. ``stats_cache``: a dict shared by audits of runs from the same base
+    model and data, so that the reference model scores each item list once (:func:`attacks.membership.run_membership`)."""
+    import copy
+    import dataclasses
+
+    from attacks import run_view
     from attacks.membership import MembershipConfig, ShadowRecipe, run_membership
 
+    if member_set not in MEMBER_SETS:
+        raise ConfigError(f"unknown member set {member_set!r} (known: {', '.join(MEMBER_SETS)})")
     cfg = run.config
     rng = np.random.default_rng(seed)
-    pool = list(members) if members is not None else [it for items in run.client_items for it in items]
-    member_texts = list(run.texts["members"]) if members is None else None
+    if members is not None:
+        pool = list(members)
+        texts_pool = list(member_texts) if member_texts is not None else None
+    else:
+        offsets = np.cumsum([0, *[len(items) for items in run.client_items]])
+        if member_set == "seen":
+            keys = run_view.trained_on(run)
+        else:
+            keys = [(c, i) for c, items in enumerate(run.client_items) for i in range(len(items))]
+        pool = [run.client_items[c][i] for c, i in keys]
+        texts_pool = [run.texts["members"][int(offsets[c]) + i] for c, i in keys]
     if len(pool) > max_members:
         pick = sorted(rng.choice(len(pool), size=max_members, replace=False).tolist())
         pool = [pool[i] for i in pick]
-        member_texts = [member_texts[i] for i in pick] if member_texts is not None else None
+        texts_pool = [texts_pool[i] for i in pick] if texts_pool is not None else None
     held = list(range(len(run.test_items)))
     rng.shuffle(held)
-    half = len(held) // 2
-    nonmembers = [run.test_items[i] for i in held[half:]]
-    population = [run.test_items[i] for i in held[:half]]
+    cut = len(held) // 2 if population is None else population
+    if not 0 <= cut <= len(held) - 2:
+        raise ConfigError(f"population {cut} leaves fewer than 2 of the {len(held)} held-out examples as "
+                          f"non-members: draw more with --extra-nonmembers")
+    nonmembers = [run.test_items[i] for i in held[cut:]]
+    population_items = [run.test_items[i] for i in held[:cut]]
     texts = None
-    if member_texts is not None:
-        texts = {"members": member_texts, "nonmembers": [run.texts["nonmembers"][i] for i in held[half:]]}
+    if texts_pool is not None:
+        texts = {"members": texts_pool, "nonmembers": [run.texts["nonmembers"][i] for i in held[cut:]]}
     reference = copy.deepcopy(run.model)
     from fedguard.params import load_vector
 
     load_vector(reference, run.layout, run.initial)
     run.load(run.final if target is None else target)
-    recipe = ShadowRecipe(steps=cfg.federation.rounds * cfg.training.local_steps * cfg.federation.clients,
-                          batch_size=cfg.training.batch_size, lr=cfg.training.lr)
-    mcfg = MembershipConfig(shadows=shadows, recipe=recipe, n_boot=n_boot, seed=seed)
+    recipe = ShadowRecipe(epochs=1, batch_size=cfg.training.batch_size, lr=cfg.training.lr)
+    mcfg = MembershipConfig(shadows=shadows, recipe=recipe, n_boot=n_boot, seed=seed, lira_nonmembers=lira_nonmembers)
     pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
-    return run_membership(run.model, pool, nonmembers, reference=reference, population=population, texts=texts,
-                          config=mcfg, pad_id=pad, target_name=target_name, progress=progress)
+    report = run_membership(run.model, pool, nonmembers, reference=reference, population=population_items,
+                            texts=texts, config=mcfg, pad_id=pad, target_name=target_name, progress=progress,
+                            stats_cache=stats_cache, reference_key=_weights_key(cfg.model.name_or_path, run.initial))
+    what = ("given" if members is not None else
+            "examples a client trained on (replayed batch order)" if member_set == "seen" else
+            "the clients' whole partitions, trained on or not")
+    return dataclasses.replace(report, notes=(f"members: {what}", *report.notes))
 
 
 # -- the report -----------------------------------------------------------------------------------------------
@@ -244,7 +288,7 @@ def _markdown(title: str, run: Any, memberships: Sequence[Any], records: Sequenc
     lines += [f"- {n}" for n in notes]
     for report in memberships:
         lines += ["", f"## Membership inference: {report.target}", "",
-                  f"{report.n_members} members (clients' training examples), {report.n_nonmembers} non-members "
+                  f"{report.n_members} members, {report.n_nonmembers} non-members "
                   f"(held-out split, same distribution), {report.n_population} population examples (RMIA), "
                   f"{report.shadows} shadow models. With {report.n_nonmembers} non-members the smallest non-zero "
                   f"FPR is {1 / max(report.n_nonmembers, 1):.3f}: TPR at lower FPRs is the TPR at zero false "
@@ -335,6 +379,12 @@ def _membership_options(p: Any) -> None:
     p.add_argument("--max-members", type=int, default=200, help="members scored (a seeded sample)")
     p.add_argument("--extra-nonmembers", type=int, default=0,
                    help="WordNet runs: more held-out examples the run never loaded (same seeded draw)")
+    p.add_argument("--members", choices=MEMBER_SETS, default="seen",
+                   help="seen: the examples a client trained on (default); partition: all of the clients' data")
+    p.add_argument("--population", type=int, default=None,
+                   help="held-out examples set aside as RMIA's population (default: half; the rest are non-members)")
+    p.add_argument("--lira-nonmembers", type=int, default=0,
+                   help="LiRA on all members and this many non-members only (0: all; bounds the shadows' cost)")
 
 
 def _method_options(p: Any) -> None:
@@ -388,21 +438,26 @@ def _run_membership(args: argparse.Namespace) -> int:
     from attacks.run_view import load_run
 
     run = load_run(args.run, extra_heldout=args.extra_nonmembers)
-    target, members, name = None, None, "global model"
+    target, members, texts, name = None, None, None, "global model"
     if args.client is not None:
         rounds = run_view.captured_rounds(run)
         if not rounds:
             raise ConfigError("--client needs a captured server view (capture: true)")
         round_id = args.round if args.round is not None else rounds[-1]
-        vector, _ = run_view.client_update(run, round_id, args.client)
-        target = run_view.round_start(run, round_id) + vector
         if not 0 <= args.client < len(run.client_items):
             raise ConfigError(f"--client must be in [0, {len(run.client_items) - 1}], got {args.client}")
-        members = run.client_items[args.client]
+        vector, _ = run_view.client_update(run, round_id, args.client)
+        target = run_view.round_start(run, round_id) + vector
+        start = sum(len(items) for items in run.client_items[:args.client])
+        index = (run_view.examples_seen(run, round_id, args.client) if args.members == "seen"
+                 else range(len(run.client_items[args.client])))
+        members = [run.client_items[args.client][i] for i in index]
+        texts = [run.texts["members"][start + i] for i in index]
         name = f"θ_{round_id} + client {args.client}'s captured update"
-    report = membership_on_run(run, target=target, members=members, target_name=name, shadows=args.shadows,
-                               n_boot=args.n_boot, seed=args.seed, max_members=args.max_members,
-                               progress=not args.quiet)
+    report = membership_on_run(run, target=target, members=members, member_texts=texts, target_name=name,
+                               shadows=args.shadows, n_boot=args.n_boot, seed=args.seed, max_members=args.max_members,
+                               member_set=args.members, population=args.population,
+                               lira_nonmembers=args.lira_nonmembers, progress=not args.quiet)
     paths = write_leakage_report(_out(args, "attacks"), "membership", "Membership inference", run, [report], [])
     for r in report.results:
         print(f"{r.attack:9s} AUC {r.roc.auc:.3f} [{r.roc.auc_ci[0]:.3f}, {r.roc.auc_ci[1]:.3f}] "
@@ -418,7 +473,9 @@ def _run_audit(args: argparse.Namespace) -> int:
     run = load_run(args.run, extra_heldout=args.extra_nonmembers)
     notes: list[str] = []
     memberships = [membership_on_run(run, shadows=args.shadows, n_boot=args.n_boot, seed=args.seed,
-                                     max_members=args.max_members, progress=not args.quiet)]
+                                     max_members=args.max_members, member_set=args.members,
+                                     population=args.population, lira_nonmembers=args.lira_nonmembers,
+                                     progress=not args.quiet)]
     records: list[InversionRecord] = []
     if run_view.captured_rounds(run):
         try:
