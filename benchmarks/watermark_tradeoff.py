@@ -81,10 +81,12 @@ class Keys:
     alphas: tuple[float, ...]
     overwrite_keys: tuple[int, ...]
     strengths: tuple[float, ...]
+    gamma0: float = 1.0
 
     @property
     def name(self) -> str:
-        return f"{self.bits} bits" + (f", {self.directions} directions" if self.directions > 1 else "")
+        return (f"{self.bits} bits" + (f", {self.directions} directions" if self.directions > 1 else "")
+                + (f", gamma0 {self.gamma0:g}" if self.gamma0 != 1.0 else ""))
 
 
 @dataclass(frozen=True)
@@ -107,8 +109,17 @@ FULL = Plan(pretrain_steps=500, owner_steps=400, finetune_steps=(200, 1000), ove
     Keys(64, 16, (0.003, 0.01, 0.03), (0, 1, 2, 3, 4), (3.0, 10.0)),
     Keys(128, 1, (0.01,), (0, 4), ()),
 ))
+# the margin: the hinge is zero once every bit clears γ0, so α sets how hard violations are pulled and γ0
+# how far the bits sit from 0 when the model is released (what fine-tuning's drift has to cross)
+GAMMA0 = Plan(pretrain_steps=500, owner_steps=400, finetune_steps=(200, 1000), overwrite_steps=400, keys=(
+    Keys(64, 1, (0.01,), (), (), gamma0=3.0), Keys(64, 1, (0.01,), (), (), gamma0=10.0),
+    Keys(64, 1, (0.01,), (0, 4), (), gamma0=30.0),
+))
 QUICK = Plan(pretrain_steps=60, owner_steps=40, finetune_steps=(20, 40), overwrite_steps=20, n_train=128,
              n_eval=128, keys=(Keys(64, 1, (0.003, 0.03), (0, 4), (10.0,)), Keys(64, 4, (0.01,), (0, 4), ())))
+
+
+PLANS = {"full": FULL, "gamma0": GAMMA0}
 
 
 class Bar:
@@ -239,7 +250,7 @@ def owners_keys(model: torch.nn.Module, family: str, plan: Keys, alpha: float, s
     """Two owners' gram keys; the seeds depend on (family, bits, directions, seed), not on α, so the α sweep
     changes nothing but the regulariser's weight."""
     return [make_sign_key(model, bits=plan.bits, mode="gram", n_clients=2, alpha=alpha, owner=f"owner-{i}",
-                          directions=plan.directions,
+                          directions=plan.directions, gamma0=plan.gamma0,
                           rng=SecureRNG.for_testing(f"tradeoff/{family}/{plan.bits}/{plan.directions}/{seed}/{i}"))
             for i in range(2)]
 
@@ -292,7 +303,7 @@ def curves(family: str, plan: Plan, seed: int, bar: Bar) -> dict[str, Any]:
             ft = finetune(model, keys, task.attacker, steps=(0, *plan.finetune_steps), lr=LR, seed=seed + 3,
                           eval_data=task.heldout)
             bar.update(max(plan.finetune_steps))
-            row = {"keys": kp.name, "bits": bits, "directions": kp.directions, "alpha": alpha,
+            row = {"keys": kp.name, "bits": bits, "directions": kp.directions, "gamma0": kp.gamma0, "alpha": alpha,
                    **{f"heldout_{k}": v for k, v in fid.items()},
                    "fidelity_cost_loss": (fid["loss"] - ref["loss"]) / ref["loss"],
                    "fidelity_cost_accuracy": (ref["accuracy"] - fid["accuracy"]) / ref["accuracy"],
@@ -308,6 +319,8 @@ def curves(family: str, plan: Plan, seed: int, bar: Bar) -> dict[str, Any]:
     out["overwrite"] = []
     for kp in plan.keys:
         bits = kp.bits
+        if not kp.overwrite_keys:
+            continue
         rows = [r for r in sweep if r["keys"] == kp.name]
         within = [r["alpha"] for r in rows if r["fidelity_cost_loss"] <= FIDELITY_BUDGET]
         alpha = max(within) if within else min(kp.alphas)
@@ -433,6 +446,9 @@ def main(argv: Sequence[str] | None = None, *, out_dir: Path = RESULTS,
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke run (seconds)")
     parser.add_argument("--part", choices=("all", "curves", "simulation"), default="all")
+    parser.add_argument("--plan", choices=sorted(PLANS), default="full",
+                        help="full: the alpha/bits/directions sweep and the overwriter; gamma0: the margin sweep "
+                             "(writes watermark_tradeoff_gamma0.*)")
     parser.add_argument("--family", choices=("llama", "gpt2"), action="append",
                         help="model families for the curves (default both)")
     parser.add_argument("--seed", type=int, default=0)
@@ -442,9 +458,10 @@ def main(argv: Sequence[str] | None = None, *, out_dir: Path = RESULTS,
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
-    plan = QUICK if args.quick else FULL
+    plan = QUICK if args.quick else PLANS[args.plan]
     families = args.family or ["llama", "gpt2"]
-    stem = "watermark_tradeoff_quick" if args.quick else "watermark_tradeoff"
+    stem = "watermark_tradeoff_quick" if args.quick else "watermark_tradeoff" + (
+        "" if args.plan == "full" else f"_{args.plan}")
     path = out_dir / f"{stem}.json"
     out: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     out.update({"load_before": os.getloadavg(), "threads": torch.get_num_threads(), "seed": args.seed,
