@@ -305,3 +305,22 @@ def test_an_mpc_worker_without_a_pin_is_refused_before_it_loads_a_model(tmp_path
     cfg = tiny_config(tmp_path / "w", task, **_mpc_overrides({"backend": "simulated"}))
     with pytest.raises(ConfigError, match="must pin their public keys: set aggregator_options.party_keys_file"):
         ClientWorker(cfg, 0)
+
+
+def test_signed_masking_round_gives_the_in_process_adapters(tmp_path: Path, task: Path) -> None:
+    """``aggregator: masking-signed`` (clients sign their keys with roster identities; the server checks them)
+    through the workers: each worker loads its own client's identity file, and the adapters are the
+    in-process run's."""
+    from fedguard.identity import Identity, Roster
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    identities = {c: Identity.generate(c) for c in range(3)}
+    for c, ident in identities.items():
+        ident.save(keys / f"client-{c}.identity")
+    Roster.of(identities, "flower-test").save(tmp_path / "roster.json")
+    options = {"roster_file": str(tmp_path / "roster.json"), "identity_files": str(keys / "client-{client}.identity")}
+    local, remote = _same_as_in_process(tmp_path, task, data__partition="attribute",
+                                        federation={"clients": 3, "rounds": 2, "aggregator": "masking-signed",
+                                                    "aggregator_options": options})
+    assert [r["clients"] for r in remote.history] == [r["clients"] for r in local.history] == [3, 3]
