@@ -67,20 +67,23 @@ class RoundTimer(TrainerHook):
         self.keep_updates = keep_updates
         self.rounds: list[dict[str, float]] = []
         self.updates: list[np.ndarray] = []
-        self._start = self._last = 0.0
+        self._start = self._last = self._cpu_start = self._cpu_last = 0.0
 
     def on_round_start(self, round_id: int, participants: Sequence[int]) -> None:
-        self._start = time.perf_counter()
+        self._start, self._cpu_start = time.perf_counter(), time.process_time()
 
     def client_update(self, update: ClientUpdate) -> ClientUpdate:
-        self._last = time.perf_counter()
+        self._last, self._cpu_last = time.perf_counter(), time.process_time()
         if self.keep_updates and update.round == 1:
             self.updates.append(update.vector.copy())
         return update
 
     def aggregate(self, round_id: int, mean: np.ndarray, contributors: Sequence[int]) -> np.ndarray:
         now = time.perf_counter()
-        self.rounds.append({"round": round_id, "round_seconds": now - self._start, "protocol_seconds": now - self._last})
+        # training_cores: CPU seconds of this process (all its threads) per wall second from the round's start
+        # to the last client update: how much of the machine local training keeps busy
+        self.rounds.append({"round": round_id, "round_seconds": now - self._start, "protocol_seconds": now - self._last,
+                            "training_cores": (self._cpu_last - self._cpu_start) / max(self._last - self._start, 1e-9)})
         return mean
 
 
@@ -277,7 +280,8 @@ def timing_part(raw: dict[str, Any], args: argparse.Namespace, report: dict[str,
         report["timing"].append(row)
         r = row["rounds"][0]
         print(f"[timing] {'warm-up ' if rep < 0 else ''}{label}: round {r['round_seconds']:.1f} s (protocol "
-              f"{r['protocol_seconds']:.2f} s), {row['bytes_up_per_client'][0] / 1e6:.2f} MB up/client, "
+              f"{r['protocol_seconds']:.2f} s, training kept {r['training_cores']:.2f} cores busy), "
+              f"{row['bytes_up_per_client'][0] / 1e6:.2f} MB up/client, "
               f"load {row['load']}", flush=True)
         save()
     report["timing_summary"] = timing_summary(report["timing"])
