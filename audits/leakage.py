@@ -293,13 +293,16 @@ def _markdown(title: str, run: Any, memberships: Sequence[Any], records: Sequenc
                   f"{report.shadows} shadow models. With {report.n_nonmembers} non-members the smallest non-zero "
                   f"FPR is {1 / max(report.n_nonmembers, 1):.3f}: TPR at lower FPRs is the TPR at zero false "
                   "positives.", "",
-                  "| attack | AUC | 95% CI | TPR@1%FPR | 95% CI | TPR@0.1%FPR | note |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| attack | n (members / non-members) | AUC | 95% CI | TPR@1%FPR | 95% CI | TPR@0.1%FPR | 95% CI | note |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in report.results:
-            ci, t1 = r.roc.auc_ci, r.roc.tpr_ci.get(0.01, (float("nan"),) * 2)
-            lines.append(f"| {r.attack} | {r.roc.auc:.3f} | [{ci[0]:.3f}, {ci[1]:.3f}] | "
+            ci = r.roc.auc_ci
+            t1, t01 = (r.roc.tpr_ci.get(a, (float("nan"),) * 2) for a in (0.01, 0.001))
+            lines.append(f"| {r.attack} | {r.roc.n_members} / {r.roc.n_nonmembers} | {r.roc.auc:.3f} | "
+                         f"[{ci[0]:.3f}, {ci[1]:.3f}] | "
                          f"{100 * r.roc.tpr_at.get(0.01, float('nan')):.1f}% | [{100 * t1[0]:.1f}, {100 * t1[1]:.1f}] | "
-                         f"{100 * r.roc.tpr_at.get(0.001, float('nan')):.1f}% | {r.note} |")
+                         f"{100 * r.roc.tpr_at.get(0.001, float('nan')):.1f}% | [{100 * t01[0]:.1f}, {100 * t01[1]:.1f}] | "
+                         f"{r.note} |")
         lines += [f"- {n}" for n in report.notes]
     if records:
         kinds = sorted({r.method for r in records})
