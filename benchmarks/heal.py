@@ -1,22 +1,25 @@
 """Healing the layer-dropped SmolLM2 (fedguard_train/healing.py): its one-off cost and what it buys.
 
     .venv/bin/python benchmarks/heal.py                       # 8 of 30 blocks, the examples' healing recipe
-    .venv/bin/python benchmarks/heal.py --keep 10 --steps 200
+    .venv/bin/python benchmarks/heal.py --recipe steps=200,kd_positions=0 --recipe steps=80,kd_positions=16
     .venv/bin/python benchmarks/heal.py --quick               # tiny random Llama, seconds
 
-Heals (or loads from ``$FEDGUARD_CACHE/healed``) the layer-dropped model of ``--keep`` blocks, then scores on
-the held-out split of ``--config`` (the FedHeteroLLM/FedCoLLM examples' WordNet test split: the same 16
-examples, greedy, 16 new tokens) side by side, in one process: the full model (the anchor: the teacher the
-dropped model is healed towards), the layer-dropped model before healing, and after. Also the healing
-text's held-out perplexity for the three (from healing itself), and the healing's seconds (0 when cached:
-delete the cache directory to time it again).
+Heals (or loads from ``$FEDGUARD_CACHE/healed``) the layer-dropped model of ``--keep`` blocks with each
+``--recipe`` (``key=value`` overrides of the config's ``co.small_heal``; none: that recipe alone), then
+scores on the held-out split of ``--config`` (the FedHeteroLLM/FedCoLLM examples' WordNet test split: the
+same 16 examples, greedy, 16 new tokens) side by side, in one process: the full model (the anchor: the
+teacher the dropped model is healed towards), the layer-dropped model before healing, and each healed
+model. Also each recipe's held-out perplexity on the healing text (from healing itself), its seconds and
+seconds per step (0 when cached: point ``FEDGUARD_CACHE`` at an empty directory to time it).
 
-Writes benchmarks/results/heal_<keep>.json (``--quick``: heal_quick.json) and prints the ratios.
+Writes benchmarks/results/heal_<keep>.json (``--out`` overrides; ``--quick``: heal_quick.json) and prints
+the ratios against the full model.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -28,20 +31,28 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def parse_recipe(text: str, fields: dict[str, type]) -> dict[str, Any]:
+    """``"steps=80,kd_positions=16"`` -> ``{"steps": 80, "kd_positions": 16}`` typed like HealSection."""
+    out: dict[str, Any] = {}
+    for part in filter(None, text.split(",")):
+        key, _, value = part.partition("=")
+        if key not in fields:
+            raise SystemExit(f"unknown healing setting {key!r}; known: {sorted(fields)}")
+        kind = fields[key]
+        out[key] = value if kind is str else kind(value)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "examples" / "co_smollm2.yaml"))
     parser.add_argument("--keep", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=None, help="default: the config's co.small_heal.steps")
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--data", default=None)
+    parser.add_argument("--recipe", action="append", default=[],
+                        help="key=value[,key=value...] overrides of the config's healing recipe (repeatable)")
     parser.add_argument("--quick", action="store_true", help="a tiny random 6-block Llama instead of SmolLM2")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--time-steps", type=int, default=5,
-                        help="when the healing comes from the cache: time this many healing steps here (on a "
-                             "throwaway copy) to measure the one-off cost on this machine")
+    parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    import dataclasses
 
     import torch
     import yaml
@@ -56,14 +67,15 @@ def main() -> int:
     raw = yaml.safe_load(Path(args.config).read_text())
     raw["run_dir"] = "/tmp/unused"
     config = TrainConfig.from_dict(raw)
-    section = (config.co.small_heal if config.co is not None else None) or HealSection()
-    changes: dict[str, Any] = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("data", args.data))
-                               if v is not None}
+    base = (config.co.small_heal if config.co is not None else None) or HealSection()
+    types = {f.name: (str if f.name in ("data", "teacher_precision") else type(getattr(base, f.name)))
+             for f in dataclasses.fields(HealSection)}
+    recipes = [dataclasses.replace(base, **parse_recipe(r, types)) for r in (args.recipe or [""])]
     keep = args.keep
     if args.quick:
-        changes.update(steps=20, batch_size=2, seq_len=32)
+        recipes = [dataclasses.replace(r, steps=20, batch_size=2, seq_len=32,
+                                       kd_positions=min(r.kd_positions, 32)) for r in recipes]
         keep = 2
-    section = dataclasses.replace(section, **changes)
     name = "tiny:llama:6" if args.quick else "smollm2"
     full, tokenizer = load_server_model(ModelConfig(name_or_path=name), seed=0)
     examples = load_examples(config.data, seed=config.seed)
@@ -72,44 +84,42 @@ def main() -> int:
     items = tokenize(test, tokenizer, config.data)
     kept = even_blocks(len(full.model.layers), keep)
     dropped = build_emulator(full, EmulatorRecipe("llama", len(full.model.layers), 0, 0, 0.0, kept, fingerprint(full)))
-    start = time.perf_counter()
-    healed, info = healed_model(full, tokenizer, keep, section, progress=True)
-    wall = time.perf_counter() - start
-    step_seconds = None
-    if info.cached and args.time_steps > 0:  # the one-off cost here: a few steps of the same recipe, timed
-        from fedguard_train.emulator import windows
-        from fedguard_train.healing import heal, heal_stream
 
-        copy = build_emulator(full, EmulatorRecipe("llama", len(full.model.layers), 0, 0, 0.0, kept, "timing"))
-        chunks = windows(heal_stream(section.data, tokenizer, section.seq_len * section.batch_size * (args.time_steps + 2)),
-                         section.seq_len)
-        heal(full, copy, kept, chunks, dataclasses.replace(section, steps=1), progress=False)  # warm-up step
-        tick = time.perf_counter()
-        heal(full, copy, kept, chunks, dataclasses.replace(section, steps=args.time_steps), progress=False)
-        step_seconds = (time.perf_counter() - tick) / args.time_steps
-        del copy
-        print(f"healing here: {step_seconds:.2f} s per step ({args.time_steps} steps timed, {args.threads} threads) -> "
-              f"{step_seconds * section.steps / 60:.1f} min for the recipe's {section.steps} steps; load {os.getloadavg()}")
-    rows: dict[str, Any] = {}
-    for label, model in (("full", full), ("dropped", dropped), ("healed", healed)):
+    def score(label: str, model: torch.nn.Module) -> dict[str, Any]:
         scores = evaluate(model, tokenizer, test, items, max_new_tokens=config.eval.max_new_tokens)
-        rows[label] = {k: scores[k] for k in ("rouge1", "rouge2", "rougeL", "bleu4", "perplexity")}
-        rows[label]["samples"] = scores["samples"]
-        print(f"{label:8s} ROUGE-L {scores['rougeL']:6.2f}  BLEU-4 {scores['bleu4']:5.2f}  "
+        row = {k: scores[k] for k in ("rouge1", "rouge2", "rougeL", "bleu4", "perplexity")}
+        row["samples"] = scores["samples"]
+        print(f"{label:40s} ROUGE-L {scores['rougeL']:6.2f}  BLEU-4 {scores['bleu4']:5.2f}  "
               f"ppl {scores['perplexity']:,.1f}", flush=True)
-    out = {"model": name, "keep": keep, "heal": info.to_dict(), "heal_wall_seconds": wall, "task": rows,
-           "load_average": os.getloadavg(), "threads": args.threads, "cpu_step_seconds": step_seconds,
-           "cpu_one_off_seconds_estimate": step_seconds * section.steps if step_seconds else None,
-           "ratios": {"healed_over_full_rougeL": rows["healed"]["rougeL"] / max(1e-9, rows["full"]["rougeL"]),
-                      "healed_over_full_ppl": rows["healed"]["perplexity"] / rows["full"]["perplexity"]}}
-    print(info.describe())
-    print(f"healing: {info.seconds:.1f} s of training ({'cached' if info.cached else 'trained now'}), "
-          f"{wall:.1f} s with text preparation; loss {info.loss_first:.3f} -> {info.loss_last:.3f}")
-    print(f"healed / full: ROUGE-L {out['ratios']['healed_over_full_rougeL']:.2f}x, "
-          f"task perplexity {out['ratios']['healed_over_full_ppl']:.2f}x; load {os.getloadavg()}")
+        return row
+
+    task = {"full": score("full", full), "dropped": score("dropped", dropped)}
+    healed_rows: list[dict[str, Any]] = []
+    for recipe in recipes:
+        start = time.perf_counter()
+        healed, info = healed_model(full, tokenizer, keep, recipe, progress=True)
+        wall = time.perf_counter() - start
+        label = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(recipe).items()
+                          if k in ("steps", "batch_size", "seq_len", "lr", "kd_positions", "teacher_precision"))
+        row = {"recipe": dataclasses.asdict(recipe), "label": label, "heal": info.to_dict(),
+               "heal_wall_seconds": wall, "seconds_per_step": info.seconds / recipe.steps if not info.cached else None,
+               "load_average_after": os.getloadavg(), "task": score(label, healed)}
+        row["ratios"] = {"healed_over_full_rougeL": row["task"]["rougeL"] / max(1e-9, task["full"]["rougeL"]),
+                         "healed_over_full_task_ppl": row["task"]["perplexity"] / task["full"]["perplexity"],
+                         "healed_over_full_text_ppl": info.ppl_after / info.ppl_full}
+        print(info.describe())
+        print(f"  healing: {info.seconds:.1f} s of training ({'cached' if info.cached else 'trained now'}"
+              f"{f', {info.seconds / recipe.steps:.2f} s/step' if not info.cached else ''}), {wall:.1f} s with text "
+              f"preparation; loss {info.loss_first:.3f} -> {info.loss_last:.3f}; healed / full: text ppl "
+              f"{row['ratios']['healed_over_full_text_ppl']:.2f}x, task ppl {row['ratios']['healed_over_full_task_ppl']:.2f}x,"
+              f" ROUGE-L {row['ratios']['healed_over_full_rougeL']:.2f}x; load {os.getloadavg()}", flush=True)
+        healed_rows.append(row)
+        del healed
+    out = {"model": name, "keep": keep, "threads": args.threads, "task": task, "healed": healed_rows,
+           "load_average": os.getloadavg()}
     results = ROOT / "benchmarks" / "results"
     results.mkdir(exist_ok=True)
-    target = results / ("heal_quick.json" if args.quick else f"heal_{keep}.json")
+    target = Path(args.out) if args.out else results / ("heal_quick.json" if args.quick else f"heal_{keep}.json")
     target.write_text(json.dumps(out, indent=2, default=str))
     print(f"wrote {target}")
     return 0

@@ -14,8 +14,11 @@ fed+KD ≥ fed without KD ≥ local+KD (ROUGE-L, and perplexity the other way ro
 co (issue 18): the example as configured (**co-tuned**), the same with ``co.directions: to_llm, co.lam: 0``
 (the aggregate dispatched unchanged = **FedHomoLLM on the small model without the server step**, and the
 LLM taking the same LM steps on the public batches = **LLM fine-tuned on the public data alone**), **each
-client alone** (``run_local``), and with ``--logits`` the FedMKT variant (``co.send_logits: true``); round 0
-of the co-tuned run is the **zero-shot LLM**.
+client alone** (``run_local``), with ``--logits`` the FedMKT variant (``co.send_logits: true``) and with
+``--also KEY=VALUE ...`` one more co-tuned run with those settings of the ``co:`` section (e.g.
+``selective=false``: the small model teaches the LLM on every public sequence); round 0 of the co-tuned run
+is the **zero-shot LLM**. Each co-tuned row also shows the share of public sequences on which the small
+model taught the LLM (1.00 without ``selective``; with it, the share where its NLL was the lower).
 
 Same data, test split (16 WordNet examples), seeds and healed model (cached) in every row. Each run's wall
 seconds and the load average are recorded. Writes benchmarks/results/kd_compare_<trainer>[_<tag>].json.
@@ -128,7 +131,15 @@ def hetero(raw: dict[str, Any], tmp: Path, lams: list[float]) -> tuple[dict[str,
     return {"kd": kd, "nokd": nokd, "sweep": {str(k): v for k, v in sweep.items()}, "checks": checks}, lines + per_round
 
 
-def co(raw: dict[str, Any], tmp: Path, logits: bool) -> tuple[dict[str, Any], list[str]]:
+def _teaches(run: dict[str, Any]) -> str:
+    """The share of public sequences on which the small model taught the LLM, per round."""
+    shares = [r.get("server_small_teaches") for r in run["history"] if r.get("round", 0) > 0]
+    if not shares or any(v is None for v in shares):
+        return "1.00 (no selection)"
+    return " / ".join(f"{float(v):.2f}" for v in shares)
+
+
+def co(raw: dict[str, Any], tmp: Path, logits: bool, also: list[str]) -> tuple[dict[str, Any], list[str]]:
     from fedguard_train.trainers.co import FedCoLLM
 
     both = _run(FedCoLLM, raw, tmp / "both", local=True)
@@ -150,6 +161,20 @@ def co(raw: dict[str, Any], tmp: Path, logits: bool) -> tuple[dict[str, Any], li
               "small co-tuned <= FedHomoLLM small (perplexity)": final["perplexity"] <= ref["perplexity"],
               "small co-tuned >= every client alone (ROUGE-L)":
                   final["rougeL"] >= max(r["rougeL"] for r in both["local"])}
+    teach = [f"- share of public sequences on which the small model taught the LLM, per round: co-tuned "
+             f"{_teaches(both)}"]
+    if also:
+        extra = {k: _value(v) for k, _, v in (item.partition("=") for item in also)}
+        variant = _run(FedCoLLM, {**raw, "co": {**raw["co"], **extra}}, tmp / "also")
+        out["also"] = {"settings": extra, **variant}
+        label = ", ".join(f"{k} {v}" for k, v in extra.items())
+        lines += [_line(f"LLM co-tuned ({label})", _scores(variant["history"][-1], "llm_")),
+                  _line(f"small co-tuned ({label})", _scores(variant["history"][-1]))]
+        checks[f"LLM co-tuned ({label}) >= public-only (ROUGE-L)"] = \
+            variant["history"][-1]["llm_rougeL"] >= ref["llm_rougeL"]
+        checks[f"LLM co-tuned ({label}) <= public-only (perplexity)"] = \
+            variant["history"][-1]["llm_perplexity"] <= ref["llm_perplexity"]
+        teach.append(f"- the same with {label}: {_teaches(variant)}")
     if logits:
         mkt = _run(FedCoLLM, {**raw, "co": {**raw["co"], "send_logits": True}}, tmp / "logits")
         out["logits"] = mkt
@@ -157,9 +182,16 @@ def co(raw: dict[str, Any], tmp: Path, logits: bool) -> tuple[dict[str, Any], li
                   _line("small co-tuned + FedMKT logits to clients", _scores(mkt["history"][-1]))]
         checks["FedMKT logits: small >= co-tuned without them (ROUGE-L)"] = \
             mkt["history"][-1]["rougeL"] >= final["rougeL"]
-    lines += ["", *[f"- {name}: {'holds' if ok else 'does NOT hold'}" for name, ok in checks.items()]]
+    lines += ["", *[f"- {name}: {'holds' if ok else 'does NOT hold'}" for name, ok in checks.items()], *teach]
+    per_round = ["", "| run | round | LLM ROUGE-L | LLM ppl | small ROUGE-L | small ppl | server s | small teaches |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in ("both", "base", "also", "logits"):
+        for r in out.get(name, {}).get("history", []):
+            per_round.append(f"| {name} | {r['round']} | {r['llm_rougeL']:.2f} | {r['llm_perplexity']:,.1f} | "
+                             f"{r['rougeL']:.2f} | {r['perplexity']:,.1f} | {float(r.get('server_seconds', 0)):.1f} | "
+                             f"{r.get('server_small_teaches', '-')} |")
     out["checks"] = checks
-    return out, lines
+    return out, lines + per_round
 
 
 def main() -> int:
@@ -168,6 +200,8 @@ def main() -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override keys of the trainer's section (e.g. lam=0.5, small_heal.steps=100)")
     parser.add_argument("--logits", action="store_true", help="co: also the FedMKT logits variant")
+    parser.add_argument("--also", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="co: one more co-tuned run with these co: settings (e.g. selective=false)")
     parser.add_argument("--lams", type=float, nargs="*", default=[0.3],
                         help="hetero: further fed + KD runs at these lam values (the KD-strength sweep)")
     parser.add_argument("--tag", default="", help="suffix of the JSON file")
@@ -183,7 +217,7 @@ def main() -> int:
         if args.trainer == "hetero":
             out, lines = hetero(raw, Path(tmp), args.lams)
         else:
-            out, lines = co(raw, Path(tmp), args.logits)
+            out, lines = co(raw, Path(tmp), args.logits, args.also)
     out.update(settings=args.set, quick=args.quick, wall_seconds=time.perf_counter() - start,
                load_average_end=os.getloadavg(), threads=args.threads)
     heal = next((r["heal_line"] for r in out.values() if isinstance(r, dict) and "heal_line" in r), None)

@@ -442,7 +442,12 @@ class HealSection:
     (``lr``, batches of ``batch_size`` windows of ``seq_len`` tokens of ``data``: ``common-licenses``,
     ``wordnet-unused``, or ``mixed``) on ``kd_weight``·τ²·KL(full ‖ dropped) at ``temperature`` over the whole
     vocabulary plus ``hidden_weight``·NMSE of each kept block's output against the full model's output at
-    the same depth. Cached on disk keyed by the full model's weights, the kept blocks and these settings."""
+    the same depth. Cached on disk keyed by the full model's weights, the kept blocks and these settings.
+    Cheaper-step knobs (CPU recipe): ``kd_positions`` > 0 computes the logit KD on that many positions per
+    window, drawn afresh each step (0: every position; the hidden-state term always sees every position), and
+    ``teacher_precision: bfloat16`` runs the full model's (gradient-free) forward under bfloat16 autocast (the
+    dropped model, its optimiser and the losses stay float32; fast only on CPUs with native bfloat16, e.g.
+    AVX512-BF16/AMX: measured slower than float32 for the trained model's backward, so it is never used there)."""
 
     steps: int = 200
     batch_size: int = 8
@@ -453,6 +458,8 @@ class HealSection:
     hidden_weight: float = 1.0
     data: Literal["common-licenses", "wordnet-unused", "mixed"] = "mixed"
     seed: int = 0
+    kd_positions: int = 0
+    teacher_precision: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
         _problems_of(self, [
@@ -464,6 +471,10 @@ class HealSection:
             (self.kd_weight >= 0 and self.hidden_weight >= 0 and self.kd_weight + self.hidden_weight > 0,
              f"kd_weight and hidden_weight must be >= 0 and not both 0, got {self.kd_weight} and "
              f"{self.hidden_weight}"),
+            (0 <= self.kd_positions <= self.seq_len,
+             f"kd_positions must be in [0, seq_len={self.seq_len}], got {self.kd_positions}"),
+            (self.teacher_precision in ("float32", "bfloat16"),
+             f"teacher_precision must be 'float32' or 'bfloat16', got {self.teacher_precision!r}"),
         ])
 
 

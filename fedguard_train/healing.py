@@ -18,6 +18,16 @@ final norm (embeddings and the tied head stay frozen) towards the full model —
   (:func:`fedguard_train.emulator.nmse`). The last pair is the final hidden state, which with the shared
   head fixes the logits.
 
+**The CPU recipe** (the examples' default): a step's cost is dominated by the vocabulary-sized tensors of the
+first term (SmolLM2: 49,152 logits per position, on both models, forward and backward, plus their softmaxes)
+and by the full model's forward. ``kd_positions`` > 0 computes the first term on that many positions per
+window, drawn afresh each step from the seeded generator (``logits_to_keep``: the head runs only there; the
+second term still sees every position) — an unbiased estimate of the mean over positions — and
+``teacher_precision: bfloat16`` runs the full model's gradient-free forward under bfloat16 autocast (the
+dropped model, its optimiser and the losses stay float32; bfloat16 *training* was measured slower than
+float32 here and is not offered). Both are recipe settings: they enter the cache key (their old values
+are left out of it, so a healing cached before they existed keeps its key).
+
 Data (``data``): ``common-licenses`` (Debian's licence texts, docs/data.md), ``wordnet-unused`` ("define the
 word" pairs in the model's chat format for WordNet lemmas that no run can draw:
 :func:`fedguard_train.public_data.unused_wordnet_pairs`) or ``mixed`` (both, alternating windows). The text
@@ -76,8 +86,12 @@ class HealInfo:
     def describe(self) -> str:
         """One line for reports: what the model is and what healing bought."""
         s = self.settings
+        cheap = (f", KD on {s['kd_positions']} of {s['seq_len']} positions" if s.get("kd_positions") else "") + (
+            f", teacher forward in {s['teacher_precision']}" if s.get("teacher_precision", "float32") != "float32"
+            else "")
         return (f"{len(self.kept)} of {self.n_layers} blocks {list(self.kept)}, healed by distillation from the full "
-                f"model ({s['steps']} steps of KD + hidden-state NMSE on {s['data']} text, lr {s['lr']}, cache "
+                f"model ({s['steps']} steps of {s['batch_size']}x{s['seq_len']} tokens of KD + hidden-state NMSE on "
+                f"{s['data']} text, lr {s['lr']}{cheap}, cache "
                 f"{self.key[:12]}): held-out perplexity {self.ppl_before:,.1f} -> {self.ppl_after:,.1f} "
                 f"(full model {self.ppl_full:,.1f})" + (f" [{self.provenance}]" if self.provenance else ""))
 
@@ -165,7 +179,6 @@ def heal_loss(full_out: Any, small_out: Any, kept: Sequence[int], section: HealS
 
 
 @torch.no_grad()
-@torch.no_grad()
 def perplexity(model: torch.nn.Module, chunks: Sequence[list[int]], batch_size: int = 8, device: str = "cpu") -> float:
     """exp(mean next-token NLL) over every position of ``chunks``."""
     total, count = 0.0, 0
@@ -201,6 +214,7 @@ def heal(full: torch.nn.Module, small: torch.nn.Module, kept: Sequence[int], tra
     order: list[int] = []
     full.eval()
     small.train()
+    bf16 = section.teacher_precision == "bfloat16"
     losses: list[float] = []
     bar = tqdm(range(section.steps), desc="healing the layer-dropped model", unit="step", disable=not progress,
                leave=False)
@@ -209,9 +223,15 @@ def heal(full: torch.nn.Module, small: torch.nn.Module, kept: Sequence[int], tra
             order += torch.randperm(len(train), generator=generator).tolist()
         pick, order = order[: section.batch_size], order[section.batch_size :]
         ids = torch.tensor([train[i] for i in pick], device=device)
-        with torch.no_grad():
-            full_out = full(input_ids=ids, output_hidden_states=True)
-        small_out = small(input_ids=ids, output_hidden_states=True)
+        extra: dict[str, Any] = {}
+        if section.kd_weight == 0:
+            extra["logits_to_keep"] = 1  # no logit term: the head's output is not needed
+        elif 0 < section.kd_positions < ids.shape[1]:
+            positions = torch.randperm(ids.shape[1], generator=generator)[: section.kd_positions].sort().values
+            extra["logits_to_keep"] = positions.to(device)
+        with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            full_out = full(input_ids=ids, output_hidden_states=True, **extra)
+        small_out = small(input_ids=ids, output_hidden_states=True, **extra)
         loss, _, _ = heal_loss(full_out, small_out, kept, section)
         if not bool(torch.isfinite(loss)):
             raise ConfigError(f"healing diverged (loss {float(loss)}); lower heal.lr")
@@ -228,9 +248,14 @@ def heal(full: torch.nn.Module, small: torch.nn.Module, kept: Sequence[int], tra
     return losses
 
 
+_LATER_SETTINGS = {"kd_positions": 0, "teacher_precision": "float32"}
+"""Settings added after the first cached healings, with the value that reproduces them: left out of the key
+at that value, so a healing cached before they existed keeps its key."""
+
+
 def _key(fingerprint: str, kept: Sequence[int], section: HealSection, text_sha: str) -> str:
-    raw = {"fingerprint": fingerprint, "kept": list(kept), "settings": asdict(section), "text": text_sha,
-           "version": 1}
+    settings = {k: v for k, v in asdict(section).items() if _LATER_SETTINGS.get(k, object()) != v}
+    raw = {"fingerprint": fingerprint, "kept": list(kept), "settings": settings, "text": text_sha, "version": 1}
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
 
 

@@ -169,3 +169,49 @@ def test_co_heals_the_small_model_before_round_one(tmp_path: Path, task: Path) -
     trainer.run()
     meta = json.loads((Path(config.run_dir) / "heal.json").read_text())
     assert meta["kept"] == [0] and meta["settings"]["steps"] == 3 and meta["ppl_after"] > 0
+
+
+CPU_RECIPE = HealSection(steps=30, batch_size=4, seq_len=32, lr=2e-3, data="common-licenses", kd_positions=8,
+                         teacher_precision="bfloat16")
+
+
+def test_the_cheaper_cpu_recipe_still_brings_the_dropped_model_towards_the_full_one(full: tuple) -> None:
+    """The examples' CPU recipe computes the logit KD on a few sampled positions per window and the full model's
+    forward in bfloat16: the dropped model must still move towards the full one on held-out windows."""
+    model, tokenizer = full
+    from fedguard_train.emulator import EmulatorRecipe, build_emulator, fingerprint
+
+    kept = even_blocks(6, 2)
+    dropped = build_emulator(model, EmulatorRecipe("llama", 6, 0, 0, 0.0, kept, fingerprint(model)))
+    healed, info = healed_model(model, tokenizer, 2, CPU_RECIPE, progress=False)
+    stream = heal_stream("common-licenses", tokenizer, 32 * (CPU_RECIPE.steps * CPU_RECIPE.batch_size + 64))
+    held_out = windows(stream, 32)[-8:]
+    before, after = _kl(model, dropped, held_out), _kl(model, healed, held_out)
+    assert after < 0.8 * before, (before, after)
+    assert info.ppl_after < info.ppl_before and info.loss_last < info.loss_first
+    assert "KD on 8 of 32 positions, teacher forward in bfloat16" in info.describe()
+    # the full model itself is untouched (its forward ran under autocast only)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_the_new_settings_keep_the_keys_of_healings_cached_before_them(full: tuple) -> None:
+    """kd_positions/teacher_precision at their old behaviour leave the cache key as it was (so a cache made
+    before they existed still loads); any other value makes a new key."""
+    import dataclasses
+    import hashlib
+
+    from fedguard_train.healing import _key
+
+    old_settings = {k: v for k, v in dataclasses.asdict(SMALL).items() if k not in ("kd_positions", "teacher_precision")}
+    raw = {"fingerprint": "f", "kept": [0, 5], "settings": old_settings, "text": "t", "version": 1}
+    assert _key("f", (0, 5), SMALL, "t") == hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
+    assert _key("f", (0, 5), dataclasses.replace(SMALL, kd_positions=8), "t") != _key("f", (0, 5), SMALL, "t")
+    assert _key("f", (0, 5), dataclasses.replace(SMALL, teacher_precision="bfloat16"), "t") != _key("f", (0, 5), SMALL,
+                                                                                                      "t")
+
+
+def test_bad_cheap_settings_are_refused() -> None:
+    with pytest.raises(ConfigError) as err:
+        HealSection(seq_len=32, kd_positions=33, teacher_precision="float16")  # type: ignore[arg-type]
+    assert "kd_positions must be in [0, seq_len=32]" in str(err.value)
+    assert "teacher_precision must be 'float32' or 'bfloat16'" in str(err.value)
