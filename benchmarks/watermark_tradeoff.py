@@ -112,8 +112,7 @@ FULL = Plan(pretrain_steps=500, owner_steps=400, finetune_steps=(200, 1000), ove
 # the margin: the hinge is zero once every bit clears γ0, so α sets how hard violations are pulled and γ0
 # how far the bits sit from 0 when the model is released (what fine-tuning's drift has to cross)
 GAMMA0 = Plan(pretrain_steps=500, owner_steps=400, finetune_steps=(200, 1000), overwrite_steps=400, keys=(
-    Keys(64, 1, (0.01,), (), (), gamma0=3.0), Keys(64, 1, (0.01,), (), (), gamma0=10.0),
-    Keys(64, 1, (0.01,), (0, 4), (), gamma0=30.0),
+    Keys(64, 1, (0.01,), (), (), gamma0=10.0), Keys(64, 1, (0.01,), (0, 4), (), gamma0=30.0),
 ))
 QUICK = Plan(pretrain_steps=60, owner_steps=40, finetune_steps=(20, 40), overwrite_steps=20, n_train=128,
              n_eval=128, keys=(Keys(64, 1, (0.003, 0.03), (0, 4), (10.0,)), Keys(64, 4, (0.01,), (0, 4), ())))
