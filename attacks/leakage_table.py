@@ -176,6 +176,57 @@ def inversion_rows(trials: int, seed: int, *, lamp_trials: int = 3, lamp_batches
     return rows
 
 
+def lamp_extra_rows(trials: int, seed: int, *, batches: Sequence[int] = (16,), lora_batches: Sequence[int] = (1, 4),
+                    ranks: Sequence[int] = (8, 64), lamp_config: LampConfig | None = None) -> list[dict[str, Any]]:
+    """LAMP where the main table has DAGER only: the full single-step gradient at larger batches
+    (``batches``), and LoRA's single-step gradient of every adapter tensor (A and B of each block's
+    ``c_attn``, as the server receives it; ``B`` initialised away from zero as after a first round) at ranks
+    ``ranks`` and batch sizes ``lora_batches``. Same model, data, LAMP budget and scoring as
+    :func:`inversion_rows`."""
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = lamp_config or LampConfig(eos_id=EOS, steps=300, restarts=1, seed=seed)
+    rows: list[dict[str, Any]] = []
+
+    def measure(name: str, model: torch.nn.Module, names: Sequence[str], batch_size: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        scores, distances, start = [], [], time.perf_counter()
+        for _ in range(trials):
+            batch = _batches(gen, batch_size)
+            found = lamp(model, batch_gradient(model, batch, names), [len(x) for x in batch], config=lcfg,
+                         target="gradient")
+            distances.append(found.final_distance)
+            scores.append(score_recovery(batch, found.sequences, vocab_size=VOCAB, seed=seed))
+        row: dict[str, Any] = {"setting": name, "method": "lamp", "batch": batch_size, "clients": 1,
+                               "trials": trials, "exact": float(np.mean([x.exact for x in scores])),
+                               "token_accuracy": float(np.mean([x.token_accuracy for x in scores])),
+                               "rouge1": float(np.mean([x.rouge1 for x in scores])),
+                               "rouge2": float(np.mean([x.rouge2 for x in scores])),
+                               "chance_rouge1": float(np.mean([x.chance_rouge1 for x in scores])),
+                               "informative": int(sum(d < 0.1 for d in distances)),
+                               "final_distance": float(np.mean(distances)), "seconds": time.perf_counter() - start}
+        rows.append(row)
+        print(f"lamp  {name:52s} B={batch_size:<3d} exact {100 * row['exact']:5.1f}%  "
+              f"tok {100 * row['token_accuracy']:5.1f}%  R1 {row['rouge1']:5.1f}  chance R1 {row['chance_rouge1']:4.1f}"
+              f"  D {row['final_distance']:.3f}  {row['seconds']:.0f} s", flush=True)
+
+    full = model_128(seed)
+    every = [n for n, _ in full.named_parameters()]
+    for b in batches:
+        measure("full fine-tuning, 1-step gradient, plaintext", full, every, b)
+    for r in ranks:
+        lora = get_peft_model(model_128(seed), LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                                                          target_modules=["c_attn"], fan_in_fan_out=True))
+        with torch.no_grad():
+            for n, p in lora.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0.0, 0.02)
+        adapter = [n for n, p in lora.named_parameters() if p.requires_grad]
+        for b in lora_batches:
+            measure(f"LoRA r={r}, 1-step gradient of the adapter, plaintext", lora, adapter, b)
+    return rows
+
+
 def membership_rows(seed: int) -> list[dict[str, Any]]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -210,11 +261,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--lamp-trials", type=int, default=3, help="batches per LAMP row (it is the slow attack)")
-    parser.add_argument("--lamp-batches", type=int, nargs="+", default=[1, 4], help="LAMP's plaintext batch sizes")
+    parser.add_argument("--lamp-batches", type=int, nargs="*", default=[1, 4], help="LAMP's plaintext batch sizes")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lamp-extra", action="store_true",
+                        help="only LAMP at --lamp-batches on the full gradient and on LoRA r=8/64 at --lora-batches "
+                             "(lamp_extra_rows) — the rows the main table has with DAGER only")
+    parser.add_argument("--lora-batches", type=int, nargs="*", default=[1, 4], help="with --lamp-extra: LoRA batch sizes")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     started = time.perf_counter()
+    if args.lamp_extra:
+        extra: dict[str, Any] = {"lamp_extra": lamp_extra_rows(args.lamp_trials, args.seed, batches=args.lamp_batches,
+                                                               lora_batches=args.lora_batches)}
+        extra["seconds"] = time.perf_counter() - started
+        Path(args.out).write_text(json.dumps(extra, indent=2) + "\n")
+        return 0
     doc: dict[str, Any] = {
         "inversion": inversion_rows(args.trials, args.seed, lamp_trials=args.lamp_trials,
                                     lamp_batches=args.lamp_batches),
