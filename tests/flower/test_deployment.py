@@ -10,6 +10,8 @@ What is proved against real Flower processes (each run bounded by timeouts):
   dropout, not a crash: the round completes over the others, equal to the in-process round with the same
   clients dropped at the same stages; with too few survivors the round aborts before anything is
   decoded and no checkpoint is written;
+* MPC (slow): the launcher starts real CrypTen parties with long-term keys, every worker seals to the keys
+  pinned in the party-keys file, and the adapters are bit-identical to in-process MPC;
 * no process outlives the deployment.
 """
 
