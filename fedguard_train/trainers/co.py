@@ -33,6 +33,8 @@ through the minimum-edit-distance vocabulary maps (both directions, cached), pos
 What crosses the wire: the small adapter (up: each client's masked/encrypted update; down: ``θ``), and
 optionally the sparse logits. The LLM, its adapter ``φ`` and the public data never leave the server; DP's
 guarantee is unaffected: the server step is post-processing of the released aggregate with public data.
+With a watermark in the norm scales (``watermark.target: norm``) the server step leaves those scales as
+aggregated (it holds no key to re-embed the clients' marks; docs/co.md gives what this protects per mode).
 Checkpoints: ``global.npy`` is ``θ`` after the server step; ``server.npz`` holds ``φ`` (``llm_adapter``) and
 both AdamW states, so a resumed run is bit-identical.
 """
@@ -188,7 +190,11 @@ class FedCoLLM(Trainer):
             self.to_small_map = al.cached_vocab_map(self.llm_tokenizer, tokenizer, maps, progress=not self.quiet).mapping
             self.to_llm_map = al.cached_vocab_map(tokenizer, self.llm_tokenizer, maps, progress=not self.quiet).mapping
         self.public = [self._pair(item) for item in public]
-        self.small_opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=s.server_lr)
+        # a watermark in the norm scales (watermark.target norm) is the clients' mark: the server step does not
+        # train those scales (it would erode the marks it has no key to re-embed); it trains the small adapter
+        self.server_frozen = self._watermark_scales()
+        self.small_opt = torch.optim.AdamW([p for p in self.model.parameters()
+                                            if p.requires_grad and id(p) not in self.server_frozen], lr=s.server_lr)
         self.llm_opt = torch.optim.AdamW([p for p in self.llm.parameters() if p.requires_grad], lr=s.server_lr)
         self.stats = _CoStats()
         self.hooks.hooks.append(self.stats)
@@ -197,6 +203,16 @@ class FedCoLLM(Trainer):
         self.logits_message_bytes = 0
         if s.send_logits:
             self.broadcast_logits(0)
+
+    def _watermark_scales(self) -> set[int]:
+        """Ids of the small model's norm scales when the config embeds a watermark there (else empty)."""
+        section = self.config.watermark
+        if section is None or section.target != "norm":
+            return set()
+        from fedguard.watermark.targets import norm_modules, resolve_module
+
+        scales = (resolve_module(self.model, path) for path in norm_modules(self.model))
+        return {id(m.weight) for m in scales if m is not None and getattr(m, "weight", None) is not None}
 
     def _pair(self, item: Item) -> PublicPair:
         """``item`` (small tokeniser) as both sides read it (see :class:`PublicPair`)."""
@@ -300,6 +316,9 @@ class FedCoLLM(Trainer):
 
                     raise TrainingDiverged(f"round {round_id}: the server step's loss became {float(total)}")
                 total.backward()
+                for p in self.model.parameters():  # the watermarked scales: no step, no stale gradient
+                    if id(p) in self.server_frozen:
+                        p.grad = None
                 for train, opt in ((train_llm, self.llm_opt), (train_small, self.small_opt)):
                     if train:
                         opt.step()

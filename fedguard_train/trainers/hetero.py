@@ -306,7 +306,9 @@ class FedHeteroLLM(Trainer):
 
         def loss_fn(step: LocalLoss) -> torch.Tensor:
             target = self._targets(teacher, dict(step.batch))
-            kd = kd_loss(step.outputs.logits, target, temperature=s.temperature, direction=s.direction)
+            # prompt tuning prepends its virtual tokens: the mentee's own positions are the last T
+            logits = step.outputs.logits[:, -step.batch["input_ids"].shape[1]:]
+            kd = kd_loss(logits, target, temperature=s.temperature, direction=s.direction)
             self.stats.lm.append(float(step.loss.detach()))
             self.stats.kd.append(float(kd.detach()))
             total = step.loss + s.lam * kd

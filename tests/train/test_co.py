@@ -274,3 +274,33 @@ def test_selective_transfer_lets_only_the_lower_nll_side_teach(tmp_path: Path, t
     stats = trainer.stats.server
     assert stats["server_small_teaches"] == 0.0
     assert stats["server_kd_to_llm"] == 0.0 and stats["server_kd_to_small"] > 0
+
+
+@pytest.mark.deepspeed
+def test_the_server_step_leaves_watermarked_norm_scales_alone_and_the_marks_verify(tmp_path: Path, task: Path) -> None:
+    """The watermark hook runs in FedCoLLM's client step like FedHomoLLM's. The server's mutual-KD step moves
+    the small adapter after every aggregation; with the marks in the norm scales it must not train those scales
+    (it has no key to re-embed them): the dispatched vector's scale entries equal the aggregate's, bit for bit,
+    while the adapter's entries move, and every client's mark verifies after two co-tuned rounds (chance: 12 of
+    24 bits; ``invariant`` mode reads the scales alone — ``gram`` mode also reads the projections the server's
+    LoRA step moves, docs/co.md)."""
+    from fedguard.rng import SecureRNG
+    from fedguard_train.watermarking import WatermarkHook
+
+    config = co_config(tmp_path, task, watermark={"bits": 24, "alpha": 0.1, "mode": "invariant"},
+                       federation={"clients": 2, "rounds": 2},
+                       training={"local_steps": 8, "batch_size": 4, "lr": 0.003})
+    hook = WatermarkHook(config.watermark or {}, config=config, rng=SecureRNG.for_testing("wm-co"))
+    trainer = Recording(config, hooks=[hook], quiet=True)
+    last = trainer.run().history[-1]
+    assert "server_kd_to_small" in last and trainer.server_frozen
+    scale = np.zeros(trainer.layout.size, dtype=bool)
+    for name in trainer.layout.names:
+        if "lora" not in name:
+            scale[trainer.layout.slice_of(name)] = True
+    assert scale.any() and (~scale).any()
+    for received, sent in trainer.seen:
+        np.testing.assert_array_equal(received[scale], sent[scale])
+        assert not np.array_equal(received[~scale], sent[~scale])
+    assert all(m >= 18 for m in last["watermark_matched"]), last
+    assert last["watermark_max_p"] < 0.02, last

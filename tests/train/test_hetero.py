@@ -128,3 +128,61 @@ def test_bad_hetero_configs_are_refused(tmp_path: Path, task: Path) -> None:
     with pytest.raises(ConfigError) as err2:
         hetero_config(tmp_path, task, hetero={"top_k": 0, "temperature": 0, "lam": -1})
     assert all(k in str(err2.value) for k in ("top_k", "temperature", "lam"))
+
+
+@pytest.mark.parametrize("method", ["p-tuning-v2", "prompt-tuning", "bottleneck"])
+def test_every_peft_method_of_the_mentee_trains_with_kd(tmp_path: Path, task: Path, method: str) -> None:
+    """The issue's mentee adapters beyond LoRA: the KD term must line up with the mentee's own positions even
+    when the method prepends virtual tokens (prompt tuning), and change the travelling vector."""
+    config = hetero_config(tmp_path, task, adapter={"method": method, "pre_seq_len": 4},
+                           federation={"clients": 2, "rounds": 1})
+    trainer = FedHeteroLLM(config, quiet=True)
+    start = trainer.global_vector().copy()
+    result = trainer.run()
+    row = result.history[-1]
+    assert row["kd_loss"] > 0 and np.isfinite(row["kd_loss"]) and np.isfinite(row["lm_loss"])
+    assert not np.array_equal(load_latest(Path(config.run_dir)).vector, start)  # type: ignore[union-attr]
+
+
+def test_client_level_dp_clips_the_mentee_update_and_accounts(tmp_path: Path, task: Path) -> None:
+    """The DP hook sees FedHeteroLLM's client update like FedHomoLLM's: the mentee adapter's vector, clipped
+    to the bound, with the accountant's epsilon in the round's row (the teacher's KD is part of the local loss,
+    before the clip)."""
+    from fedguard_train.hooks import TrainerHook
+    from fedguard_train.privacy import hooks_from_config
+
+    class Norms(TrainerHook):
+        name = "norms"
+
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, float]] = []
+
+        def client_update(self, update):  # type: ignore[no-untyped-def]
+            self.seen.append((int(update.vector.size), float(np.linalg.norm(update.vector))))
+            return update
+
+    config = hetero_config(tmp_path, task, dp={"clip_norm": 0.05, "noise_multiplier": 1.0, "target_delta": 1e-3},
+                           federation={"clients": 2, "rounds": 1})
+    norms = Norms()
+    trainer = FedHeteroLLM(config, hooks=[*hooks_from_config(config), norms], quiet=True)
+    result = trainer.run()
+    assert result.history[0]["epsilon"] > 0 and result.history[0]["kd_loss"] > 0
+    assert len(norms.seen) == 2
+    assert all(size == trainer.layout.size and norm <= 0.05 * (1 + 1e-4) for size, norm in norms.seen)
+
+
+def test_each_clients_watermark_verifies_after_kd_rounds(tmp_path: Path, task: Path) -> None:
+    """The watermark hook's loss is chained after the KD term: every client's mark is embedded in the mentee
+    adapter through federated KD rounds (chance: 12 of 24 bits)."""
+    from fedguard.rng import SecureRNG
+    from fedguard_train.watermarking import WatermarkHook
+
+    config = hetero_config(tmp_path, task, watermark={"bits": 24, "alpha": 0.1},
+                           federation={"clients": 2, "rounds": 2},
+                           training={"local_steps": 8, "batch_size": 4, "lr": 0.003})
+    hook = WatermarkHook(config.watermark or {}, config=config, rng=SecureRNG.for_testing("wm-hetero"))
+    trainer = FedHeteroLLM(config, hooks=[hook], quiet=True)
+    last = trainer.run().history[-1]
+    assert last["kd_loss"] > 0
+    assert all(m >= 18 for m in last["watermark_matched"]), last
+    assert last["watermark_max_p"] < 0.02, last
