@@ -188,7 +188,7 @@ class FlowerProcesses:
 
         if not flower_available():
             raise ConfigError("flwr is not installed: pip install 'fedguard[flower]' (make install does)")
-        self.dir = Path(work_dir)
+        self.dir = Path(work_dir).absolute()  # every process runs in it: the paths handed to them must not be relative
         self.logs = self.dir / "logs"
         self.insecure_test_mode = insecure_test_mode
         self.poll = check_poll(poll)
@@ -206,10 +206,11 @@ class FlowerProcesses:
         env.update(extra)
         return env
 
-    def spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    def spawn(self, name: str, cmd: list[str], env: dict[str, str], *, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+        """Start ``cmd`` in its own process group (in :attr:`dir`, or ``cwd``), logging to ``logs/<name>.log``."""
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 — closed in stop()
         self._files.append(log)
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.dir,
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd or self.dir,
                                 start_new_session=True)
         self.procs[name] = proc
         return proc
@@ -360,14 +361,17 @@ class Deployment:
         if bad:
             raise ConfigError(f"faults name clients {bad} outside [0, {config.n_parties})")
         self.run_dir = Path(config.run_dir)
-        self.dir = self.run_dir / "flower"
+        self.dir = (self.run_dir / "flower").absolute()
+        self.origin = Path.cwd()
+        """Where relative paths of the config (run_dir, data.path, key files) mean what they mean to
+        ``fedguard train`` here: the workers and the parties run in it, the ServerApp changes to it."""
         self.flower = FlowerProcesses(self.dir, insecure_test_mode=self.options.insecure_test_mode,
                                       poll=self.options.poll)
         fed = config.federation
         self.mpc: MpcParties | None = None
         if fed.aggregator == "mpc":  # the parties and the clients' key pin (fedguard_train.flower.mpc)
             self.mpc = MpcParties(self.flower, fed.aggregator_options, self.dir / "mpc",
-                                  connect_timeout=self.options.join_timeout + PARTY_STARTUP_MARGIN_S)
+                                  connect_timeout=self.options.join_timeout + PARTY_STARTUP_MARGIN_S, cwd=self.origin)
         else:  # a round the aggregator refuses fails here, before any process starts (mpc: in start())
             from fedguard.federation.registry import make_aggregator
 
@@ -446,7 +450,7 @@ class Deployment:
         fault = self.options.faults.get(client)
         if fault:
             cmd += ["--fault", fault]
-        self.flower.spawn(f"worker-{client}", cmd, self.flower.env(**extra))
+        self.flower.spawn(f"worker-{client}", cmd, self.flower.env(**extra), cwd=self.origin)
 
     def restart_superlink(self) -> None:
         """After the SuperLink died: a new one (same port and certificates) and a new SuperNode per client,
@@ -484,7 +488,8 @@ class Deployment:
             summary_path.unlink()
         settings = {"config": self.config.to_dict(), "resume": resume, "overwrite": overwrite,
                     "timeouts": {"first": opts.first_timeout, "stage": opts.stage_timeout},
-                    "join_timeout": opts.join_timeout, "summary": str(summary_path), "poll": opts.poll}
+                    "join_timeout": opts.join_timeout, "summary": str(summary_path), "poll": opts.poll,
+                    "cwd": str(self.origin)}
         (self.dir / "settings.json").write_text(json.dumps(settings, indent=1))
         app = self.dir / "app"
         app.mkdir(exist_ok=True)

@@ -59,9 +59,11 @@ class MpcParties:
         options: the run's ``aggregator_options`` (:class:`MpcOptions`).
         directory: where the keys and the pin are kept (``<run_dir>/flower/mpc``).
         connect_timeout: how long a started party keeps trying to reach the ServerApp (seconds).
+        cwd: where the parties run (relative paths of the options, e.g. ``roster_file``, are relative to it).
     """
 
-    def __init__(self, flower: Any, options: MpcOptions, directory: Path, *, connect_timeout: float) -> None:
+    def __init__(self, flower: Any, options: MpcOptions, directory: Path, *, connect_timeout: float,
+                 cwd: Path | None = None) -> None:
         if options.backend == "simulated":
             raise ConfigError("aggregator mpc with backend 'simulated' cannot run over Flower: its parties live in the "
                               "server's process, so the clients could only take their keys from the server. Use "
@@ -72,7 +74,8 @@ class MpcParties:
                               "control_key_file")
         self.flower = flower
         self.options = options
-        self.dir = Path(directory)
+        self.dir = Path(directory).absolute()
+        self.cwd = cwd
         self.managed = options.backend == "crypten"
         self.connect_timeout = float(connect_timeout)
         self.public_keys: tuple[bytes, ...] = ()
@@ -137,9 +140,9 @@ class MpcParties:
                 cmd.append("--norm-check")
             if o.roster_file is not None:
                 cmd += ["--roster", str(o.roster_file)]
-            self.flower.spawn(f"mpc-party-{rank}", cmd, env)
+            self.flower.spawn(f"mpc-party-{rank}", cmd, env, cwd=self.cwd)
         if o.norm_bound is not None:
-            self.flower.spawn("mpc-dealer", [*program, "dealer", *common], env)
+            self.flower.spawn("mpc-dealer", [*program, "dealer", *common], env, cwd=self.cwd)
 
     def running(self) -> bool:
         """Whether every party (and the dealer) this deployment started is still running."""

@@ -2,7 +2,8 @@
 
 Flower starts it in a ``flwr-serverapp`` process for the whole run. It reads the run's settings (the
 ``fedguard-settings`` entry of the Flower run config: a JSON file the launcher wrote with the
-:class:`~fedguard_train.config.TrainConfig`, resume/overwrite and timeouts), waits for the run's clients
+:class:`~fedguard_train.config.TrainConfig`, resume/overwrite, timeouts, and the directory the run was
+launched from, which it changes to so that the config's relative paths mean what they mean there), waits for the run's clients
 (a ``hello`` round trip maps Flower node ids to fedguard client ids: each SuperNode's worker knows which
 client it is), builds the coordinator trainer (:func:`fedguard_train.flower.coordinator.remote_trainer`)
 and runs it with :class:`GridExchange` as its transport: one push and pull of Flower messages per protocol stage
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import defaultdict
 from collections.abc import Mapping
@@ -152,6 +154,8 @@ def run_from_settings(grid: Grid, settings: dict[str, Any]) -> dict[str, Any]:
             Path(out).write_text(json.dumps({"status": "failed", "error": f"{type(err).__name__}: {err}"}))
 
     try:
+        if settings.get("cwd"):  # relative paths of the config mean what they mean where the run was launched
+            os.chdir(str(settings["cwd"]))
         config = TrainConfig.from_dict(settings["config"])
         timeouts = Timeouts(**settings.get("timeouts", {}))
         exchange = GridExchange(grid, config.n_parties, hello_timeout=float(settings.get("hello_timeout", 60.0)),

@@ -86,14 +86,24 @@ def _final_vector(run_dir: str) -> np.ndarray:
 
 @pytest.mark.parametrize("aggregator,insecure", [("masking", False),
                                                  pytest.param("plaintext", True, marks=pytest.mark.slow)])
-def test_flower_run_gives_bit_identical_adapters(tmp_path: Path, task: Path, aggregator: str, insecure: bool) -> None:
+def test_flower_run_gives_bit_identical_adapters(tmp_path: Path, task: Path, aggregator: str, insecure: bool,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also: the config's paths (run_dir, the data file) are *relative* to where the run is launched, as in
+    `make demo-flower`: the workers run there and the ServerApp changes to it, so they mean what they mean
+    to `fedguard train` (the launcher's own files live under an absolute <run_dir>/flower)."""
+    from fedguard_train.config import TrainConfig
     from fedguard_train.runner import build_trainer
 
     reference = build_trainer(_config(tmp_path, task, "in", aggregator), quiet=True)
     reference.run()
     expected = reference.global_vector()
 
-    config = _config(tmp_path, task, "flower", aggregator)
+    monkeypatch.chdir(tmp_path)
+    raw = _config(tmp_path, task, "flower", aggregator).to_dict()
+    raw["run_dir"] = str(Path(raw["run_dir"]).relative_to(tmp_path))
+    raw["data"]["path"] = str(task.relative_to(tmp_path))
+    config = TrainConfig.from_dict(raw)
+    assert not Path(config.run_dir).is_absolute()
     summary, pids = _deploy(config, _options(insecure_test_mode=insecure))
     assert summary["status"] == "completed", summary
     assert summary["drops"] == []

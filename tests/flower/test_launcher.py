@@ -157,3 +157,24 @@ def test_mpc_set_up_makes_party_keys_and_the_clients_pin_before_any_process(tmp_
     with Deployment(config) as conflicting, pytest.raises(ConfigError, match="refusing to overwrite"):
         assert conflicting.mpc is not None
         conflicting._prepare_mpc(conflicting.mpc)
+
+
+def test_a_relative_run_dir_gives_absolute_launcher_paths(tmp_path: Path, task: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every Flower process runs in <run_dir>/flower: the launcher's own paths (config, settings, app, certs,
+    MPC keys) must be absolute there, and the workers are started where the run was launched (so a relative
+    run_dir or data path means what it means to `fedguard train`). Nothing is started here."""
+    from fedguard_train.config import TrainConfig
+    from fedguard_train.flower.launcher import Deployment
+    from tests.train.conftest import tiny_config
+
+    monkeypatch.chdir(tmp_path)
+    raw = tiny_config(tmp_path / "rel", task, federation={"clients": 2, "rounds": 1, "aggregator": "mpc",
+                                                          "aggregator_options": {"n_parties": 2}}).to_dict()
+    raw["run_dir"] = "runs/relative"
+    with Deployment(TrainConfig.from_dict(raw)) as deployment:
+        assert deployment.dir == tmp_path / "runs" / "relative" / "flower" and deployment.origin == tmp_path
+        assert deployment.flower.dir.is_absolute() and deployment.mpc is not None
+        deployment._prepare_mpc(deployment.mpc)
+        options = deployment.config.federation.aggregator_options
+        assert Path(str(options.party_keys_file)).is_absolute() and Path(str(options.control_key_file)).is_absolute()
