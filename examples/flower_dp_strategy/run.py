@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="working directory (default: a new temporary one)")
     parser.add_argument("--insecure-test-mode", action="store_true")
     args = parser.parse_args()
-    work = Path(args.out or tempfile.mkdtemp(prefix="fedguard-dp-example-"))
+    work = Path(args.out or tempfile.mkdtemp(prefix="fedguard-dp-example-")).absolute()  # Flower runs in it
     result = work / "result.json"
     with FlowerProcesses(work, insecure_test_mode=args.insecure_test_mode) as flower:
         flower.start_superlink()
