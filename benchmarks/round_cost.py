@@ -191,15 +191,19 @@ def load_line() -> str:
     return f"{one:.2f} {five:.2f} {fifteen:.2f}"
 
 
-def timing_order(aggregators: Sequence[str], repeats: int) -> list[tuple[int, str]]:
+PAILLIER_VARIANTS = ("paillier", "paillier+precompute", "paillier+background")
+
+
+def timing_order(aggregators: Sequence[str], repeats: int,
+                 paillier_variants: Sequence[str] = PAILLIER_VARIANTS) -> list[tuple[int, str]]:
     """(repeat, label) in run order: a discarded plaintext warm-up (repeat -1), then ``repeats`` times
     plaintext followed by every other aggregator (Paillier also pooled: ``+precompute`` fills the pools
     before local training, ``+background`` on low-priority processes during it), and a closing plaintext, so
     that every private run has a plaintext run on each side of it."""
     others = [a for a in aggregators if a != "plaintext"]
     if "paillier" in others:  # pooled: obfuscators made before local training (offline) / during it (background)
-        at = others.index("paillier") + 1
-        others[at:at] = ["paillier+precompute", "paillier+background"]
+        at = others.index("paillier")
+        others[at:at + 1] = [v for v in PAILLIER_VARIANTS if v in paillier_variants]
     order = [(-1, "plaintext")]
     for rep in range(repeats):
         order += [(rep, "plaintext")] + [(rep, label) for label in others]
@@ -257,7 +261,7 @@ def timing_part(raw: dict[str, Any], args: argparse.Namespace, report: dict[str,
     """Part 1: one round per run, in :func:`timing_order`; rows and summary into ``report``."""
     if "paillier" in args.aggregators:  # spawn the worker processes once, before anything is timed (a
         warm_paillier_workers(args.paillier_workers)  # trainer process pays this once in its lifetime)
-    for i, (rep, label) in enumerate(timing_order(args.aggregators, args.repeats)):
+    for i, (rep, label) in enumerate(timing_order(args.aggregators, args.repeats, args.paillier_variants)):
         name = label.split("+")[0]
         options: dict[str, Any] = {}
         if label.endswith("+precompute") or label.endswith("+background"):
@@ -306,6 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--upload-bits", type=int, default=None, choices=(8, 16, 32),
                         help="timing: every aggregator at this quantised upload (default: the demo's encoding)")
     parser.add_argument("--repeats", type=int, default=2, help="timing: plaintext/private alternations")
+    parser.add_argument("--paillier-variants", nargs="*", default=list(PAILLIER_VARIANTS), choices=PAILLIER_VARIANTS,
+                        help="timing: which Paillier runs (no pool, pool before training, pool during training)")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
