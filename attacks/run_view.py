@@ -194,17 +194,9 @@ def round_participants(run: LoadedRun, round_id: int) -> list[int]:
     view = run.view / f"round_{round_id:04d}" / "view.json"
     if view.is_file():
         return [int(c) for c in manifest(run, round_id)["participants"]]
-    from fedguard.dp.client_level import sample_clients, sample_fixed_size
-    from fedguard.rng import SecureRNG
+    from fedguard_train.trainers.base import sampled_participants
 
-    everyone = list(range(len(run.client_items)))
-    options = run.config.sampling_options
-    rng = SecureRNG.for_testing(f"{run.config.seed}/sample/{round_id}")
-    if options["sample_rate"] is not None:
-        return sample_clients(everyone, float(options["sample_rate"]), rng)
-    if options["clients_per_round"] is not None:
-        return sample_fixed_size(everyone, int(options["clients_per_round"]), rng)
-    return everyone
+    return sampled_participants(run.config, len(run.client_items), round_id)
 
 
 def trained_on(run: LoadedRun, *, client: int | None = None, rounds: int | None = None) -> list[tuple[int, int]]:

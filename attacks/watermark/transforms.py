@@ -25,6 +25,7 @@ Re-parametrisations (each leaves the network's function unchanged; the suite mea
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -226,6 +227,17 @@ def rotate_heads(model: torch.nn.Module, generator: torch.Generator) -> None:
         proj.weight.copy_(pw)
 
 
+def _lora_factors(model: torch.nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The weights ``(A, B)`` of every active LoRA adapter of ``model`` (peft's ``lora_A``/``lora_B``)."""
+    module: Any
+    for module in model.modules():
+        if not (hasattr(module, "lora_A") and hasattr(module, "get_base_layer")):
+            continue
+        for adapter in module.active_adapters:
+            if adapter in module.lora_A:
+                yield module.lora_A[adapter].weight, module.lora_B[adapter].weight
+
+
 @torch.no_grad()
 def prune_lora(model: torch.nn.Module, fraction: float) -> int:
     """Zero the ``fraction`` smallest-magnitude entries of every LoRA factor (``lora_A``, ``lora_B`` of each
@@ -234,18 +246,12 @@ def prune_lora(model: torch.nn.Module, fraction: float) -> int:
     if not 0 <= fraction < 1:
         raise ConfigError(f"prune fraction must be in [0, 1), got {fraction}")
     count = 0
-    module: Any
-    for module in model.modules():
-        if not (hasattr(module, "lora_A") and hasattr(module, "get_base_layer")):
-            continue
-        for adapter in module.active_adapters:
-            if adapter not in module.lora_A:
-                continue
-            for w in (module.lora_A[adapter].weight, module.lora_B[adapter].weight):
-                k = int(fraction * w.numel())
-                if k:
-                    w.masked_fill_(w.abs() <= w.abs().flatten().kthvalue(k).values, 0.0)
-                count += 1
+    for a, b in _lora_factors(model):
+        for w in (a, b):
+            k = int(fraction * w.numel())
+            if k:
+                w.masked_fill_(w.abs() <= w.abs().flatten().kthvalue(k).values, 0.0)
+            count += 1
     if count == 0:
         raise ConfigError("the model has no LoRA layers to prune")
     return count
@@ -257,21 +263,14 @@ def refactor_lora(model: torch.nn.Module) -> int:
     its rank-r SVD factors ``B' = U√Σ/s, A' = √ΣVᵀ`` (same product, different factors). Returns the
     number of layers refactored; raises for a model without LoRA layers."""
     count = 0
-    module: Any
-    for module in model.modules():
-        if not (hasattr(module, "lora_A") and hasattr(module, "get_base_layer")):
-            continue
-        for adapter in module.active_adapters:
-            if adapter not in module.lora_A:
-                continue
-            a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight  # [r, in], [out, r]
-            rank = a.shape[0]
-            delta = (b.double() @ a.double())
-            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-            root = s[:rank].sqrt()
-            b.copy_(u[:, :rank] * root[None, :])
-            a.copy_(root[:, None] * vh[:rank])
-            count += 1
+    for a, b in _lora_factors(model):  # [r, in], [out, r]
+        rank = a.shape[0]
+        delta = (b.double() @ a.double())
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        root = s[:rank].sqrt()
+        b.copy_(u[:, :rank] * root[None, :])
+        a.copy_(root[:, None] * vh[:rank])
+        count += 1
     if count == 0:
         raise ConfigError("the model has no LoRA layers to refactor")
     return count

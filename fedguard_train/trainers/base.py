@@ -99,6 +99,25 @@ def seed_of(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def sampled_participants(config: TrainConfig, n_clients: int, round_id: int) -> list[int]:
+    """The clients of round ``round_id`` among ``n_clients``, in increasing order: every client by default;
+    with ``federation.sample_rate`` a Poisson sample (each client independently with probability ``q``; may
+    be empty), with ``federation.clients_per_round`` ``k`` clients uniformly without replacement.
+
+    Drawn from ``SecureRNG.for_testing(f"{seed}/sample/{round_id}")``: a resumed run samples exactly as an
+    uninterrupted one, and an audit holding the run's config replays the draw (:mod:`attacks.run_view`)."""
+    from fedguard.dp.client_level import sample_clients, sample_fixed_size
+
+    everyone = list(range(n_clients))
+    options = config.sampling_options
+    rng = SecureRNG.for_testing(f"{config.seed}/sample/{round_id}")
+    if options["sample_rate"] is not None:
+        return sample_clients(everyone, float(options["sample_rate"]), rng)
+    if options["clients_per_round"] is not None:
+        return sample_fixed_size(everyone, int(options["clients_per_round"]), rng)
+    return everyone
+
+
 def check_run_dir(path: Path) -> None:
     """Make sure ``path`` is (or can become) a writable directory; :class:`ConfigError` naming the
     problem otherwise (a regular file on the way, no permission). Runs before any model loads."""
@@ -415,17 +434,9 @@ class Trainer(ABC):
         Drawn from ``SecureRNG.for_testing(f"{seed}/sample/{round_id}")``, so a resumed run samples exactly
         as an uninterrupted one. Amplification by sampling (central DP) assumes whoever sees the released
         models cannot recompute the sample: the run's ``seed`` is the server's secret (docs/dp.md).
-        Subclasses may override (e.g. canary clients); the base calls it once per round."""
-        from fedguard.dp.client_level import sample_clients, sample_fixed_size
-
-        everyone = list(range(len(self.client_items)))
-        options = self.config.sampling_options
-        rng = SecureRNG.for_testing(f"{self.config.seed}/sample/{round_id}")
-        if options["sample_rate"] is not None:
-            return sample_clients(everyone, float(options["sample_rate"]), rng)
-        if options["clients_per_round"] is not None:
-            return sample_fixed_size(everyone, int(options["clients_per_round"]), rng)
-        return everyone
+        Subclasses may override (e.g. canary clients); the base calls it once per round
+        (:func:`sampled_participants`)."""
+        return sampled_participants(self.config, len(self.client_items), round_id)
 
     def _empty_round(self, round_id: int) -> RoundResult:
         """A round whose sample is empty: no client trains and nothing is aggregated, but the hooks still

@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from fedguard_train.config import TrainConfig
+from fedguard_train.hooks import TrainerHook
 
 
 def write_task(path: Path, n: int = 48) -> Path:
@@ -44,3 +46,17 @@ def tiny_config(tmp_path: Path, task: Path, **overrides: Any) -> TrainConfig:
         else:
             raw[section] = value
     return TrainConfig.from_dict(raw)
+
+
+class UpdateNorms(TrainerHook):
+    """A hook placed after the privacy hooks: records ``(size, L2 norm)`` of every client update it is
+    handed (so, with ``dp:``, the clipped vector)."""
+
+    name = "norms"
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, float]] = []
+
+    def client_update(self, update):  # type: ignore[no-untyped-def]
+        self.seen.append((int(update.vector.size), float(np.linalg.norm(update.vector))))
+        return update

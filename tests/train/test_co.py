@@ -17,7 +17,7 @@ from fedguard_train.config import DataConfig, TrainConfig
 from fedguard_train.data import Example, load_wordnet
 from fedguard_train.public_data import disjoint_pairs, lemma_of, load_public
 from fedguard_train.trainers.co import FedCoLLM
-from tests.train.conftest import tiny_config
+from tests.train.conftest import UpdateNorms, tiny_config
 
 SMALL_CO: dict[str, Any] = {"server_model": "tiny:llama:4", "small_layers": 1, "server_steps": 2, "top_k": 4,
                             "public_examples": 12, "public_seq_len": 16, "logits_examples": 6, "server_lr": 0.01}
@@ -188,22 +188,11 @@ def test_resume_after_round_one_is_bit_identical(tmp_path: Path, task: Path) -> 
 @pytest.mark.deepspeed
 def test_client_level_dp_clips_and_accounts_the_small_adapter(tmp_path: Path, task: Path) -> None:
     """The DP hook sees FedCoLLM's client update like FedHomoLLM's: the small adapter's vector, clipped."""
-    from fedguard_train.hooks import TrainerHook
     from fedguard_train.privacy import hooks_from_config
-
-    class Norms(TrainerHook):
-        name = "norms"
-
-        def __init__(self) -> None:
-            self.seen: list[tuple[int, float]] = []
-
-        def client_update(self, update):  # type: ignore[no-untyped-def]
-            self.seen.append((int(update.vector.size), float(np.linalg.norm(update.vector))))
-            return update
 
     config = co_config(tmp_path, task, dp={"clip_norm": 0.05, "noise_multiplier": 1.0, "target_delta": 1e-3},
                        federation={"clients": 2, "rounds": 1})
-    norms = Norms()
+    norms = UpdateNorms()
     trainer = FedCoLLM(config, hooks=[*hooks_from_config(config), norms], quiet=True)
     result = trainer.run()
     assert result.history[0]["epsilon"] > 0 and "server_kd_to_small" in result.history[0]

@@ -12,7 +12,7 @@ from fedguard.errors import ConfigError
 from fedguard_train.checkpoint import load_latest
 from fedguard_train.config import TrainConfig
 from fedguard_train.trainers.hetero import FedHeteroLLM, drop_layers, load_model
-from tests.train.conftest import tiny_config
+from tests.train.conftest import UpdateNorms, tiny_config
 
 pytestmark = pytest.mark.deepspeed
 
@@ -148,22 +148,11 @@ def test_client_level_dp_clips_the_mentee_update_and_accounts(tmp_path: Path, ta
     """The DP hook sees FedHeteroLLM's client update like FedHomoLLM's: the mentee adapter's vector, clipped
     to the bound, with the accountant's epsilon in the round's row (the teacher's KD is part of the local loss,
     before the clip)."""
-    from fedguard_train.hooks import TrainerHook
     from fedguard_train.privacy import hooks_from_config
-
-    class Norms(TrainerHook):
-        name = "norms"
-
-        def __init__(self) -> None:
-            self.seen: list[tuple[int, float]] = []
-
-        def client_update(self, update):  # type: ignore[no-untyped-def]
-            self.seen.append((int(update.vector.size), float(np.linalg.norm(update.vector))))
-            return update
 
     config = hetero_config(tmp_path, task, dp={"clip_norm": 0.05, "noise_multiplier": 1.0, "target_delta": 1e-3},
                            federation={"clients": 2, "rounds": 1})
-    norms = Norms()
+    norms = UpdateNorms()
     trainer = FedHeteroLLM(config, hooks=[*hooks_from_config(config), norms], quiet=True)
     result = trainer.run()
     assert result.history[0]["epsilon"] > 0 and result.history[0]["kd_loss"] > 0

@@ -32,7 +32,7 @@ from fedguard_train.emulator import (
 )
 from fedguard_train.models import FAMILIES, byte_tokenizer
 from fedguard_train.trainers.ost import FedOST
-from tests.train.conftest import tiny_config
+from tests.train.conftest import UpdateNorms, tiny_config
 
 HUB = ["llama", "gpt2", "bloom", "opt", "qwen2"]
 
@@ -227,22 +227,11 @@ def test_the_smollm2_example_config_loads() -> None:
 @pytest.mark.deepspeed
 def test_client_level_dp_clips_and_accounts_the_adapter_vector(tmp_path: Path, task: Path) -> None:
     """The DP hook sees FedOST's update like any other: the adapter blocks' vector, clipped to clip_norm."""
-    from fedguard_train.hooks import TrainerHook
     from fedguard_train.privacy import hooks_from_config
-
-    class Norms(TrainerHook):
-        name = "norms"
-
-        def __init__(self) -> None:
-            self.seen: list[tuple[int, float]] = []
-
-        def client_update(self, update):  # type: ignore[no-untyped-def]
-            self.seen.append((int(update.vector.size), float(np.linalg.norm(update.vector))))
-            return update
 
     config = _ost_config(tmp_path, task, dp={"clip_norm": 0.05, "noise_multiplier": 1.0, "target_delta": 1e-3},
                          federation={"clients": 2, "rounds": 1})
-    norms = Norms()
+    norms = UpdateNorms()
     trainer = FedOST(config, hooks=[*hooks_from_config(config), norms], quiet=True)
     result = trainer.run()
     assert result.history[0]["epsilon"] > 0

@@ -105,16 +105,22 @@ def write_control_key(path: str | Path) -> Path:
 
 def read_control_key(path: str | Path) -> bytes:
     """Read a control key file: exactly 32 bytes, not readable by group or others."""
+    return _read_secret_file(path, "control key", CONTROL_KEY_BYTES)
+
+
+def _read_secret_file(path: str | Path, what: str, size: int) -> bytes:
+    """The ``size`` bytes of the secret file ``path`` (``what`` names it in errors); :class:`ConfigError`
+    when it cannot be read, is readable by group or others, or holds another number of bytes."""
     target = Path(path)
     try:
         mode = target.stat().st_mode
         data = target.read_bytes()
     except OSError as err:
-        raise ConfigError(f"cannot read the control key {target}: {err}") from err
+        raise ConfigError(f"cannot read the {what} {target}: {err}") from err
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(f"control key {target} is readable by others (mode {oct(mode & 0o777)}): chmod 600 it")
-    if len(data) != CONTROL_KEY_BYTES:
-        raise ConfigError(f"control key {target} must hold {CONTROL_KEY_BYTES} bytes, got {len(data)}")
+        raise ConfigError(f"{what} {target} is readable by others (mode {oct(mode & 0o777)}): chmod 600 it")
+    if len(data) != size:
+        raise ConfigError(f"{what} {target} must hold {size} bytes, got {len(data)}")
     return data
 
 
@@ -136,17 +142,7 @@ def read_party_key(path: str | Path) -> Any:
     the X25519 private key."""
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-    target = Path(path)
-    try:
-        mode = target.stat().st_mode
-        data = target.read_bytes()
-    except OSError as err:
-        raise ConfigError(f"cannot read the party key {target}: {err}") from err
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(f"party key {target} is readable by others (mode {oct(mode & 0o777)}): chmod 600 it")
-    if len(data) != 32:
-        raise ConfigError(f"party key {target} must hold 32 bytes, got {len(data)}")
-    return X25519PrivateKey.from_private_bytes(data)
+    return X25519PrivateKey.from_private_bytes(_read_secret_file(path, "party key", 32))
 
 
 # -- the channel -------------------------------------------------------------------------------------------
