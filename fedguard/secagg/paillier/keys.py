@@ -339,6 +339,36 @@ def best_window(modulus_bits: int, count: int | None) -> int | None:
     return window if costs[window] < count * _POWMOD_COST * modulus_bits else None
 
 
+def _window_table(base: mpz, modulus: mpz, rows: int, window: int) -> list[list[mpz]]:
+    """The fixed-base table of ``base``: row ``i`` holds ``base^(d·2^(w·i)) mod modulus`` for ``d < 2^w``."""
+    table: list[list[mpz]] = []
+    for _ in range(rows):
+        row = [mpz(1), base]
+        for _ in range((1 << window) - 2):
+            row.append(gmpy2.f_mod(row[-1] * base, modulus))
+        table.append(row)
+        base = gmpy2.f_mod(row[-1] * base, modulus)
+    return table
+
+
+def _draw_digits(rng: SecureRNG, rows: int, window: int) -> bytes | list[int]:
+    """``rows`` uniform ``window``-bit digits of a fresh exponent, least significant first."""
+    if window == 8:
+        return rng.bytes(rows)
+    alpha = int.from_bytes(rng.bytes((rows * window + 7) // 8), "little")
+    mask = (1 << window) - 1
+    return [(alpha >> (window * i)) & mask for i in range(rows)]
+
+
+def _table_power(table: list[list[mpz]], digits: bytes | list[int], modulus: mpz) -> mpz:
+    """``Π_i table[i][d_i] mod modulus``: the base raised to the exponent whose digits are ``digits``."""
+    acc = mpz(1)
+    for row, digit in zip(table, digits):
+        if digit:
+            acc = gmpy2.f_mod(acc * row[digit], modulus)
+    return acc
+
+
 class DJNObfuscators:
     """Obfuscators ``R = h_s^α mod n^2`` with ``h_s = x^n`` for a secret uniform ``x ∈ Z*_n`` and a fresh
     uniform ``α`` of at least :func:`exponent_bits` bits, by fixed-base exponentiation (module docstring:
@@ -372,34 +402,16 @@ class DJNObfuscators:
         n2 = public_key.n_squared
         self._key, self._rng, self._window = public_key, rng, window
         self._rows = -(-exponent_bits(public_key.bits) // window)
-        self._table: list[list[mpz]] = []
-        for _ in range(self._rows):  # row i: base^(d·2^(w·i)), d = 0 .. 2^w - 1
-            row = [mpz(1), base]
-            for _ in range((1 << window) - 2):
-                row.append(gmpy2.f_mod(row[-1] * base, n2))
-            self._table.append(row)
-            base = gmpy2.f_mod(row[-1] * base, n2)
+        self._table = _window_table(base, n2, self._rows, window)
 
     @property
     def exponent_bits(self) -> int:
         """Bits of every ``α`` (``rows·w``, at least :func:`exponent_bits` of the modulus)."""
         return self._rows * self._window
 
-    def _digits(self) -> bytes | list[int]:
-        if self._window == 8:
-            return self._rng.bytes(self._rows)
-        alpha = int.from_bytes(self._rng.bytes((self.exponent_bits + 7) // 8), "little")
-        mask = (1 << self._window) - 1
-        return [(alpha >> (self._window * i)) & mask for i in range(self._rows)]
-
     def obfuscator(self) -> mpz:
         """``h_s^α`` for a fresh uniform ``α`` of :attr:`exponent_bits` bits."""
-        n2 = self._key.n_squared
-        acc = mpz(1)
-        for row, digit in zip(self._table, self._digits()):
-            if digit:
-                acc = gmpy2.f_mod(acc * row[digit], n2)
-        return acc
+        return _table_power(self._table, _draw_digits(self._rng, self._rows, self._window), self._key.n_squared)
 
     def __reduce__(self) -> Any:
         raise TypeError("a DJN obfuscator table is secret and is never pickled")
@@ -466,24 +478,13 @@ class _FixedBase:
     def __init__(self, base: mpz, modulus: mpz, order: mpz, table: bool) -> None:
         self._base, self._modulus, self._order = base, modulus, order
         self._rows = (int(order.bit_length()) + 7) // 8
-        self._table: list[list[mpz]] = []
-        if table:
-            for _ in range(self._rows):
-                row = [mpz(1), base]
-                for _ in range(254):
-                    row.append(gmpy2.f_mod(row[-1] * base, modulus))
-                self._table.append(row)
-                base = gmpy2.f_mod(row[-1] * base, modulus)
+        self._table = _window_table(base, modulus, self._rows, 8) if table else []
 
     def power(self, exponent: mpz) -> mpz:
         e = gmpy2.f_mod(exponent, self._order)
         if not self._table:
             return gmpy2.powmod(self._base, e, self._modulus)
-        acc, modulus = mpz(1), self._modulus
-        for row, digit in zip(self._table, e.to_bytes(self._rows, "little")):
-            if digit:
-                acc = gmpy2.f_mod(acc * row[digit], modulus)
-        return acc
+        return _table_power(self._table, e.to_bytes(self._rows, "little"), self._modulus)
 
 
 def obfuscator_source(
@@ -776,27 +777,9 @@ def _djn_rows_worker(args: tuple[int, bytes, int, int, int, bytes, int]) -> list
     n2 = public.n_squared
     h = public.obfuscator(SecureRNG.from_seed(base_seed))
     base = gmpy2.powmod(h, mpz(1) << (window * lo), n2)  # h^(2^(w·lo)): the first row's generator
-    table: list[list[mpz]] = []
-    for _ in range(hi - lo):
-        row = [mpz(1), base]
-        for _ in range((1 << window) - 2):
-            row.append(gmpy2.f_mod(row[-1] * base, n2))
-        table.append(row)
-        base = gmpy2.f_mod(row[-1] * base, n2)
-    rng, rows, mask = SecureRNG.from_seed(digit_seed), hi - lo, (1 << window) - 1
-    out = []
-    for _ in range(count):
-        if window == 8:
-            digits: bytes | list[int] = rng.bytes(rows)
-        else:
-            e = int.from_bytes(rng.bytes((rows * window + 7) // 8), "little")
-            digits = [(e >> (window * i)) & mask for i in range(rows)]
-        acc = mpz(1)
-        for row, digit in zip(table, digits):
-            if digit:
-                acc = gmpy2.f_mod(acc * row[digit], n2)
-        out.append(int(acc))
-    return out
+    table = _window_table(base, n2, hi - lo, window)
+    rng = SecureRNG.from_seed(digit_seed)
+    return [int(_table_power(table, _draw_digits(rng, hi - lo, window), n2)) for _ in range(count)]
 
 
 def _decrypt_worker(args: tuple[int, int, list[int]]) -> list[int]:
