@@ -258,7 +258,7 @@ def _row(r: AttackResult, control: float | None = None) -> dict[str, Any]:
     out = {"label": r.label, "strength": r.strength, "bits": r.bits, "fewest_bits": r.min_matched,
            "claims": r.claims, "claims_sign_flip": r.claims_sign_flip, "owners": len(r.owners),
            "max_p_binomial": r.max_p_value,
-           "max_p_sign_flip": max(o.sign_flip_p_value for o in r.owners),
+           "max_p_sign_flip": r.max_sign_flip_p_value,
            "heldout_loss": r.task_loss, "delta_heldout_loss": r.delta_task_loss}
     if control is not None:
         out["cost_vs_control"] = r.task_loss - control

@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from attacks.watermark.result import AttackResult, measure, task_loss
+from attacks.watermark.result import AttackResult, measure, seeded_loss, task_loss
 from fedguard.errors import ConfigError
 from fedguard.watermark.keys import SignKey
 
@@ -46,9 +46,7 @@ def finetune(model: torch.nn.Module, keys: Sequence[SignKey], data: torch.Tensor
         model.train()
         while done < target:
             idx = torch.randint(0, data.shape[0], (batch_size,), generator=gen)
-            with torch.random.fork_rng():  # dropout masks from ``seed`` too: a run repeats exactly
-                torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=dropout)))
-                loss = model(input_ids=data[idx], labels=data[idx]).loss
+            loss = seeded_loss(model, data[idx], dropout)  # dropout masks from ``seed`` too
             opt.zero_grad()
             loss.backward()
             opt.step()

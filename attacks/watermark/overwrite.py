@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from attacks.watermark.result import AttackResult, measure, task_loss
+from attacks.watermark.result import AttackResult, measure, seeded_loss, task_loss
 from fedguard.errors import ConfigError
 from fedguard.rng import SecureRNG
 from fedguard.watermark.keys import SignKey
@@ -58,10 +58,7 @@ def overwrite(model: torch.nn.Module, keys: Sequence[SignKey], data: torch.Tenso
         victim.train()
         for _ in range(steps):
             idx = torch.randint(0, data.shape[0], (batch_size,), generator=gen)
-            with torch.random.fork_rng():  # dropout masks shared like the batches (see finetune)
-                torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=dropout)))
-                loss = victim(input_ids=data[idx], labels=data[idx]).loss
-            loss = loss + sum(m.loss() for m in marks)
+            loss = seeded_loss(victim, data[idx], dropout) + sum(m.loss() for m in marks)  # masks shared like the batches
             opt.zero_grad()
             loss.backward()
             opt.step()

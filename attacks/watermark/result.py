@@ -69,6 +69,10 @@ class AttackResult:
         return max((o.p_value for o in self.owners), default=1.0)
 
     @property
+    def max_sign_flip_p_value(self) -> float:
+        return max((o.sign_flip_p_value for o in self.owners), default=1.0)
+
+    @property
     def verdict(self) -> bool:
         """True iff every owner still claims ownership (the watermark survived)."""
         return bool(self.owners) and all(o.verdict for o in self.owners)
@@ -77,7 +81,7 @@ class AttackResult:
         return {"attack": self.attack, "strength": self.strength, "label": self.label,
                 "bits": self.bits, "min_matched": self.min_matched, "max_p_value": self.max_p_value,
                 "claims": self.claims, "claims_sign_flip": self.claims_sign_flip,
-                "max_sign_flip_p_value": max((o.sign_flip_p_value for o in self.owners), default=1.0),
+                "max_sign_flip_p_value": self.max_sign_flip_p_value,
                 "owners_total": len(self.owners), "verdict": self.verdict,
                 "task_loss": self.task_loss, "delta_task_loss": self.delta_task_loss,
                 "function_change": self.function_change,
@@ -98,6 +102,14 @@ def task_loss(model: torch.nn.Module, data: torch.Tensor, batch: int = 64) -> fl
         n += x.shape[0]
     model.train(was)
     return total / max(n, 1)
+
+
+def seeded_loss(model: torch.nn.Module, batch: torch.Tensor, dropout: torch.Generator) -> torch.Tensor:
+    """The task loss of ``batch`` with its dropout masks seeded from ``dropout`` (the global RNG left as it
+    was): an attacker's fine-tuning repeats exactly, and runs sharing a seed share their masks."""
+    with torch.random.fork_rng():
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=dropout)))
+        return model(input_ids=batch, labels=batch).loss
 
 
 @torch.no_grad()

@@ -93,11 +93,14 @@ def prune(model: torch.nn.Module, fraction: float, *, norms: bool = False) -> No
     if norms:
         tensors += [p for n, p in model.named_parameters() if p.ndim == 1 and ("ln_" in n or "norm" in n)]
     for w in tensors:
-        k = int(fraction * w.numel())
-        if k == 0:
-            continue
-        threshold = w.abs().flatten().kthvalue(k).values
-        w.masked_fill_(w.abs() <= threshold, 0.0)
+        _prune_smallest(w, fraction)
+
+
+def _prune_smallest(w: torch.Tensor, fraction: float) -> None:
+    """Zero the ``fraction`` smallest-magnitude entries of ``w`` in place (ties at the threshold too)."""
+    k = int(fraction * w.numel())
+    if k:
+        w.masked_fill_(w.abs() <= w.abs().flatten().kthvalue(k).values, 0.0)
 
 
 @torch.no_grad()
@@ -248,9 +251,7 @@ def prune_lora(model: torch.nn.Module, fraction: float) -> int:
     count = 0
     for a, b in _lora_factors(model):
         for w in (a, b):
-            k = int(fraction * w.numel())
-            if k:
-                w.masked_fill_(w.abs() <= w.abs().flatten().kthvalue(k).values, 0.0)
+            _prune_smallest(w, fraction)
             count += 1
     if count == 0:
         raise ConfigError("the model has no LoRA layers to prune")

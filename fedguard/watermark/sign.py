@@ -290,11 +290,13 @@ class SignWatermark:
         """``z`` in float64 (no gradient): its signs are the extracted bits."""
         return self._projections(torch.float64).cpu().numpy()
 
+    def _agreements(self) -> np.ndarray:
+        """``b_j z_j`` per bit (float64): positive where the extracted sign agrees with the key."""
+        return self.key.signature().astype(np.float64) * self.extract()
+
     def matches(self) -> np.ndarray:
         """Boolean per bit: extracted sign agrees with the key (erased bits count as disagreeing)."""
-        z = self.extract()
-        bits = self.key.signature().astype(np.float64)
-        return bits * z > ERASURE_TOLERANCE
+        return self._agreements() > ERASURE_TOLERANCE
 
     def detect(self, significance: float = DEFAULT_SIGNIFICANCE, *, test: str = "binomial") -> Detection:
         """Verify: count agreements, p-value under fair coins, verdict at ``significance``. ``test``:
@@ -302,8 +304,7 @@ class SignWatermark:
         ``Σ b_j z_j``, :func:`~fedguard.watermark.verify.sign_flip_p_value`); fix it before looking."""
         if test not in TESTS:
             raise ConfigError(f"unknown test {test!r}: choose one of {', '.join(TESTS)}")
-        z = self.extract()
-        agreements = self.key.signature().astype(np.float64) * z
+        agreements = self._agreements()
         ok = agreements > ERASURE_TOLERANCE
         blocks = tuple(
             BlockAgreement(b.block.label, b.block.bits, int(ok[sl].sum()))

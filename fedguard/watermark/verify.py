@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from scipy.stats import binom
@@ -39,7 +39,6 @@ from fedguard.errors import ConfigError
 
 DEFAULT_SIGNIFICANCE = 1e-6
 
-Test = Literal["binomial", "sign-flip"]
 TESTS: tuple[str, ...] = ("binomial", "sign-flip")
 
 
