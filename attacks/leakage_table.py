@@ -80,11 +80,29 @@ def _protocol_round(model: torch.nn.Module, batches: list[list[list[int]]], name
                             aggregator_options={"threshold": len(batches)}, dp=dp)
 
 
+def _mean_scores(scores: Sequence[Any]) -> dict[str, float]:
+    """The table's recovery columns: each :func:`score_recovery` field averaged over the trials."""
+    return {k: float(np.mean([getattr(x, k) for x in scores]))
+            for k in ("exact", "token_accuracy", "rouge1", "rouge2", "chance_rouge1")}
+
+
+def _lora_model(seed: int, r: int) -> torch.nn.Module:
+    """:func:`model_128` with a rank-``r`` LoRA on ``c_attn``, ``B`` initialised away from zero (as after a
+    first round)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(model_128(seed), LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                                                      target_modules=["c_attn"], fan_in_fan_out=True))
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.02)
+    return lora
+
+
 def inversion_rows(trials: int, seed: int, *, lamp_trials: int = 3, lamp_batches: Sequence[int] = (1, 4),
                    lamp_config: LampConfig | None = None) -> list[dict[str, Any]]:
     """DAGER rows (``trials`` batches each) and LAMP rows (``lamp_trials`` batches each)."""
-    from peft import LoraConfig, get_peft_model
-
     cfg = InversionConfig(eos_id=EOS, max_len=16, seed=seed)
     lcfg = lamp_config or LampConfig(eos_id=EOS, steps=300, restarts=1, seed=seed)
     rows: list[dict[str, Any]] = []
@@ -108,12 +126,8 @@ def inversion_rows(trials: int, seed: int, *, lamp_trials: int = 3, lamp_batches
             scores.append(score_recovery(truth, sequences, vocab_size=VOCAB, seed=seed))
             informative += ok
         row: dict[str, Any] = {"setting": name, "method": method, "batch": batch_size, "clients": clients,
-                               "trials": n, "exact": float(np.mean([s.exact for s in scores])),
-                               "token_accuracy": float(np.mean([s.token_accuracy for s in scores])),
-                               "rouge1": float(np.mean([s.rouge1 for s in scores])),
-                               "rouge2": float(np.mean([s.rouge2 for s in scores])),
-                               "chance_rouge1": float(np.mean([s.chance_rouge1 for s in scores])),
-                               "informative": informative, "seconds": time.perf_counter() - start}
+                               "trials": n, **_mean_scores(scores), "informative": informative,
+                               "seconds": time.perf_counter() - start}
         if distances:
             row["final_distance"] = float(np.mean(distances))
         rows.append(row)
@@ -160,13 +174,7 @@ def inversion_rows(trials: int, seed: int, *, lamp_trials: int = 3, lamp_batches
                     method=method, target="update")
 
     for r in (8, 64):
-        base = model_128(seed)
-        lora = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["c_attn"],
-                                               fan_in_fan_out=True))
-        with torch.no_grad():
-            for n, p in lora.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0.0, 0.02)
+        lora = _lora_model(seed, r)
         lnames = list(target_parameters(lora)[:2])
 
         def lora_grad(model: torch.nn.Module, batches: list[list[list[int]]], lnames: list[str] = lnames
@@ -183,8 +191,6 @@ def lamp_extra_rows(trials: int, seed: int, *, batches: Sequence[int] = (16,), l
     ``c_attn``, as the server receives it; ``B`` initialised away from zero as after a first round) at ranks
     ``ranks`` and batch sizes ``lora_batches``. Same model, data, LAMP budget and scoring as
     :func:`inversion_rows`."""
-    from peft import LoraConfig, get_peft_model
-
     lcfg = lamp_config or LampConfig(eos_id=EOS, steps=300, restarts=1, seed=seed)
     rows: list[dict[str, Any]] = []
 
@@ -198,11 +204,7 @@ def lamp_extra_rows(trials: int, seed: int, *, batches: Sequence[int] = (16,), l
             distances.append(found.final_distance)
             scores.append(score_recovery(batch, found.sequences, vocab_size=VOCAB, seed=seed))
         row: dict[str, Any] = {"setting": name, "method": "lamp", "batch": batch_size, "clients": 1,
-                               "trials": trials, "exact": float(np.mean([x.exact for x in scores])),
-                               "token_accuracy": float(np.mean([x.token_accuracy for x in scores])),
-                               "rouge1": float(np.mean([x.rouge1 for x in scores])),
-                               "rouge2": float(np.mean([x.rouge2 for x in scores])),
-                               "chance_rouge1": float(np.mean([x.chance_rouge1 for x in scores])),
+                               "trials": trials, **_mean_scores(scores),
                                "informative": int(sum(d < 0.1 for d in distances)),
                                "final_distance": float(np.mean(distances)), "seconds": time.perf_counter() - start}
         rows.append(row)
@@ -215,12 +217,7 @@ def lamp_extra_rows(trials: int, seed: int, *, batches: Sequence[int] = (16,), l
     for b in batches:
         measure("full fine-tuning, 1-step gradient, plaintext", full, every, b)
     for r in ranks:
-        lora = get_peft_model(model_128(seed), LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
-                                                          target_modules=["c_attn"], fan_in_fan_out=True))
-        with torch.no_grad():
-            for n, p in lora.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0.0, 0.02)
+        lora = _lora_model(seed, r)
         adapter = [n for n, p in lora.named_parameters() if p.requires_grad]
         for b in lora_batches:
             measure(f"LoRA r={r}, 1-step gradient of the adapter, plaintext", lora, adapter, b)
