@@ -77,17 +77,21 @@ def _labels(item: Item) -> list[int]:
     return list(labels) if labels is not None else ids
 
 
+def _scored_labels(item: Item, *, score_first: bool) -> list[int]:
+    """``item``'s labels; an item without ``labels`` scores its own tokens, the first one too only with
+    ``score_first`` (it has no context to be predicted from)."""
+    labels = _labels(item)
+    if not score_first and item.get("labels") is None:
+        labels = [IGNORE_INDEX, *labels[1:]]
+    return labels
+
+
 def _collate(items: Sequence[Item], pad_id: int, *, score_first: bool) -> dict[str, torch.Tensor]:
-    """Right-padded batch (:func:`fedguard_train.data.collate`); an item without ``labels`` scores its own
-    tokens, the first one too only with ``score_first`` (it has no context to be predicted from)."""
+    """Right-padded batch (:func:`fedguard_train.data.collate`) of the items' :func:`_scored_labels`."""
     from fedguard_train.data import collate
 
-    rows = []
-    for it in items:
-        labels = _labels(it)
-        if not score_first and it.get("labels") is None:
-            labels = [IGNORE_INDEX, *labels[1:]]
-        rows.append({"input_ids": list(it["input_ids"]), "labels": labels})
+    rows = [{"input_ids": list(it["input_ids"]), "labels": _scored_labels(it, score_first=score_first)}
+            for it in items]
     return collate(rows, pad_id)
 
 
@@ -102,7 +106,7 @@ def shared_prefix_length(items: Sequence[Item]) -> int:
     limit = len(first)
     for it in items:
         ids = it["input_ids"]
-        labels = _labels(it) if it.get("labels") is not None else [IGNORE_INDEX, *list(ids)[1:]]
+        labels = _scored_labels(it, score_first=False)
         scored = next((t for t, lab in enumerate(labels) if t >= 1 and lab != IGNORE_INDEX), len(ids))
         limit = min(limit, scored - 1, len(ids) - 1)
         n = 0

@@ -167,6 +167,14 @@ def _weights_key(name: str, vector: np.ndarray) -> str:
     return f"{name}:{hashlib.sha256(np.ascontiguousarray(vector).tobytes()).hexdigest()}"
 
 
+def _member_examples(run: Any, keys: Sequence[tuple[int, int]]) -> tuple[list[Any], list[bytes]]:
+    """The items and raw texts (``run.texts["members"]``, all clients' in client order) of the clients'
+    examples ``keys``, ``(client, index)`` pairs."""
+    offsets = np.cumsum([0, *[len(items) for items in run.client_items]])
+    return ([run.client_items[c][i] for c, i in keys],
+            [run.texts["members"][int(offsets[c]) + i] for c, i in keys])
+
+
 MEMBER_SETS = ("seen", "partition")
 """Who counts as a member: ``seen`` — the examples some client trained on (replayed from the trainer's seeded
 batch order; :func:`attacks.run_view.trained_on`); ``partition`` — every example of the clients' data, most of
@@ -203,13 +211,11 @@ def membership_on_run(run: Any, *, target: np.ndarray | None = None, members: Se
         pool = list(members)
         texts_pool = list(member_texts) if member_texts is not None else None
     else:
-        offsets = np.cumsum([0, *[len(items) for items in run.client_items]])
         if member_set == "seen":
             keys = run_view.trained_on(run)
         else:
             keys = [(c, i) for c, items in enumerate(run.client_items) for i in range(len(items))]
-        pool = [run.client_items[c][i] for c, i in keys]
-        texts_pool = [run.texts["members"][int(offsets[c]) + i] for c, i in keys]
+        pool, texts_pool = _member_examples(run, keys)
     if len(pool) > max_members:
         pick = sorted(rng.choice(len(pool), size=max_members, replace=False).tolist())
         pool = [pool[i] for i in pick]
@@ -451,11 +457,9 @@ def _run_membership(args: argparse.Namespace) -> int:
             raise ConfigError(f"--client must be in [0, {len(run.client_items) - 1}], got {args.client}")
         vector, _ = run_view.client_update(run, round_id, args.client)
         target = run_view.round_start(run, round_id) + vector
-        start = sum(len(items) for items in run.client_items[:args.client])
         index = (run_view.examples_seen(run, round_id, args.client) if args.members == "seen"
                  else range(len(run.client_items[args.client])))
-        members = [run.client_items[args.client][i] for i in index]
-        texts = [run.texts["members"][start + i] for i in index]
+        members, texts = _member_examples(run, [(args.client, i) for i in index])
         name = f"θ_{round_id} + client {args.client}'s captured update"
     report = membership_on_run(run, target=target, members=members, member_texts=texts, target_name=name,
                                shadows=args.shadows, n_boot=args.n_boot, seed=args.seed, max_members=args.max_members,
