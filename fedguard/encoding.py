@@ -154,6 +154,11 @@ class FixedPointSpec:
         """Bound on ``|dequantize(quantize(x)) - x|`` for ``x`` inside the clipping range."""
         return (1.0 if rounding == "stochastic" else 0.5) / self.scale
 
+    def clipped(self, x: np.ndarray) -> int:
+        """How many entries of ``x`` lie outside ``[-clip, clip]`` (what :func:`quantize` will clip): a too
+        small public clip shows here before it silently flattens the update."""
+        return int(np.count_nonzero(np.abs(np.asarray(x, dtype=np.float64)) > self.clip))
+
     def max_clients(self) -> int:
         """How many clients at ``max_weight`` each the ring holds without wrap-around."""
         limit = (1 << (self.ring_bits - 1)) - 1

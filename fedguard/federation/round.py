@@ -30,7 +30,7 @@ trainer's (``fedguard_train.hooks.TrainerHook`` extends :class:`RoundHooks`).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -105,6 +105,9 @@ class RoundResult:
     aggregation: FedAvgOutcome
     broadcast_bytes: int
     participants: tuple[int, ...]
+    clipped: Mapping[int, int] = field(default_factory=dict)
+    """Per client, how many of its uploaded values lay outside the encoding's ``[-clip, clip]`` and were
+    clipped (:meth:`FixedPointSpec.clipped`); empty where the clients ran elsewhere (a remote round)."""
 
     @property
     def contributors(self) -> tuple[int, ...]:
@@ -182,8 +185,10 @@ def run_round(
             update = hooks.client_update(ClientUpdate(client, round_id, local.delta, local.weight))
             updates.append(upload.forward(update) if upload is not None else update)
         encoding = hooks.ring_encoding()
+        used = encoding.spec if encoding is not None else spec
+        clipped = {u.client_id: used.clipped(u.vector) for u in updates}
         outcome = aggregate_updates(
-            updates, aggregator, encoding.spec if encoding is not None else spec, round_id=round_id, rng=rng,
+            updates, aggregator, used, round_id=round_id, rng=rng,
             protocol_rng=protocol_rng if protocol_rng is not None else SecureRNG(), drop_at=drop_at,
             transport=transport, rounding=rounding, encoder=encoding.encode if encoding is not None else None,
             min_contributors=min_contributors,
@@ -200,4 +205,4 @@ def run_round(
     if load is not None:
         load(new_global)
     return RoundResult(round_id, new_global, mean, losses, outcome, broadcast_size(round_id, global_vector),
-                       participants)
+                       participants, clipped)

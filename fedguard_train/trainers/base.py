@@ -503,6 +503,19 @@ class Trainer(ABC):
                          # DP: the survivors its noise is planned for
                          min_contributors=self.hooks.min_contributors, upload=self.upload), offline
 
+    def _clipped_share(self, round_id: int, result: RoundResult) -> float:
+        """The share of the round's uploaded values outside ``[-clip, clip]`` of the encoding; a warning
+        naming the fix when any were clipped (the public clip is a config value: ``federation.clip``)."""
+        values = sum(result.clipped.values())
+        share = values / max(1, len(result.clipped) * self.upload.travelling_length)
+        if values:
+            encoding = self.hooks.ring_encoding()  # e.g. distributed DP's, in place of the upload's own
+            clip = (encoding.spec if encoding is not None else self.spec).clip
+            self._log(f"round {round_id}: {values} uploaded values ({share:.2%}) lay outside the encoding's "
+                      f"clip ±{clip:g} and were clipped (per client: {dict(result.clipped)}); raise "
+                      f"federation.clip if that is not intended (AdamW moves a value by about lr per local step)")
+        return share
+
     def _round(self, round_id: int) -> dict[str, Any]:
         cfg = self.config
         start = time.perf_counter()
@@ -526,6 +539,8 @@ class Trainer(ABC):
             row["sampled"] = len(result.participants)
         if offline is not None:  # e.g. Paillier obfuscators made before local training (not in the protocol's time)
             row["offline_seconds"] = offline
+        if result.clipped:  # in-process clients: the share of uploaded values the public clip flattened
+            row["clipped"] = self._clipped_share(round_id, result)
         if round_id % cfg.eval.every == 0 or round_id == cfg.federation.rounds:
             row.update(self.evaluate())
         self.hooks.on_round_end(round_id, self.model, row)

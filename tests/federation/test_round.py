@@ -49,6 +49,18 @@ def test_the_round_is_weighted_fedavg_through_the_aggregator() -> None:
     assert result.bytes_up > 0 and result.bytes_down > result.aggregation.traffic.bytes_down()
 
 
+def test_the_round_counts_each_clients_values_beyond_the_clip() -> None:
+    """LOCAL[c] spans ±0.1·(c+1): at clip 0.15, client 0 keeps every value, clients 1 and 2 lose their ends
+    (|x| > 0.15: 2 and 4 of 6 values); the counts are what quantisation clipped, not the protocol's business."""
+    start = np.zeros(6, dtype=np.float32)
+    tight = FixedPointSpec(clip=0.15, value_bits=20, ring_bits=64, max_weight=1 << 10)
+    result = run_round(1, start, [0, 1, 2], Model(start).step, PlaintextAggregator(), tight,
+                       rng=SecureRNG.for_testing("q"))
+    assert dict(result.clipped) == {c: tight.clipped(LOCAL[c]) for c in range(3)} == {0: 0, 1: 2, 2: 4}
+    assert FixedPointSpec(clip=1.0).clipped(np.array([0.5, -2.0, 1.0, -1.0, 1.5])) == 2  # ±clip itself is kept
+    assert max(abs(float(result.mean.max())), abs(float(result.mean.min()))) <= 0.15 + 1 / tight.scale
+
+
 class _Hooks(RoundHooks):
     def __init__(self, *, refuse: bool = False, poison: bool = False, abort: bool = False) -> None:
         self.calls: list[str] = []

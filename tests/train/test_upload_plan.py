@@ -158,3 +158,17 @@ def test_paillier_pools_filled_in_the_background_during_local_training_keep_the_
         vectors[name] = ckpt.vector
     np.testing.assert_array_equal(vectors["paillier"], vectors["plaintext"])
     assert all(row["offline_seconds"] > 0 for row in rows["paillier"])  # the filling was started each round
+
+
+def test_a_public_clip_smaller_than_the_update_is_counted_and_named_in_the_log(
+        tmp_path: Path, task: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The upload's clip is a public config value: when local training moves values beyond it, the round's
+    metrics give the share that was clipped and the log names the fix; with room to spare the share is 0."""
+    tight = FedHomoLLM(_config(tmp_path / "tight", task, upload_bits=8, clip=1e-5), quiet=False)
+    row = tight.run().history[0]
+    assert row["clipped"] > 0.5  # AdamW moves nearly every value by about lr = 1e-2 per step, far beyond 1e-5
+    out = capsys.readouterr().out
+    assert "were clipped" in out and "raise federation.clip" in out and "±1e-05" in out
+    roomy = FedHomoLLM(_config(tmp_path / "roomy", task, upload_bits=8, clip=1.0), quiet=False)
+    assert roomy.run().history[0]["clipped"] == 0.0
+    assert "were clipped" not in capsys.readouterr().out
