@@ -301,6 +301,9 @@ def main() -> None:
     parser.add_argument("--eval-examples", type=int, default=None,
                         help="override eval.examples and evaluate only after the last round (eval.every = rounds): "
                              "evaluation is the same code in both runs and would dilute the ratio")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the JSON file to write (default: benchmarks/results/flower_round[_quick|_dropout].json, "
+                             "or flower_private.json)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedguard-flower-bench-"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -324,7 +327,7 @@ def main() -> None:
         if args.eval_examples is not None:
             config = _with(config, eval__examples=args.eval_examples, eval__every=config.federation.rounds)
         result = compare(config, work, poll=args.poll, cold=args.cold, direct=not args.no_direct)
-    out = ROOT / "benchmarks" / "results" / f"{name}.json"
+    out = args.out or ROOT / "benchmarks" / "results" / f"{name}.json"
     out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(json.dumps(result, indent=1, default=str))
     print(f"written {out}")

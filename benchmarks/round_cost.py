@@ -7,8 +7,9 @@ Three parts, all in one run (so that the ratios share the machine's load):
 
 1. **Round time.** The trainer (FedHomoLLM, LoRA, 3 clients, the example's data and local steps) runs one
    round with each aggregator — plaintext, masking, MPC (CrypTen party processes), Paillier (2048-bit key
-   generated in the round, packed, DJN obfuscators, ``--paillier-workers`` processes) — with the trainer's
-   default encoding. A hook records
+   generated in the round, packed, DJN obfuscators, ``--paillier-workers`` processes) — all at the same
+   encoding, by default the example's own (since session 5 an 8-bit quantised upload at the public clip;
+   ``--upload-bits reference`` for the 24-bit fp32-equivalent one, or a 16/32-bit upload). A hook records
    the time from the round's start to the decoded mean (local training of every client + encoding + the
    protocol over serialised messages; evaluation excluded), and the protocol part alone (from the last
    client's update to the decoded mean). Plaintext runs first and last; the ratio uses their mean. Paillier
@@ -17,7 +18,7 @@ Three parts, all in one run (so that the ratios share the machine's load):
    training: inside the round's time). Reported: round time ÷ plaintext, end to end ÷ plaintext, and the
    contention-robust ``(T_plain + Δprotocol) / T_plain``.
 2. **Bytes and quality.** ``rounds`` rounds (default 3, the example's) of the plaintext aggregator with the
-   default encoding (24-bit values, 64-bit ring: the "fp32" reference, its quantisation step is 1.2e-7 of
+   reference encoding (24-bit values, 64-bit ring: the "fp32" reference, its quantisation step is 1.2e-7 of
    the clip) and with 16- and 8-bit quantised uploads (equal client weights), the 8-bit one also with the
    Hadamard rotation: bytes up per client per round from the real messages ÷ the bytes of a float32 upload
    of the same adapter (one wire message of ``d`` float32 values), and ROUGE-L / perplexity after the last
@@ -99,6 +100,32 @@ def base_config(quick: bool, run_dir: Path, task: Path | None) -> dict[str, Any]
     raw = TrainConfig.from_yaml(ROOT / "examples" / "homo_lora.yaml").to_dict()
     raw["run_dir"] = str(run_dir)
     return raw
+
+
+ENCODING_KEYS = ("clip", "value_bits", "ring_bits", "upload_bits", "rotation")
+REFERENCE_ENCODING: dict[str, Any] = {"clip": 1.0, "value_bits": 24, "ring_bits": "auto", "upload_bits": None,
+                                      "rotation": False}
+"""The fp32-equivalent encoding (24-bit values at clip 1, step 1.2e-7, in the ring sized to need: 64 bits for the
+demo's ~300 examples per client); the trainer's defaults, and the demo's encoding before session 5."""
+
+
+def split_encoding(raw: dict[str, Any]) -> dict[str, Any]:
+    """Remove the example's upload encoding from ``raw`` (which is left at :data:`REFERENCE_ENCODING`, so
+    every variant below states its own encoding against the reference) and return it."""
+    fed = raw["federation"]
+    demo = {key: fed.get(key, REFERENCE_ENCODING[key]) for key in ENCODING_KEYS}
+    fed.update(REFERENCE_ENCODING)
+    return demo
+
+
+def timing_encoding(upload_bits: str, demo: dict[str, Any], public_clip: float) -> dict[str, Any]:
+    """The timing runs' encoding, the same for every aggregator: ``demo`` (the example's own), ``reference``
+    (:data:`REFERENCE_ENCODING`) or an ``8``/``16``/``32``-bit quantised upload at the public clip."""
+    if upload_bits == "demo":
+        return dict(demo)
+    if upload_bits == "reference":
+        return dict(REFERENCE_ENCODING)
+    return {**REFERENCE_ENCODING, "upload_bits": int(upload_bits), "clip": public_clip}
 
 
 def run_variant(raw: dict[str, Any], name: str, federation: dict[str, Any], *, rounds: int, evaluate: bool,
@@ -274,9 +301,8 @@ def timing_part(raw: dict[str, Any], args: argparse.Namespace, report: dict[str,
             options.update(key_bits=512, allow_insecure_test_keys=True)
         if name == "mpc" and args.quick:
             options = {"backend": "simulated"}
-        federation: dict[str, Any] = {"aggregator": name, "aggregator_options": options}
-        if args.upload_bits is not None:  # every aggregator (plaintext too) at the same quantised upload
-            federation.update(upload_bits=args.upload_bits, clip=args.public_clip)
+        # every aggregator (plaintext too) at the same encoding
+        federation: dict[str, Any] = {"aggregator": name, "aggregator_options": options, **args.timing_encoding}
         row = run_variant(raw, f"time-{i}-{name}", federation, rounds=1, evaluate=False)
         row["label"], row["repeat"] = label, rep
         row["offline_seconds"] = row.pop("_offline")
@@ -307,8 +333,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="quality: indices into quality_variants (default: all; 0 = the reference)")
     parser.add_argument("--paillier-workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="timing: Paillier encryption/decryption processes (default: 2, this machine's cores)")
-    parser.add_argument("--upload-bits", type=int, default=None, choices=(8, 16, 32),
-                        help="timing: every aggregator at this quantised upload (default: the demo's encoding)")
+    parser.add_argument("--upload-bits", default="demo", choices=("demo", "reference", "8", "16", "32"),
+                        help="timing: every aggregator at this encoding: the example's own (default; an 8-bit "
+                             "upload since session 5), the 24-bit fp32-equivalent reference, or a quantised upload")
     parser.add_argument("--repeats", type=int, default=2, help="timing: plaintext/private alternations")
     parser.add_argument("--paillier-variants", nargs="*", default=list(PAILLIER_VARIANTS), choices=PAILLIER_VARIANTS,
                         help="timing: which Paillier runs (no pool, pool before training, pool during training)")
@@ -325,13 +352,15 @@ def main(argv: list[str] | None = None) -> None:
         task.write_text("".join(json.dumps({"prompt": f"define {w}{i}", "response": f"{w} number {i}"}) + "\n"
                                 for i in range(12) for w in words))
     raw = base_config(args.quick, tmp / "runs", task)
+    demo_encoding = split_encoding(raw)
     rounds = args.rounds or int(raw["federation"]["rounds"])
     lr, steps = float(raw["training"]["lr"]), int(raw["training"]["local_steps"])
     public_clip = 1.25 * lr * steps
-    args.public_clip = public_clip
+    args.timing_encoding = timing_encoding(args.upload_bits, demo_encoding, public_clip)
     report: dict[str, Any] = {"quick": args.quick, "load_start": load_line(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                               "config": "tiny:gpt2" if args.quick else "examples/homo_lora.yaml",
-                              "public_clip": public_clip, "timing": [], "quality": []}
+                              "public_clip": public_clip, "demo_encoding": demo_encoding,
+                              "timing_encoding": args.timing_encoding, "timing": [], "quality": []}
 
     def save() -> None:
         report["load_end"] = load_line()

@@ -202,6 +202,17 @@ def test_paillier_round_gives_the_in_process_adapters(tmp_path: Path, task: Path
     assert [r["clients"] for r in remote.history] == [r["clients"] for r in local.history]
 
 
+@pytest.mark.parametrize("aggregator", ["masking", "paillier"])
+def test_quantised_uploads_give_the_in_process_adapters(tmp_path: Path, task: Path, aggregator: str) -> None:
+    """The demo's encoding (8-bit stochastic rounding on a shared public scale, equal weights) over the network:
+    each worker draws its rounding from the same seeded stream as the in-process client, so the adapters are
+    bit-identical, and the bytes counted on the wire are the in-process run's."""
+    local, remote = _same_as_in_process(tmp_path, task, data__partition="attribute",
+                                        federation={"clients": 3, "rounds": 2, "aggregator": aggregator,
+                                                    "upload_bits": 8, "clip": 0.05})
+    assert [r["bytes_up"] for r in remote.history] == [r["bytes_up"] for r in local.history]
+
+
 def test_watermark_hook_runs_in_the_workers(tmp_path: Path, task: Path) -> None:
     """FedIPR's regulariser is part of each client's loss (the worker's trainer hooks): with the same client
     keys (one key_dir) the remote run's adapters are the in-process run's, and the server's verification
