@@ -102,7 +102,6 @@ def base_config(quick: bool, run_dir: Path, task: Path | None) -> dict[str, Any]
     return raw
 
 
-ENCODING_KEYS = ("clip", "value_bits", "ring_bits", "upload_bits", "rotation")
 REFERENCE_ENCODING: dict[str, Any] = {"clip": 1.0, "value_bits": 24, "ring_bits": "auto", "upload_bits": None,
                                       "rotation": False}
 """The fp32-equivalent encoding (24-bit values at clip 1, step 1.2e-7, in the ring sized to need: 64 bits for the
@@ -113,7 +112,7 @@ def split_encoding(raw: dict[str, Any]) -> dict[str, Any]:
     """Remove the example's upload encoding from ``raw`` (which is left at :data:`REFERENCE_ENCODING`, so
     every variant below states its own encoding against the reference) and return it."""
     fed = raw["federation"]
-    demo = {key: fed.get(key, REFERENCE_ENCODING[key]) for key in ENCODING_KEYS}
+    demo = {key: fed.get(key, default) for key, default in REFERENCE_ENCODING.items()}
     fed.update(REFERENCE_ENCODING)
     return demo
 

@@ -75,7 +75,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import gmpy2
 from gmpy2 import mpz
@@ -93,6 +93,8 @@ from fedguard.secagg.paillier.options import (
 )
 
 _FINGERPRINT_DOMAIN: Final[bytes] = b"fedguard/paillier/v1"
+_T = TypeVar("_T")
+
 _PARALLEL_MIN_ITEMS: Final[int] = 8
 
 
@@ -487,6 +489,12 @@ class _FixedBase:
         return _table_power(self._table, e.to_bytes(self._rows, "little"), self._modulus)
 
 
+def _check_method(method: str) -> None:
+    """Refuse an obfuscator method that is not one of :data:`OBFUSCATOR_METHODS` (a :class:`ConfigError`)."""
+    if method not in OBFUSCATOR_METHODS:
+        raise ConfigError(f"obfuscator method must be one of {OBFUSCATOR_METHODS}, got {method!r}")
+
+
 def obfuscator_source(
     public_key: PaillierPublicKey, rng: SecureRNG, method: ObfuscatorMethod, *, count: int | None = None,
     private_key: PaillierPrivateKey | None = None,
@@ -496,8 +504,7 @@ def obfuscator_source(
     fresh ``r^n`` when no table pays for itself (a few ciphertexts: both are DCR-secure, and ciphertexts of
     both look the same). With the key holder's ``private_key`` (of ``public_key``), ``"djn"`` computes the
     same values by CRT (:class:`CRTObfuscators`)."""
-    if method not in OBFUSCATOR_METHODS:
-        raise ConfigError(f"obfuscator method must be one of {OBFUSCATOR_METHODS}, got {method!r}")
+    _check_method(method)
     if private_key is not None:
         private_key.public_key.require_same(public_key.fingerprint, "the key holder's private key")
         if method == "djn":
@@ -570,16 +577,12 @@ def make_obfuscators(
     """``count`` fresh obfuscators for ``public_key`` (see :func:`obfuscator_source`), on ``workers`` processes
     when ``workers > 1`` (:func:`_submit_obfuscators`); a process pool whose worker died is replaced once."""
     check_int("count", count, low=0)
-    if method not in OBFUSCATOR_METHODS:
-        raise ConfigError(f"obfuscator method must be one of {OBFUSCATOR_METHODS}, got {method!r}")
+    _check_method(method)
     if workers <= 1 or count < _PARALLEL_MIN_ITEMS:
         fresh = obfuscator_source(public_key, rng, method, count=count, private_key=private_key)
         return [fresh() for _ in range(count)]
-    try:
-        return _submit_obfuscators(public_key, count, rng, workers, method, private_key).result()
-    except BrokenProcessPool:
-        _drop_executor(workers, background=False)
-    return _submit_obfuscators(public_key, count, rng, workers, method, private_key).result()
+    return _replacing_a_dead_pool_once(
+        workers, lambda: _submit_obfuscators(public_key, count, rng, workers, method, private_key).result())
 
 
 # -- encryption of many plaintexts, optionally in parallel -----------------------------------------
@@ -596,8 +599,7 @@ def encrypt_many(
     """Encrypt ``plaintexts``: with precomputed obfuscators from ``obfuscators`` while it lasts, fresh ones
     (by ``method``; by CRT when the key holder passes its ``private_key``) after that, made on ``workers``
     processes when ``workers > 1`` (:func:`make_obfuscators`). ``(1 + m·n)·R`` is formed here."""
-    if method not in OBFUSCATOR_METHODS:
-        raise ConfigError(f"obfuscator method must be one of {OBFUSCATOR_METHODS}, got {method!r}")
+    _check_method(method)
     if obfuscators is not None:
         obfuscators.require_key(public_key)
         pre = obfuscators.take(len(plaintexts))
@@ -630,8 +632,7 @@ class ObfuscatorPool:
         self, public_key: PaillierPublicKey, *, rng: SecureRNG | None = None, method: ObfuscatorMethod = DEFAULT_OBFUSCATOR,
         private_key: PaillierPrivateKey | None = None,
     ) -> None:
-        if method not in OBFUSCATOR_METHODS:
-            raise ConfigError(f"obfuscator method must be one of {OBFUSCATOR_METHODS}, got {method!r}")
+        _check_method(method)
         if private_key is not None:
             private_key.public_key.require_same(public_key.fingerprint, "the key holder's private key")
         self._key = public_key
@@ -753,11 +754,17 @@ def _drop_executor(workers: int | None, *, background: bool) -> None:
 def _parallel_map(fn: Callable[[Any], list[int]], args: list[Any], workers: int) -> list[list[int]]:
     """``[fn(a) for a in args]`` on the shared pool of ``workers`` processes; a pool whose worker died is
     replaced once (a second failure propagates)."""
+    return _replacing_a_dead_pool_once(workers, lambda: list(_executor(workers).map(fn, args)))
+
+
+def _replacing_a_dead_pool_once(workers: int, call: Callable[[], _T]) -> _T:
+    """``call()``, which uses the shared pool of ``workers`` processes; when one of that pool's workers died
+    (``BrokenProcessPool``) the pool is replaced and ``call`` runs once more (a second failure propagates)."""
     try:
-        return list(_executor(workers).map(fn, args))
+        return call()
     except BrokenProcessPool:
         _drop_executor(workers, background=False)
-    return list(_executor(workers).map(fn, args))
+    return call()
 
 
 def _obfuscator_worker(args: tuple[int, int, bytes, ObfuscatorMethod, tuple[int, int] | None]) -> list[int]:
